@@ -5,7 +5,9 @@ Each architecture module exposes the same small protocol, used by :func:`toolcha
 - ``ARCH``: its name (``"swinir"``, ``"ngswin"``);
 - ``matches(state_dict) -> bool``: whether a checkpoint's learnable tensors belong to it;
 - ``config_from_state_dict(state_dict) -> dict``: constructor arguments inferred from tensor shapes;
-- ``build(**config) -> nn.Module``: the model (float, eval-ready).
+- ``build(**config) -> nn.Module``: the model (float, eval-ready);
+- optionally ``STORED_BUFFERS``: key endings that official checkpoints store but the model
+  recomputes (the loader drops them instead of calling them unexpected).
 
 Every model built here has ``scale`` (int), ``input_multiple`` (the LR size multiple its evaluation
 protocol pads to, by symmetric mirror padding), ``config`` (its JSON-serializable constructor
