@@ -1,0 +1,93 @@
+"""QuantConfig: validation, immutability, JSON round trip."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from torch import nn
+
+from toolchain.quant import QuantConfig, quantize_model
+
+
+def test_defaults_are_the_paper_setting():
+    config = QuantConfig()
+    assert (config.w_bits, config.a_bits, config.weight_granularity) == (4, 4, "per-tensor")
+    assert config.quantize == ("linear", "matmul")
+    assert config.target == "trt-int8"
+    assert not config.weight_symmetric
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(w_bits=1), "w_bits"),
+        (dict(a_bits=9), "a_bits"),
+        (dict(w_bits=4.0), "w_bits"),
+        (dict(a_bits=True), "a_bits"),
+        (dict(weight_granularity="per-row"), "weight_granularity"),
+        (dict(quantize=("linear", "attention")), "quantize"),
+        (dict(quantize=()), "quantize"),
+        (dict(quantize=("linear", "linear")), "twice"),
+        (dict(target="tensorrt"), "target"),
+        (dict(target="trt-int4", w_bits=8), "trt-int4"),
+        (dict(target="trt-int4", w_bits=3), "trt-int4"),
+    ],
+)
+def test_invalid_values_are_rejected_with_the_field_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("field", ["quantize", "include", "exclude"])
+def test_name_lists_must_be_sequences_of_strings(field):
+    with pytest.raises(TypeError, match=field):
+        QuantConfig(**{field: "linear"})
+    with pytest.raises(TypeError, match=field):
+        QuantConfig(**{field: ["linear", 3]})
+
+
+def test_different_widths_and_targets_are_accepted():
+    assert QuantConfig(w_bits=2, a_bits=8).a_bits == 8
+    assert QuantConfig(target="trt-int4", a_bits=8).weight_symmetric
+    assert QuantConfig(w_bits=8).weight_symmetric
+    assert not QuantConfig(w_bits=7, target="ort").weight_symmetric
+
+
+def test_frozen():
+    config = QuantConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.w_bits = 8
+
+
+def test_json_round_trip_gives_an_equal_config():
+    config = QuantConfig(w_bits=3, a_bits=6, weight_granularity="per-channel", quantize=["linear", "matmul", "conv"],
+                         include=["layers.*"], exclude=("*.conv.*",), target="ort")
+    assert isinstance(config.quantize, tuple) and isinstance(config.include, tuple)
+    text = json.dumps(config.to_dict())
+    again = QuantConfig.from_dict(json.loads(text))
+    assert again == config
+    assert hash(again) == hash(config)
+
+
+def test_from_dict_rejects_unknown_keys_and_fills_defaults():
+    with pytest.raises(ValueError, match="unknown keys \\['granularity'\\]"):
+        QuantConfig.from_dict({"w_bits": 4, "granularity": "per-tensor"})
+    assert QuantConfig.from_dict({"a_bits": 8}) == QuantConfig(a_bits=8)
+    with pytest.raises(TypeError, match="dict"):
+        QuantConfig.from_dict([("w_bits", 4)])
+
+
+def test_a_selection_that_matches_nothing_is_an_error_naming_the_config():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="QuantConfig\\(.*matmul"):
+        quantize_model(mlp, QuantConfig(quantize=("matmul",)))
+    with pytest.raises(ValueError, match="include pattern 'attn.\\*'"):
+        quantize_model(mlp, QuantConfig(quantize=("linear",), include=("attn.*",)))
+    with pytest.raises(ValueError, match="exclude pattern"):
+        quantize_model(mlp, QuantConfig(quantize=("linear",), exclude=("*.a",)))
+    with pytest.raises(ValueError, match="selects no quantizer"):
+        quantize_model(mlp, QuantConfig(quantize=("linear",), include=("0.*",), exclude=("0.*",)))
+    plain = nn.Sequential(nn.Linear(4, 4))  # no attention or MLP around it: not a candidate
+    with pytest.raises(ValueError, match="finds no module"):
+        quantize_model(plain, QuantConfig(quantize=("linear",)))
