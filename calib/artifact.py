@@ -1,0 +1,212 @@
+"""Calibration artifacts: quantizer bounds (``.safetensors``) plus a JSON sidecar of metadata.
+
+Path convention: the artifact is named by its bounds file, which must end in ``.safetensors``;
+the sidecar sits beside it with the suffix ``.json`` (``run/w4a4.safetensors`` ->
+``run/w4a4.json``). Both are written atomically (temporary file, then rename).
+
+- bounds: one float32 tensor per bound, ``<quantizer name>.lower`` / ``<quantizer name>.upper``
+  (shape ``()`` per tensor, ``(C_out, 1, ...)`` per channel), exactly
+  :func:`toolchain.quant.bounds_state`.
+- sidecar: ``format_version``, ``checkpoint`` (file name) and ``checkpoint_sha256``, ``model``
+  (``arch`` and ``config``), ``quant_config`` (:meth:`QuantConfig.to_dict`), ``method`` and
+  ``method_options``, ``calibration`` (data folder, image count and list hash, patches, patch
+  size, seed), ``versions`` (torch, numpy, 2dq), ``created`` (UTC, ISO 8601), and
+  ``bounds_sha256``, the hash of the bounds file, so that a sidecar paired with another bounds
+  file is refused.
+
+:func:`load_quantized_model` rebuilds the fake-quant model from the float checkpoint and an
+artifact, refusing a checkpoint whose SHA-256 differs from the one calibrated.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolchain.files import atomic_path, sha256_file
+from toolchain.quant import QuantConfig, bounds_state, load_bounds, quantize_model
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BOUNDS_SUFFIX = ".safetensors"
+SIDECAR_SUFFIX = ".json"
+_SIDECAR_KEYS = ("format_version", "checkpoint_sha256", "model", "quant_config", "method", "bounds_sha256")
+
+PathLike = Union[str, os.PathLike]
+
+
+class ArtifactError(ValueError):
+    """An artifact that is unreadable, incomplete, or does not belong to the given checkpoint."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded artifact: ``bounds`` by tensor name and the sidecar ``meta`` dict."""
+
+    path: Path
+    bounds: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        try:
+            return QuantConfig.from_dict(self.meta["quant_config"])
+        except (TypeError, ValueError) as err:
+            raise ArtifactError(f"{sidecar_path(self.path)}: invalid quant_config: {err}") from err
+
+
+def sidecar_path(path: PathLike) -> Path:
+    """``run/w4a4.safetensors`` -> ``run/w4a4.json``; other suffixes are refused."""
+    path = Path(path)
+    if path.suffix != BOUNDS_SUFFIX:
+        raise ValueError(f"artifact path {path} must end in {BOUNDS_SUFFIX} (its sidecar is the same name "
+                         f"with {SIDECAR_SUFFIX})")
+    return path.with_suffix(SIDECAR_SUFFIX)
+
+
+def describe_images(root: PathLike, files: Iterable[PathLike]) -> dict[str, Any]:
+    """``{"images": n, "image_list_sha256": ...}``: hash of the sorted paths relative to ``root``."""
+    root = Path(root)
+    names = sorted(Path(f).resolve().relative_to(root.resolve()).as_posix() for f in files)
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
+    return {"images": len(names), "image_list_sha256": digest}
+
+
+def package_versions() -> dict[str, str]:
+    try:
+        ours = metadata.version("2dq")
+    except metadata.PackageNotFoundError:
+        ours = "unknown"
+    return {"torch": torch.__version__, "numpy": np.__version__, "2dq": ours}
+
+
+def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, quant_config: QuantConfig,
+                  method: str, method_options: Optional[Mapping[str, Any]] = None,
+                  calibration: Optional[Mapping[str, Any]] = None,
+                  checkpoint_sha256: Optional[str] = None) -> Path:
+    """Write ``model``'s bounds to ``path`` (``.safetensors``) and the sidecar beside it; returns ``path``.
+
+    ``checkpoint`` is the float checkpoint the model was loaded from (hashed unless
+    ``checkpoint_sha256`` is given). Nothing is left behind if writing fails.
+
+    >>> save_artifact("run/w4a4.safetensors", model, checkpoint="swinir_x4.pth",
+    ...               quant_config=config, method="dobi")                         # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    bounds = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in bounds_state(model).items()}
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "checkpoint": Path(checkpoint).name,
+        "checkpoint_sha256": checkpoint_sha256 or sha256_file(checkpoint),
+        "model": {"arch": getattr(model, "arch", type(model).__name__), "config": getattr(model, "config", {})},
+        "quant_config": quant_config.to_dict(),
+        "method": method,
+        "method_options": dict(method_options or {}),
+        "calibration": dict(calibration or {}),
+        "versions": package_versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quantizers": len(bounds) // 2,
+    }
+    with contextlib.ExitStack() as stack:
+        bounds_tmp = stack.enter_context(atomic_path(path))
+        sidecar_tmp = stack.enter_context(atomic_path(sidecar))
+        save_file(bounds, str(bounds_tmp), metadata={"format": "2dq-bounds", "format_version": str(FORMAT_VERSION)})
+        meta["bounds_sha256"] = sha256_file(bounds_tmp)
+        sidecar_tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    log.info("wrote %s and %s (%d quantizers)", path, sidecar, meta["quantizers"])
+    return path
+
+
+def load_artifact(path: PathLike) -> Artifact:
+    """Read an artifact's bounds and sidecar, checking that they belong together.
+
+    Raises:
+        ArtifactError: a missing or unreadable file, an unknown format version, missing sidecar
+            keys, or bounds whose hash differs from the sidecar's ``bounds_sha256``.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        sidecar = sidecar_path(path)
+    except ValueError as err:
+        raise ArtifactError(str(err)) from None
+    for file in (path, sidecar):
+        if not file.is_file():
+            raise ArtifactError(f"artifact file {file} does not exist (an artifact is a {BOUNDS_SUFFIX} bounds "
+                                f"file plus its {SIDECAR_SUFFIX} sidecar)")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{sidecar}: not a JSON sidecar ({err})") from err
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{sidecar}: expected a JSON object, got {type(meta).__name__}")
+    missing = [key for key in _SIDECAR_KEYS if key not in meta]
+    if missing:
+        raise ArtifactError(f"{sidecar}: missing keys {missing}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(f"{sidecar}: format_version {meta['format_version']!r}, this 2dq reads {FORMAT_VERSION}")
+    digest = sha256_file(path)
+    if digest != meta["bounds_sha256"]:
+        raise ArtifactError(f"{path} (SHA-256 {digest}) is not the bounds file described by {sidecar} "
+                            f"(bounds_sha256 {meta['bounds_sha256']})")
+    try:
+        bounds = load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types for every kind of damage
+        raise ArtifactError(f"{path}: not a readable safetensors file ({err})") from err
+    return Artifact(path, dict(bounds), meta)
+
+
+def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
+                         device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """The fake-quant model: float checkpoint + calibration artifact, verified, in eval mode.
+
+    Checks that ``weights_path`` has the SHA-256 the artifact was calibrated on, rebuilds the
+    artifact's :class:`QuantConfig`, attaches the quantizers and loads the bounds strictly.
+
+    Raises:
+        ArtifactError: another checkpoint (hash mismatch, both files and hashes named), another
+            architecture or configuration, or bounds that do not fit the quantizers.
+
+    >>> model = load_quantized_model("swinir_x4.pth", "run/w4a4.safetensors")   # doctest: +SKIP
+    """
+    from toolchain import load_model
+
+    artifact = load_artifact(artifact_path)
+    meta = artifact.meta
+    digest = sha256_file(weights_path)
+    if digest != meta["checkpoint_sha256"]:
+        raise ArtifactError(f"checkpoint mismatch: {artifact_path} was calibrated on a checkpoint with SHA-256 "
+                            f"{meta['checkpoint_sha256']} ({meta.get('checkpoint', '?')}), but {weights_path} "
+                            f"has SHA-256 {digest}")
+    model = load_model(weights_path, device=device)
+    want = meta["model"]
+    got = {"arch": getattr(model, "arch", type(model).__name__), "config": getattr(model, "config", {})}
+    if json.loads(json.dumps(got)) != want:
+        raise ArtifactError(f"{artifact_path} describes model {want}, but {weights_path} builds {got}")
+    config = artifact.quant_config
+    try:
+        quantize_model(model, config)
+    except ValueError as err:
+        raise ArtifactError(f"{artifact_path}: its quant_config does not apply to {weights_path}: {err}") from err
+    try:
+        load_bounds(model, artifact.bounds)
+    except ValueError as err:
+        raise ArtifactError(f"{artifact_path}: its bounds do not fit the quantizers of {config}: {err}") from err
+    return model.to(device).eval()

@@ -1,0 +1,238 @@
+"""``2dq-calibrate``: calibrate the quantizer bounds of a float checkpoint and write an artifact.
+
+Examples::
+
+    2dq-calibrate --weights swinir_light_x4.pth --calib-images ../shared/datasets/train \\
+        --bits 4 --out run/w4a4.safetensors
+    2dq-calibrate --weights NGswin_x2.pth --calib-images ../shared/datasets/train --w-bits 4 --a-bits 8 \\
+        --method percentile --percentile 99.9 --granularity per-channel --out run/w4a8_pct.safetensors
+
+Methods live in :data:`METHODS`; each is a :class:`Method` (help text, optional extra options, a
+``run(ctx) -> method_options`` function). A method that builds on another (2DQuant = DOBI, then
+DQC) adds an entry whose ``run`` calls the first one and continues; nothing else changes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from toolchain.cli.common import UsageError, add_logging_arguments, run_cli
+from toolchain.quant import QuantConfig, quantize_model
+from toolchain.quant.config import GRANULARITIES, SELECTABLE, TARGETS
+
+from .artifact import BOUNDS_SUFFIX, describe_images, save_artifact, sidecar_path
+from .baselines import DEFAULT_PERCENTILE, calibrate_minmax, calibrate_percentile
+from .dobi import DEFAULT_CANDIDATES, MODES, calibrate_dobi
+from .observers import DEFAULT_BINS, batch_forward_loop
+
+log = logging.getLogger("2dq-calibrate")
+
+
+@dataclass
+class CalibrationContext:
+    """Everything a method may use: the quantized model (uninitialized bounds), the float weights,
+    the calibration LR patches ``(N, 3, p, p)``, the image files, the parsed options."""
+
+    model: nn.Module
+    weights: Path
+    lr: torch.Tensor
+    images: list[Path]
+    args: argparse.Namespace
+    device: str
+    progress: bool
+
+    def forward_loop(self, desc: str = "calibration") -> Callable[[nn.Module], None]:
+        """One pass of the calibration patches through a model, in ``--batch-size`` batches."""
+        return batch_forward_loop(self.lr, self.args.batch_size, self.device, self.progress, desc)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A calibration method of the CLI: ``run(ctx)`` sets every bound and returns its options."""
+
+    help: str
+    run: Callable[[CalibrationContext], dict[str, Any]]
+    add_arguments: Optional[Callable[[argparse._ArgumentGroup], None]] = None
+
+
+def _dobi_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                       help="DOBI: candidate bound pairs per quantizer (default: %(default)s, as the paper)")
+    group.add_argument("--dobi-mode", choices=MODES, default="auto",
+                       help="DOBI search for activations: auto (per tensor, from its data and role), both "
+                       "(shrink both ends), upper (keep the minimum, lower the maximum) (default: %(default)s)")
+    group.add_argument("--bins", type=int, default=DEFAULT_BINS,
+                       help="histogram bins per activation quantizer, DOBI and percentile (default: %(default)s)")
+
+
+def run_dobi(ctx: CalibrationContext) -> dict[str, Any]:
+    results = calibrate_dobi(ctx.model, ctx.forward_loop("DOBI"), candidates=ctx.args.candidates,
+                             mode=ctx.args.dobi_mode, bins=ctx.args.bins)
+    modes: dict[str, int] = {}
+    for result in results.values():
+        modes[result.mode] = modes.get(result.mode, 0) + 1
+    return {"candidates": ctx.args.candidates, "mode": ctx.args.dobi_mode, "bins": ctx.args.bins,
+            "modes_chosen": modes}
+
+
+def _percentile_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
+                       help="percentile: upper bound at this percentile, lower at 100 minus it "
+                       "(default: %(default)s, i.e. 0.01%% clipped at each end)")
+
+
+def run_percentile(ctx: CalibrationContext) -> dict[str, Any]:
+    calibrate_percentile(ctx.model, ctx.forward_loop("percentile"), ctx.args.percentile, ctx.args.bins)
+    return {"percentile": ctx.args.percentile, "bins": ctx.args.bins}
+
+
+def run_minmax(ctx: CalibrationContext) -> dict[str, Any]:
+    calibrate_minmax(ctx.model, ctx.forward_loop("MinMax"))
+    return {}
+
+
+#: name -> method; add an entry here to offer a new method (e.g. "2dquant": DOBI, then DQC)
+METHODS: dict[str, Method] = {
+    "dobi": Method("DOBI bound search (2DQuant stage 1)", run_dobi, _dobi_arguments),
+    "minmax": Method("lower = min, upper = max", run_minmax),
+    "percentile": Method("percentile clipping of each tensor", run_percentile, _percentile_arguments),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="2dq-calibrate",
+        description="Attach fake quantizers to a float SR checkpoint, calibrate their bounds on LR patches "
+        "drawn from training images (one forward pass), and write the bounds (.safetensors) with a JSON "
+        "sidecar of metadata (same name, .json).",
+        epilog="Use training images for calibration (e.g. ../shared/datasets/train), never the test sets. "
+        "Exit codes: 0 ok, 1 failure (unreadable or mismatched files, bad data), 2 usage error.",
+    )
+    parser.add_argument("--weights", required=True, metavar="CKPT", help="float checkpoint (.pth or .safetensors)")
+    parser.add_argument("--calib-images", required=True, metavar="DIR",
+                        help="folder of HR training images (searched recursively) to draw patches from")
+    parser.add_argument("--out", required=True, metavar="ARTIFACT",
+                        help=f"bounds file to write, ending in {BOUNDS_SUFFIX}; the sidecar gets the same name "
+                        "with .json (run/w4a4.safetensors -> run/w4a4.json)")
+    parser.add_argument("--method", choices=sorted(METHODS), default="dobi",
+                        help="; ".join(f"{name}: {m.help}" for name, m in METHODS.items()) + " (default: %(default)s)")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--bits", type=int, default=4, help="bits of weights and activations (default: %(default)s)")
+    quant.add_argument("--w-bits", type=int, help="weight bits (default: --bits)")
+    quant.add_argument("--a-bits", type=int, help="activation bits (default: --bits)")
+    quant.add_argument("--granularity", choices=GRANULARITIES, default="per-tensor",
+                       help="weight bounds per tensor (the paper) or per output channel (default: %(default)s)")
+    quant.add_argument("--target", choices=TARGETS, default="trt-int8",
+                       help="export target; trt-int4 needs 4-bit weights and makes them symmetric (default: %(default)s)")
+    quant.add_argument("--quantize", default="linear,matmul",
+                       help=f"comma-separated roles to quantize, from {','.join(SELECTABLE)} (default: %(default)s)")
+    quant.add_argument("--include", default="", help="comma-separated fnmatch patterns of quantizer names to keep")
+    quant.add_argument("--exclude", default="", help="comma-separated fnmatch patterns of quantizer names to drop")
+    data = parser.add_argument_group("calibration data")
+    data.add_argument("--patches", type=int, default=32, help="LR patches (default: %(default)s, as the paper)")
+    data.add_argument("--patch-size", type=int, default=64, help="LR patch size in pixels (default: %(default)s)")
+    data.add_argument("--seed", type=int, default=0, help="patch sampling seed (default: %(default)s)")
+    data.add_argument("--batch-size", type=int, default=8,
+                      help="patches per forward batch: bounds memory; the bounds do not depend on it "
+                      "(default: %(default)s)")
+    for name, method in METHODS.items():
+        if method.add_arguments is not None:
+            method.add_arguments(parser.add_argument_group(f"--method {name}"))
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 helps on a "
+                        "machine shared with other jobs)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of text")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_logging_arguments(parser)
+    return parser
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
+    """The :class:`QuantConfig` the options describe (a usage error if they are inconsistent)."""
+    try:
+        return QuantConfig(
+            w_bits=args.w_bits if args.w_bits is not None else args.bits,
+            a_bits=args.a_bits if args.a_bits is not None else args.bits,
+            weight_granularity=args.granularity, quantize=_split(args.quantize),
+            include=_split(args.include), exclude=_split(args.exclude), target=args.target,
+        )
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    try:
+        sidecar_path(args.out)
+    except ValueError as err:
+        raise UsageError(f"--out: {err}") from None
+    for option in ("patches", "patch_size", "batch_size", "candidates", "bins"):
+        if getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be positive, got {args.threads}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be non-negative, got {args.seed}")
+    if args.bins < 16:
+        raise UsageError(f"--bins must be at least 16, got {args.bins}")
+    if not 50.0 < args.percentile <= 100.0:
+        raise UsageError(f"--percentile must be in (50, 100], got {args.percentile}")
+
+
+def _main(args: argparse.Namespace) -> int:
+    from toolchain import load_model
+    from toolchain.data.patches import list_images, sample_patches
+
+    _check_args(args)
+    config = quant_config_from_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model = load_model(args.weights, device=args.device)
+    try:
+        quantize_model(model, config)
+    except ValueError as err:
+        raise UsageError(f"{err}") from None
+    images = list_images(args.calib_images)
+    if not images:
+        raise ValueError(f"--calib-images {args.calib_images}: no image files found")
+    lr, _ = sample_patches(images, args.patches, args.patch_size, model.scale, args.seed)
+    log.info("%d LR patches %dx%d from %d images in %s (seed %d)", lr.shape[0], args.patch_size,
+             args.patch_size, len(images), args.calib_images, args.seed)
+    ctx = CalibrationContext(model, Path(args.weights), lr, images, args, args.device, not args.no_progress)
+    options = METHODS[args.method].run(ctx)
+    calibration = {"data": str(Path(args.calib_images).resolve()), **describe_images(args.calib_images, images),
+                   "patches": args.patches, "patch_size": args.patch_size, "scale": model.scale,
+                   "seed": args.seed, "augment": True}
+    save_artifact(args.out, model, checkpoint=args.weights, quant_config=config, method=args.method,
+                  method_options=options, calibration=calibration)
+    summary = {"artifact": str(args.out), "sidecar": str(sidecar_path(args.out)), "method": args.method,
+               "method_options": options, "quant_config": config.to_dict(),
+               "seconds": round(time.perf_counter() - started, 3)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{args.method}: calibrated {model.arch} x{model.scale} (W{config.w_bits}A{config.a_bits}, "
+              f"{config.weight_granularity}, {config.target}) in {summary['seconds']:.1f} s")
+        print(f"wrote {summary['artifact']} and {summary['sidecar']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
