@@ -100,8 +100,25 @@ def run_minmax(ctx: CalibrationContext) -> dict[str, Any]:
     return {}
 
 
-#: name -> method; add an entry here to offer a new method (e.g. "2dquant": DOBI, then DQC)
+def _2dquant_arguments(group: argparse._ArgumentGroup) -> None:
+    from .dqc_cli import add_dqc_arguments
+
+    add_dqc_arguments(group)  # the DOBI options come from the dobi method's group
+
+
+def run_2dquant(ctx: CalibrationContext) -> dict[str, Any]:
+    """2DQuant: DOBI bounds, then DQC distillation of every bound from the float teacher."""
+    from .dqc_cli import run_dqc
+
+    options = run_dobi(ctx)
+    options["dqc"] = run_dqc(ctx.args, ctx.model, images=ctx.images, progress=ctx.progress)
+    return options
+
+
+#: name -> method; add an entry here to offer a new method
 METHODS: dict[str, Method] = {
+    "2dquant": Method("DOBI, then DQC distillation of the bounds (the full 2DQuant)", run_2dquant,
+                      _2dquant_arguments),
     "dobi": Method("DOBI bound search (2DQuant stage 1)", run_dobi, _dobi_arguments),
     "minmax": Method("lower = min, upper = max", run_minmax),
     "percentile": Method("percentile clipping of each tensor", run_percentile, _percentile_arguments),
@@ -216,6 +233,10 @@ def _main(args: argparse.Namespace) -> int:
     calibration = {"data": str(Path(args.calib_images).resolve()), **describe_images(args.calib_images, images),
                    "patches": args.patches, "patch_size": args.patch_size, "scale": model.scale,
                    "seed": args.seed, "augment": True}
+    from .distributed import is_main_process
+
+    if not is_main_process():  # under torchrun only rank 0 writes
+        return 0
     save_artifact(args.out, model, checkpoint=args.weights, quant_config=config, method=args.method,
                   method_options=options, calibration=calibration)
     summary = {"artifact": str(args.out), "sidecar": str(sidecar_path(args.out)), "method": args.method,

@@ -102,3 +102,20 @@ def test_help_lists_every_method(capsys):
     for name in METHODS:
         assert name in text
     assert "--candidates" in text and "--percentile" in text and "Exit codes" in text
+
+
+def test_2dquant_runs_dobi_then_dqc_and_moves_the_bounds(tmp_path, capsys, tiny_checkpoint, calib_images):
+    dobi_out, full_out = tmp_path / "dobi.safetensors", tmp_path / "2dq.safetensors"
+    assert run(capsys, *base_args(tiny_checkpoint, calib_images, dobi_out))[0] == 0
+    dqc = ["--method", "2dquant", "--dqc-iters", "3", "--batch", "2", "--dqc-patch-size", "16", "--val-every", "0",
+           "--val-patches", "2", "--checkpoint-every", "0", "--lr", "0.003"]
+    code, stdout, _ = run(capsys, *base_args(tiny_checkpoint, calib_images, full_out), *dqc)
+    assert code == 0, stdout
+    meta = load_artifact(full_out).meta
+    assert meta["method"] == "2dquant" and meta["method_options"]["candidates"] == 100
+    assert meta["method_options"]["dqc"]["config"]["iters"] == 3
+    dobi, final = load_artifact(dobi_out).bounds, load_artifact(full_out).bounds
+    assert dobi.keys() == final.keys()
+    assert any(not torch.equal(dobi[k], final[k]) for k in dobi)  # DQC trained the DOBI bounds
+    model = load_quantized_model(tiny_checkpoint, full_out)
+    assert all(q.initialized for q in quantizers(model).values())
