@@ -34,6 +34,8 @@ DEFAULT_BINS = 8192
 #: values binned per step of :meth:`StreamingHistogram.update`: 4 MiB of scratch, cache-sized (faster
 #: than larger steps here, and small enough not to grow the allocator's heap)
 _CHUNK = 1 << 18
+#: narrowest bin width (2^-100): keeps x / width finite in float32 for |x| up to ~1e8
+_MIN_WIDTH = 2.0 ** -100
 
 
 class StreamingHistogram:
@@ -109,8 +111,10 @@ class StreamingHistogram:
             self.width = 2.0 ** math.ceil(math.log2(spread / (self.bins - 1)))
             # the smallest power of two that fits: growth then keeps the width the smallest that fits
             # everything seen, so the final histogram does not depend on how the data was batched
-            while high > low and self._fits(low, high, self.width / 2):
+            while high > low and self.width / 2 >= _MIN_WIDTH and self._fits(low, high, self.width / 2):
                 self.width /= 2
+            # x / width must stay finite in float32 (only a range below ~1e-26 reaches this)
+            self.width = max(self.width, _MIN_WIDTH)
             self.first = math.floor(low / self.width)
             size = math.floor(high / self.width) - self.first + 1
             self.counts = torch.zeros(size, dtype=torch.float64)

@@ -81,6 +81,11 @@ def test_constant_and_tiny_inputs():
     assert hist.skewness() == 0.0
     hist.update(torch.tensor([-3.0]))
     assert hist.count == 12 and hist.min == -3.0
+    # a range of denormals: the width stays at its floor, x / width stays finite
+    tiny = StreamingHistogram(bins=64)
+    tiny.update(torch.tensor([0.0, 1e-44, 2e-44]))
+    tiny.update(torch.tensor([1.0]))
+    assert tiny.counts.sum() == 4 and tiny.quantile(1.0) == 1.0
 
 
 def test_non_finite_values_are_refused():
