@@ -1,0 +1,222 @@
+"""``2dq-build-engine``: build an engine from a QDQ export, optionally verify it against the reference.
+
+Examples::
+
+    2dq-build-engine --backend ort --onnx w4a4.onnx --out w4a4.ort.onnx --json build.json
+    2dq-build-engine --backend ort --onnx w4a4.onnx --out w4a4.ort.onnx \\
+        --verify --weights x2.pth --calib w4a4.safetensors --data ../shared/datasets --sets Set5 --polygraphy
+    2dq-build-engine --backend trt --onnx w4a4.onnx --out w4a4.plan --precision int8
+
+``--verify`` upscales the LR images of ``--sets`` with the engine and with the PyTorch fake-quant
+model through the same tiles and reports ``psnr_vs_reference``, ``identical_pixels`` and
+``max_abs_error`` (:mod:`engines.compare`); the command fails (exit 1) below the thresholds
+(ONNX Runtime: 60 dB and 99% identical uint8 pixels; TensorRT: 50 dB, 45 dB for fp16 graphs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional
+
+from toolchain.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, add_logging_arguments, run_cli
+from toolchain.files import atomic_path
+
+from .compare import (
+    ORT_MIN_IDENTICAL,
+    ORT_MIN_PSNR,
+    agreement_summary,
+    benchmark_lr_images,
+    check_provenance,
+    cut_tiles,
+    noise_floor,
+    polygraphy_compare,
+    verify_engine,
+)
+from .ort_engine import BUILD_LEVEL, LEVELS, OrtTileRunner, build_ort_engine
+
+log = logging.getLogger("2dq-build-engine")
+
+#: (min PSNR dB, min identical uint8 share) by backend and float dtype (ARCHITECTURE.md s. 7)
+THRESHOLDS = {("ort", "fp32"): (ORT_MIN_PSNR, ORT_MIN_IDENTICAL), ("ort", "fp16"): (45.0, 0.0),
+              ("trt", "fp32"): (50.0, 0.0), ("trt", "fp16"): (45.0, 0.0)}
+
+
+def trt_backend() -> Optional[ModuleType]:
+    """``engines.trt`` if it can be imported (it imports without TensorRT itself), else None."""
+    try:
+        import engines.trt as module
+    except ImportError as err:
+        log.debug("engines.trt unavailable: %s", err)
+        return None
+    return module
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="2dq-build-engine",
+        description="Build an inference engine from a 2dq QDQ ONNX export (ONNX Runtime: an optimized model whose "
+        "Q/DQ node units run as integer kernels; TensorRT: a plan), and optionally verify it against the "
+        "PyTorch fake-quant model on real images.",
+        epilog="Exit codes: 0 ok, 1 failure (build error, mismatched files, verification below threshold), 2 usage error.",
+    )
+    parser.add_argument("--backend", choices=("ort", "trt"), default="ort", help="engine kind (default: %(default)s)")
+    parser.add_argument("--onnx", required=True, metavar="IN.onnx", help="QDQ graph written by 2dq-export")
+    parser.add_argument("--out", required=True, metavar="ENGINE",
+                        help="engine to write (ort: .onnx, or .ort for ORT format; trt: .plan/.engine)")
+    parser.add_argument("--json", metavar="OUT", help="write the build (and verification) report as JSON to OUT")
+    ort = parser.add_argument_group("ONNX Runtime build (--backend ort)")
+    ort.add_argument("--level", choices=LEVELS, default=BUILD_LEVEL,
+                     help="ORT graph optimization level saved into the engine (default: %(default)s; 'all' adds "
+                     "machine-specific layouts)")
+    ort.add_argument("--threads", type=int, help="ORT intra-op threads for building and verifying (default: all cores)")
+    verify = parser.add_argument_group("verification against the fake-quant reference")
+    verify.add_argument("--verify", action="store_true", help="run the engine and the reference on real images")
+    verify.add_argument("--weights", metavar="CKPT", help="float checkpoint the export came from")
+    verify.add_argument("--calib", metavar="ARTIFACT", help="calibration artifact the export came from")
+    verify.add_argument("--data", metavar="ROOT", help="benchmark root holding <Set>/LR_bicubic/X<s>")
+    verify.add_argument("--sets", default="Set5", help="comma-separated test sets (default: %(default)s)")
+    verify.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels (default: %(default)s)")
+    verify.add_argument("--batch", type=int, default=4, help="tiles per engine call (default: %(default)s)")
+    verify.add_argument("--device", default="cpu", help="torch device of the reference (default: %(default)s)")
+    verify.add_argument("--min-psnr", type=float,
+                        help="PSNR floor in dB (default: ORT 60, TensorRT 50; 45 for fp16 float layers)")
+    verify.add_argument("--min-identical", type=float,
+                        help="identical uint8 pixel share floor (default: ORT fp32 0.99, otherwise none)")
+    verify.add_argument("--polygraphy", action="store_true",
+                        help="also compare through Polygraphy's comparator (ORT engines; 99th percentile of the "
+                        "error within half a uint8 level)")
+    verify.add_argument("--noise-floor", type=float, metavar="SIGMA",
+                        help="also compare the reference with itself on inputs moved by Gaussian noise of this "
+                        "standard deviation (e.g. 1e-6): how sensitive the quantized model is to float noise")
+    verify.add_argument("--codes", type=int, default=0, metavar="TILES",
+                        help="ORT: compare the int8 codes of every quantizer on this many tiles of the first "
+                        "image (where engine and reference start to differ)")
+    verify.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    module = trt_backend()
+    if module is not None and hasattr(module, "add_trt_arguments"):
+        module.add_trt_arguments(parser)
+    add_logging_arguments(parser)
+    return parser
+
+
+def _build(args: argparse.Namespace) -> dict[str, Any]:
+    if args.backend == "ort":
+        build = build_ort_engine(args.onnx, args.out, args.level, args.threads)
+        print(f"built {build.engine} ({sum(build.engine_ops.values())} nodes, {build.seconds:.1f} s)")
+        print(f"integer kernels: {build.integer_kernels or 'none'}")
+        print(f"standalone Q/DQ: {build.standalone_qdq or 'none'}")
+        return build.to_dict()
+    module = trt_backend()
+    if module is None or not hasattr(module, "run_trt_build"):
+        raise UsageError("--backend trt needs the engines.trt module (TensorRT backend), which is not available here")
+    try:
+        result = module.run_trt_build(args, args.onnx, args.out)
+    except ImportError as err:  # TensorRT itself (or pycuda) missing: a failure, not a crash
+        raise RuntimeError(f"--backend trt: {err}") from err
+    print(f"built {args.out}")
+    return {key: str(value) for key, value in vars(result).items()} if hasattr(result, "__dict__") else {"result": str(result)}
+
+
+def _runner(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
+    """The engine's tile runner, its provenance metadata, its float dtype."""
+    if args.backend == "ort":
+        runner = OrtTileRunner(args.out, threads=args.threads)
+        meta = {k[4:]: v for k, v in runner.metadata.items() if k.startswith("2dq.")}
+        return runner, meta, meta.get("float_dtype", "fp32")
+    from engines.trt.runner import TrtTileRunner
+    from engines.trt.sidecar import read_sidecar
+
+    record = read_sidecar(args.out)
+    device = args.device if args.device != "cpu" else "cuda"
+    return TrtTileRunner(args.out, device), record, "fp16" if record.get("precision") in ("fp16", "int4") else "fp32"
+
+
+def _verify(args: argparse.Namespace) -> dict[str, Any]:
+    missing = [flag for flag, value in (("--weights", args.weights), ("--calib", args.calib), ("--data", args.data))
+               if not value]
+    if missing:
+        raise UsageError(f"--verify needs {', '.join(missing)}")
+    runner, meta, float_dtype = _runner(args)
+    check_provenance(meta, args.weights, args.calib, where=str(args.out))
+    sets = [name.strip() for name in args.sets.split(",") if name.strip()]
+    images = benchmark_lr_images(args.data, sets, runner.scale)
+    agreement = verify_engine(runner, args.weights, args.calib, images, overlap=args.overlap, batch=args.batch,
+                              device=args.device, progress=not args.no_progress)
+    min_psnr, min_identical = THRESHOLDS[(args.backend, float_dtype)]
+    min_psnr = args.min_psnr if args.min_psnr is not None else min_psnr
+    min_identical = args.min_identical if args.min_identical is not None else min_identical
+    passed = agreement.passes(min_psnr, min_identical)
+    print(f"verification on {','.join(sets)}: {agreement_summary(agreement)} -> {'PASS' if passed else 'FAIL'} "
+          f"(floors {min_psnr:g} dB, {100 * min_identical:g}%)")
+    report = {**agreement.to_dict(), "sets": sets, "min_psnr": min_psnr, "min_identical": min_identical,
+              "passed": passed}
+    if args.polygraphy:
+        report["polygraphy"] = _polygraphy(args, runner, images)
+    if args.noise_floor is not None:
+        floor = noise_floor(args.weights, args.calib, images, runner.tile, sigma=args.noise_floor,
+                            overlap=args.overlap, batch=args.batch, device=args.device, progress=not args.no_progress)
+        print(f"noise floor (reference vs itself, input noise sigma {args.noise_floor:g}): {agreement_summary(floor)}")
+        report["noise_floor"] = {"sigma": args.noise_floor, **floor.to_dict()}
+    if args.codes:
+        report["codes"] = _codes(args, runner, images)
+    return report
+
+
+def _codes(args: argparse.Namespace, runner: Any, images: list) -> dict[str, Any]:
+    if args.backend != "ort":
+        raise UsageError("--codes reads the QuantizeLinear outputs of ORT engines")
+    from calib.artifact import load_quantized_model
+
+    from .code_agreement import code_agreement
+
+    model = load_quantized_model(args.weights, args.calib, device="cpu")
+    tiles = cut_tiles(images[0][1], runner.tile, runner.multiple, args.overlap)[: args.codes]
+    rows = code_agreement(args.out, model, tiles, args.threads)
+    first = next((row.node for row in rows if row.identical < 1.0), None)
+    worst = min(rows, key=lambda row: row.identical)
+    print(f"codes on {len(tiles)} tile(s): {sum(row.identical == 1.0 for row in rows)}/{len(rows)} quantizer calls "
+          f"identical; first difference at {first or '-'}; worst {worst.node} ({100 * worst.identical:.2f}% identical)")
+    return {"tiles": len(tiles), "first_difference": first, "per_call": [row.to_dict() for row in rows]}
+
+
+def _polygraphy(args: argparse.Namespace, runner: Any, images: list) -> dict[str, Any]:
+    if args.backend != "ort":
+        raise UsageError("--polygraphy compares ORT engines; for TensorRT use engines.trt.verify")
+    from calib.artifact import load_quantized_model
+
+    model = load_quantized_model(args.weights, args.calib, device=args.device)
+    tiles = [cut_tiles(lr, runner.tile, runner.multiple, args.overlap) for _, lr in images]
+    batches = [chunk for t in tiles for chunk in t.split(args.batch)]
+    passed, stats = polygraphy_compare(args.out, lambda x: model(x.to(args.device)), batches)
+    worst = max(s["max_abs_error"] for s in stats)
+    print(f"polygraphy: {len(batches)} tile batches, worst max abs error {worst:.3g} -> {'PASS' if passed else 'FAIL'}")
+    return {"passed": passed, "batches": len(batches), "stats": stats}
+
+
+def _main(args: argparse.Namespace) -> int:
+    if not Path(args.onnx).is_file():
+        raise UsageError(f"--onnx {args.onnx}: no such file")
+    report: dict[str, Any] = {"backend": args.backend, "build": _build(args)}
+    ok = True
+    if args.verify:
+        report["verification"] = _verify(args)
+        ok = report["verification"]["passed"] and report["verification"].get("polygraphy", {}).get("passed", True)
+    elif args.polygraphy:
+        raise UsageError("--polygraphy is part of --verify")
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Agreement of an engine with the PyTorch fake-quant reference on real images (ARCHITECTURE.md s. 7).
+
+Both sides upscale the same LR images through the same tiling (the reference is a
+:class:`~toolchain.backends.TorchUpscaler` with the engine's tile, overlap and batch), so the
+comparison is like for like. Measured per image and pooled over all images:
+
+- ``psnr_vs_reference``: PSNR (dB) between the two outputs clamped to [0, 1] (data range 1), from
+  the mean squared difference over every pixel of every image;
+- ``identical_pixels``: share of identical uint8 values (``round(clip(x) * 255)``, every channel);
+- ``max_abs_error``: largest absolute difference of the raw float outputs.
+
+Used by the ONNX Runtime and TensorRT backends alike (``2dq-build-engine --verify``). The same check
+is offered through Polygraphy's comparator (:func:`polygraphy_compare`): ONNX Runtime runs the
+engine on the tiles, the reference outputs are loaded into Polygraphy's ``RunResults`` as a second
+runner, and ``SimpleCompareFunc`` requires the 99th percentile of the absolute error to stay
+below half a uint8 level.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from toolchain.backends import Upscaler, to_batch
+from toolchain.data.io import to_uint8
+from toolchain.inference import TileSpec, pad_symmetric, round_up, tile_starts
+
+log = logging.getLogger(__name__)
+
+#: ORT on the QDQ graph vs fake-quant (ARCHITECTURE.md s. 7)
+ORT_MIN_PSNR = 60.0
+ORT_MIN_IDENTICAL = 0.99
+#: Polygraphy check: the 99th percentile of |engine - reference| below half a uint8 level
+POLYGRAPHY_QUANTILE = 0.99
+POLYGRAPHY_ATOL = 0.5 / 255
+
+
+@dataclass(frozen=True)
+class ImageAgreement:
+    """Agreement on one image; ``squared_error`` and ``values`` let images be pooled."""
+
+    name: str
+    psnr: float
+    identical_pixels: float
+    max_abs_error: float
+    squared_error: float = field(repr=False)
+    identical: int = field(repr=False)
+    values: int = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Pooled agreement over images, with the per-image figures."""
+
+    psnr_vs_reference: float
+    identical_pixels: float
+    max_abs_error: float
+    min_image_psnr: float
+    images: tuple[ImageAgreement, ...]
+
+    def passes(self, min_psnr: float, min_identical: float) -> bool:
+        return self.psnr_vs_reference >= min_psnr and self.identical_pixels >= min_identical
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (an infinite PSNR, identical outputs, is written as the string ``"inf"``)."""
+        images = [{"name": i.name, "psnr": _finite(i.psnr), "identical_pixels": i.identical_pixels,
+                   "max_abs_error": i.max_abs_error} for i in self.images]
+        return {"psnr_vs_reference": _finite(self.psnr_vs_reference), "identical_pixels": self.identical_pixels,
+                "max_abs_error": self.max_abs_error, "min_image_psnr": _finite(self.min_image_psnr),
+                "images": images}
+
+
+def _finite(value: float) -> float | str:
+    return value if math.isfinite(value) else "inf"
+
+
+def _psnr(squared_error: float, values: int) -> float:
+    mse = squared_error / values
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def compare_images(name: str, engine: np.ndarray, reference: np.ndarray) -> ImageAgreement:
+    """Agreement of two SR outputs ``(H, W, 3)`` float (not clamped)."""
+    if engine.shape != reference.shape:
+        raise ValueError(f"{name}: engine output {engine.shape} and reference {reference.shape} differ in shape")
+    a, b = engine.astype(np.float64), reference.astype(np.float64)
+    squared = float(np.sum((np.clip(a, 0, 1) - np.clip(b, 0, 1)) ** 2))
+    identical = int(np.count_nonzero(to_uint8(engine) == to_uint8(reference)))
+    values = int(engine.size)
+    return ImageAgreement(name, _psnr(squared, values), identical / values, float(np.max(np.abs(a - b))),
+                          squared, identical, values)
+
+
+def pool(images: Sequence[ImageAgreement]) -> Agreement:
+    """Pool per-image agreements (every pixel of every image weighs the same)."""
+    if not images:
+        raise ValueError("no images to compare")
+    squared = sum(i.squared_error for i in images)
+    values = sum(i.values for i in images)
+    return Agreement(_psnr(squared, values), sum(i.identical for i in images) / values,
+                     max(i.max_abs_error for i in images), min(i.psnr for i in images), tuple(images))
+
+
+def compare_upscalers(engine: Upscaler, reference: Upscaler, images: Iterable[tuple[str, np.ndarray]],
+                      progress: bool = False) -> Agreement:
+    """Upscale each ``(name, lr)`` (``(h, w, 3)`` float [0, 1]) with both and pool the agreement."""
+    results = []
+    for name, lr in tqdm(list(images), desc="compare", unit="img", disable=not progress, leave=False):
+        results.append(compare_images(name, engine.upscale(lr), reference.upscale(lr)))
+        log.debug("%s: %.2f dB, %.4f identical", name, results[-1].psnr, results[-1].identical_pixels)
+    return pool(results)
+
+
+def benchmark_lr_images(data_root: str | os.PathLike, sets: Sequence[str], scale: int) -> list[tuple[str, np.ndarray]]:
+    """``("<set>/<name>", lr)`` for every LR image of ``sets`` at ``scale``."""
+    from toolchain.data.benchmark import benchmark_pairs
+    from toolchain.data.io import read_image
+
+    return [(f"{set_name}/{pair.name}", read_image(pair.lr_path))
+            for set_name in sets for pair in benchmark_pairs(data_root, set_name, scale)]
+
+
+def cut_tiles(lr: np.ndarray, tile: int, multiple: int, overlap: int = 16) -> torch.Tensor:
+    """The tiles :func:`toolchain.inference.tiled_upscale` feeds a backend for ``lr``: ``(n, 3, tile, tile)``."""
+    image = to_batch(lr)
+    _, _, h, w = image.shape
+    ph, pw = max(round_up(h, multiple), tile), max(round_up(w, multiple), tile)
+    padded = pad_symmetric(image, ph, pw)
+    return torch.cat([padded[..., r:r + tile, c:c + tile] for r in tile_starts(ph, tile, overlap)
+                      for c in tile_starts(pw, tile, overlap)])
+
+
+def polygraphy_compare(engine_path: str | os.PathLike, reference: Callable[[torch.Tensor], torch.Tensor],
+                       tiles: Sequence[torch.Tensor], atol: float = POLYGRAPHY_ATOL,
+                       quantile: float = POLYGRAPHY_QUANTILE) -> tuple[bool, list[dict[str, float]]]:
+    """Compare an ORT engine with reference outputs through Polygraphy's comparator.
+
+    ``reference`` maps a batch of tiles ``(N, 3, T, T)`` to outputs (e.g. the fake-quant model);
+    ``tiles`` are the batches to run. Returns whether every batch passes (``quantile`` of the
+    absolute error <= ``atol``) and, per batch, the max / mean / quantile absolute error.
+
+    >>> ok, stats = polygraphy_compare("w4a4.ort.onnx", fake_quant_model, [tiles])   # doctest: +SKIP
+    """
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+
+    feeds = [{"input": np.ascontiguousarray(batch.numpy(), dtype=np.float32)} for batch in tiles]
+    runner = OnnxrtRunner(SessionFromOnnx(str(engine_path), providers=["CPUExecutionProvider"]), name="onnxrt-engine")
+    results = Comparator.run([runner], data_loader=feeds)
+    with torch.inference_mode():
+        outputs = [reference(batch).to("cpu", torch.float32).numpy() for batch in tiles]
+    name = "fake-quant-torch"
+    results.append((name, [IterationResult(outputs={"output": out}, runner_name=name) for out in outputs]))
+    compare = SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat="quantile", error_quantile=quantile)
+    accuracy = Comparator.compare_accuracy(results, compare_func=compare)
+    stats = []
+    for engine_iter, ref_out in zip(results[0][1], outputs):
+        error = np.abs(engine_iter["output"].astype(np.float64) - ref_out)
+        stats.append({"max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
+                      f"q{quantile:g}_abs_error": float(np.quantile(error, quantile))})
+    return bool(accuracy), stats
+
+
+def agreement_summary(agreement: Agreement) -> str:
+    """One line for humans."""
+    return (f"PSNR vs reference {agreement.psnr_vs_reference:.2f} dB (worst image {agreement.min_image_psnr:.2f}), "
+            f"identical uint8 pixels {100 * agreement.identical_pixels:.3f}%, max abs error {agreement.max_abs_error:.3g}"
+            f" over {len(agreement.images)} images")
+
+
+
+def check_provenance(metadata: Mapping[str, Any], weights: str | os.PathLike, calib: str | os.PathLike,
+                     where: str = "engine") -> None:
+    """Refuse an engine built from another checkpoint or artifact than ``weights`` / ``calib``.
+
+    ``metadata`` holds ``checkpoint_sha256`` and ``artifact_sha256`` (the export's ``2dq.*`` metadata
+    without the prefix, or a TensorRT plan's sidecar).
+    """
+    from toolchain.files import sha256_file
+
+    for key, path in (("checkpoint_sha256", weights), ("artifact_sha256", calib)):
+        expected = metadata.get(key)
+        if not expected:
+            raise ValueError(f"{where} does not record {key}; cannot tell which model it belongs to")
+        digest = sha256_file(path)
+        if digest != expected:
+            raise ValueError(f"{where} was built from a file with {key} {expected}, but {path} has {digest}")
+
+
+def verify_engine(runner: Any, weights: str | os.PathLike, calib: str | os.PathLike,
+                  images: Sequence[tuple[str, np.ndarray]], *, overlap: int = 16, batch: int = 4,
+                  device: str = "cpu", progress: bool = False) -> Agreement:
+    """Agreement of a tile runner with the fake-quant model of ``weights`` + ``calib`` on ``images``.
+
+    The reference runs the same tiles (``runner.tile``, ``overlap``, ``batch``) on ``device``.
+    """
+    from calib.artifact import load_quantized_model
+    from toolchain.backends import TiledUpscaler, TorchUpscaler
+
+    model = load_quantized_model(weights, calib, device=device)
+    if int(model.scale) != int(runner.scale):
+        raise ValueError(f"the engine upscales x{runner.scale}, the model of {weights} x{model.scale}")
+    reference = TorchUpscaler(model, device, TileSpec(runner.tile, overlap, batch))
+    engine = TiledUpscaler(runner, overlap=overlap, batch=batch)
+    return compare_upscalers(engine, reference, images, progress)
+
+
+@dataclass
+class _Perturbed:
+    """An upscaler fed its input plus seeded Gaussian noise of standard deviation ``sigma``."""
+
+    upscaler: Upscaler
+    sigma: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.scale = self.upscaler.scale
+
+    def upscale(self, lr: np.ndarray) -> np.ndarray:
+        noise = np.random.default_rng(self.seed).standard_normal(lr.shape).astype(np.float32)
+        return self.upscaler.upscale(lr + self.sigma * noise)
+
+
+def noise_floor(weights: str | os.PathLike, calib: str | os.PathLike, images: Sequence[tuple[str, np.ndarray]],
+                tile: int, *, sigma: float = 1e-6, overlap: int = 16, batch: int = 4, device: str = "cpu",
+                progress: bool = False) -> Agreement:
+    """Agreement of the fake-quant model with itself when its input moves by ``sigma`` (float noise).
+
+    An engine cannot be expected to agree with the reference better than this: float layers that
+    differ in the last bits move values by about as much, and a quantized model that is sensitive
+    to that (each flipped code feeds later quantizers) shows it here without any engine involved.
+    """
+    from calib.artifact import load_quantized_model
+    from toolchain.backends import TorchUpscaler
+
+    model = load_quantized_model(weights, calib, device=device)
+    reference = TorchUpscaler(model, device, TileSpec(tile, overlap, batch))
+    return compare_upscalers(_Perturbed(reference, sigma), reference, images, progress)

@@ -1,0 +1,207 @@
+"""ONNX Runtime engines: build an optimized QDQ model for the CPU provider, and run it on tiles.
+
+Building (:func:`build_ort_engine`) loads the exported QDQ graph with ONNX Runtime's graph
+optimizations at level ``extended`` and saves what ORT made of it
+(``SessionOptions.optimized_model_filepath``): the QDQ node units are fused into integer kernels
+(``MatMulIntegerToFloat``, ``QLinearMatMul``, ``QLinearConv``, ``MatMulNBits`` for blocked int4
+weights, ...), so the saved engine is the integer model that runs. ``extended`` rather than ``all``
+because level-3 layout transforms (NCHWc) are specific to the machine; the runner applies them at
+load time. The engine keeps the export's ``2dq.*`` metadata and adds ``2dq.engine.*`` entries.
+
+Running (:class:`OrtTileRunner`) is the tile-runner contract of :mod:`toolchain.backends`.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+
+from toolchain.files import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("basic", "extended", "all")
+BUILD_LEVEL = "extended"
+RUN_LEVEL = "all"
+ORT_SUFFIX = ".ort"
+#: op types (any domain) that compute on integers: what the QDQ fusions turn node units into
+INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "QGemm", "MatMulInteger", "ConvInteger",
+               "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd", "QLinearMul", "QLinearSoftmax",
+               "QLinearSigmoid", "QLinearConcat", "QLinearGlobalAveragePool", "QAttention", "QLinearLeakyRelu")
+ENGINE_PREFIX = "2dq.engine."
+#: MatMulNBits accuracy level 1: fp32 activations (the graph's semantics)
+MATMULNBITS_ACCURACY_LEVEL = "1"
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _level(name: str):
+    ort = _ort()
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if name not in levels:
+        raise ValueError(f"ORT optimization level must be one of {LEVELS}, got {name!r}")
+    return levels[name]
+
+
+def session_options(level: str, threads: Optional[int] = None):
+    """``SessionOptions`` at optimization ``level`` with ``threads`` intra-op threads (None: ORT's choice)."""
+    options = _ort().SessionOptions()
+    options.graph_optimization_level = _level(level)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: ORT's warnings are for developers of ORT
+    # blocked int4 weights fuse into MatMulNBits; ORT's default there (accuracy level 4) quantizes the
+    # float activations to int8 on the fly, which the weight-only graph does not say: compute in fp32
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", MATMULNBITS_ACCURACY_LEVEL)
+    return options
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """``{"[domain:]op": n}`` over the graph's nodes, most frequent first."""
+    counts = collections.Counter((f"{n.domain}:" if n.domain not in ("", "ai.onnx") else "") + n.op_type
+                                 for n in model.graph.node)
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def integer_kernels(counts: dict[str, int]) -> dict[str, int]:
+    """The entries of :func:`op_counts` that are integer kernels (:data:`INTEGER_OPS`)."""
+    return {op: n for op, n in counts.items() if op.rsplit(":", 1)[-1] in INTEGER_OPS}
+
+
+@dataclass
+class OrtBuild:
+    """What :func:`build_ort_engine` made: op counts of the QDQ graph and of the engine, its fused
+    integer kernels, the Q/DQ nodes left standalone, and the build time."""
+
+    engine: str
+    source: str
+    source_sha256: str
+    level: str
+    ort_version: str
+    seconds: float
+    source_ops: dict[str, int]
+    engine_ops: dict[str, int]
+    integer_kernels: dict[str, int]
+    standalone_qdq: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, level: str = BUILD_LEVEL,
+                     threads: Optional[int] = None) -> OrtBuild:
+    """Optimize the QDQ graph ``onnx_path`` for ORT's CPU provider and save it to ``out_path``.
+
+    ``out_path`` ending in ``.ort`` is saved in ORT format, anything else as ONNX. Raises
+    ``ValueError`` if ``onnx_path`` is not a 2dq export (no ``2dq.*`` metadata).
+
+    >>> build = build_ort_engine("w4a4.onnx", "w4a4.ort.onnx")      # doctest: +SKIP
+    >>> build.integer_kernels                                        # doctest: +SKIP
+    {'com.microsoft:MatMulIntegerToFloat': 144}
+    """
+    from export.onnx_export import read_metadata
+
+    ort = _ort()
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    read_metadata(onnx_path)  # refuse files that are not 2dq exports before spending time on them
+    source = onnx.load(str(onnx_path))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="2dq-ort-") as scratch:
+        optimized = Path(scratch) / "optimized.onnx"
+        options = session_options(level, threads)
+        options.optimized_model_filepath = str(optimized)
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        engine = onnx.load(str(optimized))
+    seconds = time.perf_counter() - start
+    counts = op_counts(engine)
+    build = OrtBuild(str(out_path), str(onnx_path), sha256_file(onnx_path), level, ort.__version__, round(seconds, 3),
+                     op_counts(source), counts, integer_kernels(counts),
+                     {op: n for op, n in counts.items() if op in ("QuantizeLinear", "DequantizeLinear")})
+    _set_metadata(engine, {"source_sha256": build.source_sha256, "ort_version": build.ort_version, "level": level})
+    _save(engine, out_path)
+    log.info("ORT engine %s: %d nodes, integer kernels %s", out_path, sum(counts.values()), build.integer_kernels)
+    return build
+
+
+def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    keep = [p for p in model.metadata_props if not p.key.startswith(ENGINE_PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in values.items():
+        model.metadata_props.add(key=ENGINE_PREFIX + key, value=str(value))
+
+
+def _save(engine: onnx.ModelProto, out_path: Path) -> None:
+    with atomic_path(out_path) as tmp:
+        if out_path.suffix != ORT_SUFFIX:
+            onnx.save_model(engine, str(tmp))
+            return
+        # ORT format: let ORT serialize the (already optimized) model; loading it changes nothing more
+        ort = _ort()
+        with tempfile.TemporaryDirectory(prefix="2dq-ort-") as scratch:
+            staged = Path(scratch) / "engine.onnx"
+            onnx.save_model(engine, str(staged))
+            options = session_options(BUILD_LEVEL)
+            options.add_session_config_entry("session.save_model_format", "ORT")
+            options.optimized_model_filepath = str(tmp)
+            ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
+
+
+class OrtTileRunner:
+    """An ORT engine (or any 2dq QDQ export) as a tile runner: ``(N, 3, T, T)`` -> ``(N, 3, sT, sT)``.
+
+    ``tile``, ``scale`` and ``multiple`` come from the model's ``2dq.*`` metadata. ``threads``
+    sets ORT's intra-op threads (None: ORT's default, all cores); ``level`` the optimizations
+    applied at load (default ``all``: adds the machine-specific layout transforms).
+
+    >>> runner = OrtTileRunner("w4a4.ort.onnx")                     # doctest: +SKIP
+    >>> runner(torch.rand(4, 3, runner.tile, runner.tile)).shape     # doctest: +SKIP
+    torch.Size([4, 3, 256, 256])
+    """
+
+    def __init__(self, engine_path: str | os.PathLike, threads: Optional[int] = None, level: str = RUN_LEVEL) -> None:
+        ort = _ort()
+        self.path = Path(engine_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ORT engine not found: {self.path}")
+        try:
+            self.session = ort.InferenceSession(str(self.path), session_options(level, threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT raises its own exception types for unreadable models
+            raise ValueError(f"{self.path}: ONNX Runtime cannot load it: {err}") from err
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        try:
+            self.tile = int(self.metadata["2dq.tile"])
+            self.scale = int(self.metadata["2dq.scale"])
+            self.multiple = int(self.metadata["2dq.multiple"])
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{self.path}: not a 2dq engine (metadata 2dq.tile/scale/multiple missing or bad: {err})") \
+                from None
+        names = [i.name for i in self.session.get_inputs()]
+        if names != ["input"]:
+            raise ValueError(f"{self.path}: expected one input named 'input', got {names}")
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        if tiles.dim() != 4 or tuple(tiles.shape[1:]) != (3, self.tile, self.tile):
+            raise ValueError(f"{self.path}: expected tiles (N, 3, {self.tile}, {self.tile}), got {tuple(tiles.shape)}")
+        batch = np.ascontiguousarray(tiles.detach().to("cpu", torch.float32).numpy())
+        (output,) = self.session.run(["output"], {"input": batch})
+        return torch.from_numpy(output)

@@ -1,0 +1,118 @@
+"""``2dq-export``: write the QDQ ONNX graph of a calibrated model, or lint an existing one.
+
+Examples::
+
+    2dq-export --onnx w4a4.onnx --weights x2.pth --calib run/w4a4.safetensors
+    2dq-export --onnx w4.onnx --weights x2.pth --calib run/w4_int4.safetensors --target trt-int4 --int4-block 64
+    2dq-export --onnx w4a4_fp16.onnx --weights x2.pth --calib run/w4a4.safetensors --float-dtype fp16 --tile 96
+    2dq-export --lint-only w4a4.onnx
+
+The graph takes ``input`` (N, 3, T, T) float32 and returns ``output`` (N, 3, sT, sT) float32 for a
+fixed tile ``T`` and any batch ``N``; ``2dq-upscale`` and ``2dq-eval`` cut images into such tiles.
+Every export is checked (``onnx.checker``, full) and linted against TensorRT's Q/DQ rules
+(:mod:`export.lint`); violations fail the export unless ``--no-lint``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from toolchain.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, add_logging_arguments, run_cli
+from toolchain.files import atomic_path
+from toolchain.quant.config import TARGETS
+
+from .export_view import INT4_BLOCKS
+from .lint import lint_model
+from .onnx_export import DEFAULT_OPSET, FLOAT_DTYPES, ExportOptions, export_onnx
+
+# chatty third-party loggers: their INFO lines narrate every folded constant
+_QUIET_LOGGERS = ("onnxscript", "onnx_ir", "torch.export", "torch._export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="2dq-export",
+        description="Export the fake-quant model of a checkpoint and a calibration artifact as a QDQ ONNX graph "
+        "(int8 / int4 weight initializers feeding DequantizeLinear, activations as Clip -> QuantizeLinear -> "
+        "DequantizeLinear with the learned bounds), for a fixed tile size and a dynamic batch of tiles.",
+        epilog="Exit codes: 0 ok, 1 failure (mismatched files, export error, lint violations), 2 usage error.",
+    )
+    parser.add_argument("--onnx", metavar="OUT.onnx", help="graph to write")
+    parser.add_argument("--weights", metavar="CKPT", help="float checkpoint (.pth or .safetensors)")
+    parser.add_argument("--calib", metavar="ARTIFACT", help="calibration artifact (.safetensors + .json sidecar)")
+    parser.add_argument("--target", choices=TARGETS,
+                        help="trt-int8 (INT8 kernels), trt-int4 (weight-only INT4 blocks), ort (ONNX Runtime CPU) "
+                        "(default: the artifact's target)")
+    parser.add_argument("--tile", type=int, default=64,
+                        help="input tile size in LR pixels, a multiple of the model's input multiple (default: %(default)s)")
+    parser.add_argument("--float-dtype", choices=tuple(FLOAT_DTYPES),
+                        help="dtype of the float layers (default: fp16 for trt-int4, else fp32)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help="ONNX opset (default: %(default)s; int8 fp32 graphs may use 18+, the oldest the torch.export-based "
+                        "exporter writes; fp16 needs 19, trt-int4 21)")
+    parser.add_argument("--int4-block", type=int, choices=INT4_BLOCKS, default=64,
+                        help="trt-int4 block size along the reduction axis (default: %(default)s)")
+    parser.add_argument("--no-lint", action="store_true", help="write the graph even if it breaks TensorRT's rules")
+    parser.add_argument("--lint-only", metavar="FILE.onnx", help="only lint an existing graph")
+    parser.add_argument("--json", metavar="OUT", help="write the export (or lint) report as JSON to OUT")
+    add_logging_arguments(parser)
+    return parser
+
+
+def _write_json(path: str, report: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _lint_only(args: argparse.Namespace) -> int:
+    if args.onnx or args.weights or args.calib:
+        raise UsageError("--lint-only takes a file and no --onnx/--weights/--calib")
+    violations = lint_model(args.lint_only, args.target)
+    for violation in violations:
+        print(violation)
+    print(f"{args.lint_only}: {len(violations)} violation(s)")
+    if args.json:
+        _write_json(args.json, {"file": args.lint_only, "violations": [asdict(v) for v in violations]})
+    return EXIT_FAILURE if violations else EXIT_OK
+
+
+def _main(args: argparse.Namespace) -> int:
+    if not args.verbose:
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # "torchvision is not installed" and the like: the exporter's registry, not our business
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    if args.lint_only:
+        return _lint_only(args)
+    missing = [flag for flag, value in (("--onnx", args.onnx), ("--weights", args.weights), ("--calib", args.calib))
+               if not value]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)} (or use --lint-only FILE)")
+    try:
+        options = ExportOptions(tile=args.tile, target=args.target, float_dtype=args.float_dtype, opset=args.opset,
+                                int4_block=args.int4_block, lint=not args.no_lint)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    result = export_onnx(args.weights, args.calib, args.onnx, options)
+    meta = result.metadata
+    print(f"wrote {result.path}: {meta['2dq.arch']} x{meta['2dq.scale']}, tile {meta['2dq.tile']}, "
+          f"target {meta['2dq.target']}, {meta['2dq.float_dtype']}")
+    print(f"nodes: {result.nodes_exported} from the exporter, {result.nodes} after simplification")
+    print("ops: " + ", ".join(f"{op} {n}" for op, n in result.op_counts.items()))
+    for violation in result.violations:
+        print(f"lint (ignored): {violation}")
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""ONNX Runtime engines: integer kernels really used, codes and outputs equal to the fake-quant model
+at every bit width, blocked int4 weights, the tile runner, and 2dq-build-engine."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper
+
+from engines.cli_build import main as build_main
+from engines.ort_engine import OrtTileRunner, build_ort_engine, op_counts
+from toolchain.files import sha256_file
+from toolchain.metrics import psnr
+from toolchain.quant import grid, quantizers
+
+#: whole-model agreement of the engine with the fake-quant model (ARCHITECTURE.md s. 7); float
+#: layers (LayerNorm, softmax, GELU) may differ in the last ulp and flip a rounding now and then
+MIN_PSNR_DB = 60.0
+MIN_IDENTICAL = 0.99
+#: integer codes of a quantizer given the same float input: exact
+CODE_ATOL = 0
+
+
+def outputs_agree(engine_out: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    a, b = engine_out.clamp(0, 1), reference.clamp(0, 1)
+    identical = (torch.round(a * 255) == torch.round(b * 255)).float().mean().item()
+    return psnr(a, b, data_range=1.0), identical
+
+
+def quantizer_inputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each activation quantizer sees when ``model`` runs ``x``."""
+    seen, hooks = {}, []
+    for name, quantizer in quantizers(model).items():
+        if quantizer.kind == "activation":
+            hooks.append(quantizer.register_forward_pre_hook(
+                lambda module, args, name=name: seen.__setitem__(name, args[0].detach().clone())))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def onnx_codes(model: onnx.ModelProto, name: str, x: torch.Tensor) -> np.ndarray:
+    """Run the exported ``<name>/Clip -> <name>/QuantizeLinear`` of one quantizer in ORT on ``x``."""
+    by_name = {n.name: n for n in model.graph.node}
+    clip, quant = by_name[f"{name}/Clip"], by_name[f"{name}/QuantizeLinear"]
+    consts = {t.name: t for t in model.graph.initializer}
+    used = [consts[i] for i in [*clip.input[1:], *quant.input[1:]]]
+    graph = helper.make_graph(
+        [helper.make_node("Clip", ["x", *clip.input[1:]], ["c"]), helper.make_node("QuantizeLinear", ["c", *quant.input[1:]], ["q"])],
+        "one_quantizer", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("q", onnx.TensorProto.INT8, list(x.shape))], used)
+    sub = helper.make_model(graph, opset_imports=model.opset_import)
+    session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x.numpy()})[0]
+
+
+def test_build_fuses_qdq_into_integer_kernels(built):
+    made = built(w_bits=4, a_bits=4)
+    source = onnx.load(str(made.onnx))
+    producers = {n.output[0]: n.op_type for n in source.graph.node}
+    quantized = [n for n in source.graph.node if n.op_type == "MatMul"
+                 and all(producers.get(i) == "DequantizeLinear" for i in n.input)]
+    assert len(quantized) == 12  # per block: qkv, proj, fc1, fc2 and both attention matmuls
+    assert made.build.integer_kernels == {"com.microsoft:MatMulIntegerToFloat": len(quantized)}
+    assert "DequantizeLinear" not in made.build.engine_ops  # every DQ was absorbed by a kernel
+    engine = onnx.load(str(made.engine))
+    assert op_counts(engine) == made.build.engine_ops
+    meta = {p.key: p.value for p in engine.metadata_props}
+    assert meta["2dq.engine.source_sha256"] == sha256_file(made.onnx) and meta["2dq.engine.level"] == "extended"
+    runner = OrtTileRunner(made.engine, threads=2)
+    assert (runner.tile, runner.scale, runner.multiple) == (16, 2, 8)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_engine_equals_fake_quant(built, tile_batch, bits):
+    made = built(w_bits=bits, a_bits=bits)
+    model = onnx.load(str(made.onnx))
+    for name, x in quantizer_inputs(made.model, tile_batch).items():
+        quantizer = quantizers(made.model)[name]
+        expected = grid.integer_codes(x, quantizer.lower, quantizer.upper, bits, quantizer.symmetric).numpy()
+        codes = onnx_codes(model, name, x)
+        assert np.abs(codes.astype(int) - expected).max() <= CODE_ATOL, name
+    runner = OrtTileRunner(made.engine, threads=2)
+    with torch.no_grad():
+        reference = made.model(tile_batch)
+    db, identical = outputs_agree(runner(tile_batch), reference)
+    assert db >= MIN_PSNR_DB and identical >= MIN_IDENTICAL, (bits, db, identical)
+
+
+def test_int4_weight_only_graph_runs_in_ort(built, tile_batch):
+    made = built(float_dtype="fp32", w_bits=4, a_bits=4, target="trt-int4", weight_granularity="per-channel")
+    source = onnx.load(str(made.onnx))
+    assert any(t.data_type == onnx.TensorProto.INT4 for t in source.graph.initializer)
+    assert made.build.integer_kernels == {"com.microsoft:MatMulNBits": 8}  # the 8 linears, blocked int4
+    with torch.no_grad():
+        reference = made.model(tile_batch)
+    db, identical = outputs_agree(OrtTileRunner(made.engine, threads=2)(tile_batch), reference)
+    assert db >= MIN_PSNR_DB and identical >= MIN_IDENTICAL, (db, identical)
+
+
+def test_ort_format_engine(built, tile_batch, tmp_path):
+    made = built(w_bits=4, a_bits=4)
+    ort_file = tmp_path / "engine.ort"
+    build_ort_engine(made.onnx, ort_file, threads=2)
+    assert ort_file.read_bytes()[4:8] == b"ORTM"  # ORT format's flatbuffer identifier
+    from_ort, from_onnx = OrtTileRunner(ort_file, threads=2), OrtTileRunner(made.engine, threads=2)
+    assert from_ort.tile == 16
+    torch.testing.assert_close(from_ort(tile_batch), from_onnx(tile_batch), rtol=0, atol=1e-6)
+
+
+def test_runner_refuses_what_it_cannot_run(built, tmp_path):
+    made = built(w_bits=4, a_bits=4)
+    runner = OrtTileRunner(made.engine, threads=2)
+    with pytest.raises(ValueError, match=r"expected tiles \(N, 3, 16, 16\)"):
+        runner(torch.rand(1, 3, 24, 24))
+    plain = onnx.load(str(made.onnx))
+    del plain.metadata_props[:]
+    stripped = tmp_path / "no_meta.onnx"
+    onnx.save(plain, str(stripped))
+    with pytest.raises(ValueError, match="not a 2dq engine"):
+        OrtTileRunner(stripped)
+    with pytest.raises(ValueError, match="not a 2dq export"):
+        build_ort_engine(stripped, tmp_path / "x.onnx")
+    with pytest.raises(FileNotFoundError):
+        OrtTileRunner(tmp_path / "missing.onnx")
+
+
+def test_build_engine_command(built, tmp_path, capsys):
+    made = built(w_bits=4, a_bits=4)
+    out, report = tmp_path / "cli_engine.onnx", tmp_path / "build.json"
+    assert build_main(["--backend", "ort", "--onnx", str(made.onnx), "--out", str(out), "--threads", "2",
+                       "--json", str(report), "-q"]) == 0
+    assert "MatMulIntegerToFloat" in capsys.readouterr().out
+    summary = json.loads(report.read_text())
+    assert summary["build"]["integer_kernels"] == {"com.microsoft:MatMulIntegerToFloat": 12}
+    assert build_main(["--onnx", str(made.onnx), "--out", str(out), "--verify"]) == 2  # needs --weights etc.
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_trt_backend_without_tensorrt_fails_clearly(built, tmp_path, capsys):
+    made = built(w_bits=4, a_bits=4)
+    code = build_main(["--backend", "trt", "--onnx", str(made.onnx), "--out", str(tmp_path / "x.plan")])
+    assert code == 1
+    assert "tensorrt" in capsys.readouterr().err.lower()

@@ -1,0 +1,70 @@
+"""Fixtures of the export tests: tiny calibrated SwinIR models saved as checkpoint + artifact.
+
+A tiny SwinIR (real architecture, random weights: one residual group of a regular and a shifted
+block) is quantized with ``quantize_model``, calibrated with MinMax on seeded random images and
+saved through ``calib.artifact``, so every test exports through the same files a user has.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from calib.artifact import save_artifact
+from calib.baselines import calibrate_minmax
+from calib.observers import batch_forward_loop
+from toolchain.models.swinir import SwinIR
+from toolchain.quant import QuantConfig, quantize_model
+
+TINY = dict(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8, mlp_ratio=2.0)
+#: LR tile of the test exports: 2x2 windows of 8, so the shifted block has a real mask
+TILE = 16
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """A calibrated tiny model and the files it was saved to."""
+
+    checkpoint: Path
+    artifact: Path
+    model: torch.nn.Module
+    config: QuantConfig
+
+
+def make_calibrated(folder: Path, config: QuantConfig, seed: int = 0) -> Calibrated:
+    """Tiny SwinIR x2 from ``seed``, quantized by ``config``, MinMax-calibrated, saved under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = SwinIR(**TINY).eval()
+    checkpoint = folder / "tiny_x2.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    quantize_model(model, config)
+    images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(seed + 1))
+    calibrate_minmax(model, batch_forward_loop(images, batch_size=4, progress=False))
+    artifact = save_artifact(folder / "bounds.safetensors", model, checkpoint=checkpoint, quant_config=config,
+                             method="minmax")
+    return Calibrated(checkpoint, artifact, model, config)
+
+
+@pytest.fixture(scope="session")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Calibrated]:
+    """Factory ``calibrated(**config_fields)``: one calibrated tiny model per distinct config (cached)."""
+    cache: dict[tuple, Calibrated] = {}
+
+    def make(**fields) -> Calibrated:
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in fields.items()))
+        if key not in cache:
+            cache[key] = make_calibrated(tmp_path_factory.mktemp("calibrated"), QuantConfig(**fields))
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def export_tile() -> int:
+    """LR tile of the test exports (:data:`TILE`)."""
+    return TILE
