@@ -1,0 +1,162 @@
+"""PTQ results grid through the user-facing tools: ``2dq-calibrate`` then ``2dq-eval`` per cell.
+
+Each cell (scale, method, bits) calibrates an artifact on the training images and evaluates the
+fake-quant model on the test sets; results go to a JSON file after every cell (a rerun skips the
+cells already there, so a killed run resumes), and ``--markdown`` renders the table with the paper's
+Table 3 rows (SwinIR-light) beside it for context.
+
+    python benchmarks/ptq_grid.py --weights ../shared/models/NGswin/NGswin_x{scale}.pth --scales 2,3 \\
+        --methods minmax,percentile,dobi --bits 4,3,2 --sets Set5,Set14 \\
+        --out benchmarks/results/ngswin_ptq_grid.json
+    python benchmarks/ptq_grid.py --out benchmarks/results/ngswin_ptq_grid.json --markdown benchmarks/ngswin_ptq.md
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+PAPER = SHARED / "reference" / "paper_table3.csv"
+
+
+def _run(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - start
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def calibrate(args: argparse.Namespace, scale: int, method: str, bits: int, data: dict) -> Path:
+    """The cell's artifact in ``--work`` (calibrated once; its time and command recorded in ``data``)."""
+    key = f"x{scale}_{method}_w{bits}a{bits}"
+    artifact = args.work / f"{key}.safetensors"
+    if key in data["calibrations"] and artifact.exists():
+        return artifact
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    cmd = [_bin("2dq-calibrate"), "--weights", _weights(args, scale), "--calib-images", str(args.calib_images),
+           "--method", method, "--bits", str(bits), "--out", str(artifact), "--no-progress", "-q",
+           *threads, *shlex.split(args.calib_extra)]
+    data["calibrations"][key] = {"seconds": round(_run(cmd), 1), "cmd": shlex.join(cmd)}
+    return artifact
+
+
+def evaluate(args: argparse.Namespace, scale: int, method: str, bits: int, set_name: str,
+             artifact: Path | None) -> dict:
+    out = args.work / f"x{scale}_{method}_w{bits}a{bits}_{set_name}.eval.json"
+    cmd = [_bin("2dq-eval"), "--weights", _weights(args, scale), "--data", str(args.data), "--sets", set_name,
+           "--json", str(out), "--no-progress", "-q"]
+    if artifact is not None:
+        cmd += ["--calib", str(artifact)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env)
+    seconds = time.perf_counter() - start
+    (row,) = json.loads(out.read_text())["results"]
+    return {"scale": scale, "method": method, "bits": bits, "set": set_name, "psnr": row["psnr"],
+            "ssim": row["ssim"], "images": row["images"], "eval_s": round(seconds, 1), "cmd": shlex.join(cmd)}
+
+
+def _weights(args: argparse.Namespace, scale: int) -> str:
+    return args.weights.replace("{scale}", str(scale))
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"cells": [], "calibrations": {}, "machine": {}}
+
+
+def save(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def _paper() -> dict[tuple, dict]:
+    lines = [line for line in PAPER.read_text().splitlines() if not line.startswith("#")]
+    return {(int(r["scale"]), r["method"], int(r["bits"])): r for r in csv.DictReader(lines)}
+
+
+ORDER = {"FP": 0, "minmax": 1, "percentile": 2, "dobi": 3, "2dquant": 4}
+PAPER_NAME = {"FP": "FP", "minmax": "MinMax", "percentile": "Percentile", "dobi": "DOBI", "2dquant": "2DQuant"}
+SETS = ("Set5", "Set14", "B100")
+
+
+def markdown(data: dict) -> str:
+    """One row per (scale, bits, method): ours per set, the paper's SwinIR-light per set, times."""
+    sets = [s for s in SETS if any(c["set"] == s for c in data["cells"])]
+    rows: dict[tuple, dict] = {}
+    for cell in data["cells"]:
+        rows.setdefault((cell["scale"], cell["bits"], cell["method"]), {})[cell["set"]] = cell
+    paper = _paper()
+    head = ("| scale | W/A | method | " + " | ".join(f"{s} PSNR / SSIM" for s in sets)
+            + " | " + " | ".join(f"paper {s}" for s in sets) + " | calibrate (s) | eval (s) |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for scale, bits, method in sorted(rows, key=lambda k: (k[0], -k[1], ORDER.get(k[2], 9))):
+        by_set = rows[(scale, bits, method)]
+        ours = [f"{by_set[s]['psnr']:.2f} / {by_set[s]['ssim']:.4f}" if s in by_set else "–" for s in sets]
+        ref = paper.get((scale, PAPER_NAME.get(method, ""), bits))
+        theirs = [f"{ref[s + '_psnr']} / {ref[s + '_ssim']}" if ref else "–" for s in sets]
+        calib = data["calibrations"].get(f"x{scale}_{method}_w{bits}a{bits}", {}).get("seconds", 0.0)
+        evals = "+".join(f"{by_set[s]['eval_s']:.0f}" for s in sets if s in by_set)
+        label = "FP" if bits == 32 else f"W{bits}A{bits}"
+        out.append(f"| x{scale} | {label} | {method} | " + " | ".join(ours) + " | " + " | ".join(theirs)
+                   + f" | {calib:.0f} | {evals} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=str(SHARED / "models/NGswin/NGswin_x{scale}.pth"),
+                        help="checkpoint path; {scale} is replaced by each scale")
+    parser.add_argument("--scales", default="2")
+    parser.add_argument("--methods", default="minmax,percentile,dobi")
+    parser.add_argument("--bits", default="4,3,2")
+    parser.add_argument("--sets", default="Set5", help="comma-separated; each set is a separate, resumable cell")
+    parser.add_argument("--data", type=Path, default=SHARED / "datasets")
+    parser.add_argument("--calib-images", type=Path, default=SHARED / "datasets/train")
+    parser.add_argument("--calib-extra", default="", help="extra 2dq-calibrate options, one string")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--fp", action="store_true", help="also evaluate the float model per scale")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "2dq-grid",
+                        help="where artifacts and per-cell outputs are kept (reused by later runs)")
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (resumed when it exists)")
+    parser.add_argument("--markdown", type=Path, help="render the table of --out to this file and exit")
+    args = parser.parse_args()
+    data = load(args.out)
+    if args.markdown:
+        args.markdown.write_text(markdown(data))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    data["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
+                       "cpus": os.cpu_count(), "python": platform.python_version(), "threads": args.threads}
+    done = {(c["scale"], c["method"], c["bits"], c["set"]) for c in data["cells"]}
+    for set_name in args.sets.split(","):
+        for scale in map(int, args.scales.split(",")):
+            todo = [("FP", 32)] if args.fp else []
+            todo += [(m, int(b)) for b in args.bits.split(",") for m in args.methods.split(",")]
+            for method, bits in todo:
+                if (scale, method, bits, set_name) in done:
+                    continue
+                artifact = None if method == "FP" else calibrate(args, scale, method, bits, data)
+                cell = evaluate(args, scale, method, bits, set_name, artifact)
+                data["cells"].append(cell)
+                save(args.out, data)
+                print(f"x{scale} {method} W{bits}A{bits} {set_name}: {cell['psnr']:.2f} dB / {cell['ssim']:.4f} "
+                      f"(eval {cell['eval_s']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
