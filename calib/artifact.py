@@ -6,16 +6,20 @@ the sidecar sits beside it with the suffix ``.json`` (``run/w4a4.safetensors`` -
 
 - bounds: one float32 tensor per bound, ``<quantizer name>.lower`` / ``<quantizer name>.upper``
   (shape ``()`` per tensor, ``(C_out, 1, ...)`` per channel), exactly
-  :func:`toolchain.quant.bounds_state`.
+  :func:`toolchain.quant.bounds_state`; with folds (:mod:`calib.smoothing`, :mod:`calib.shift`)
+  also their learned parameters under ``transforms/`` (``transforms/smoothing.<group>.log_scale``,
+  ``transforms/shift.<site>.offset``).
 - sidecar: ``format_version``, ``checkpoint`` (file name) and ``checkpoint_sha256``, ``model``
   (``arch`` and ``config``), ``quant_config`` (:meth:`QuantConfig.to_dict`), ``method`` and
   ``method_options``, ``calibration`` (data folder, image count and list hash, patches, patch
   size, seed), ``versions`` (torch, numpy, 2dq), ``created`` (UTC, ISO 8601), and
   ``bounds_sha256``, the hash of the bounds file, so that a sidecar paired with another bounds
-  file is refused.
+  file is refused; ``transforms`` (:func:`calib.shift.transforms_spec`) when the model has folds.
 
 :func:`load_quantized_model` rebuilds the fake-quant model from the float checkpoint and an
-artifact, refusing a checkpoint whose SHA-256 differs from the one calibrated.
+artifact, refusing a checkpoint whose SHA-256 differs from the one calibrated; folds are re-created,
+loaded and baked (:func:`calib.smoothing.bake_transforms`), so the model it returns is a plain
+quantized model whose outputs are the calibrated model's bit for bit.
 """
 from __future__ import annotations
 
@@ -38,10 +42,13 @@ from torch import nn
 from toolchain.files import atomic_path, sha256_file
 from toolchain.quant import QuantConfig, bounds_state, load_bounds, quantize_model
 
+from .shift import bake_transforms, restore_transforms, transforms_spec, transforms_state
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 BOUNDS_SUFFIX = ".safetensors"
+TRANSFORMS_PREFIX = "transforms/"
 SIDECAR_SUFFIX = ".json"
 _SIDECAR_KEYS = ("format_version", "checkpoint_sha256", "model", "quant_config", "method", "bounds_sha256")
 
@@ -110,6 +117,10 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
     path = Path(path)
     sidecar = sidecar_path(path)
     bounds = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in bounds_state(model).items()}
+    quantizer_count = len(bounds) // 2
+    spec = transforms_spec(model)
+    bounds.update({TRANSFORMS_PREFIX + name: t.detach().to("cpu", torch.float32).contiguous()
+                   for name, t in transforms_state(model).items()})
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "checkpoint": Path(checkpoint).name,
@@ -121,8 +132,10 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
         "calibration": dict(calibration or {}),
         "versions": package_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quantizers": len(bounds) // 2,
+        "quantizers": quantizer_count,
     }
+    if spec["smoothing"] or spec["shifts"]:
+        meta["transforms"] = spec
     with contextlib.ExitStack() as stack:
         bounds_tmp = stack.enter_context(atomic_path(path))
         sidecar_tmp = stack.enter_context(atomic_path(sidecar))
@@ -205,8 +218,18 @@ def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
         quantize_model(model, config)
     except ValueError as err:
         raise ArtifactError(f"{artifact_path}: its quant_config does not apply to {weights_path}: {err}") from err
+    bounds = {k: v for k, v in artifact.bounds.items() if not k.startswith(TRANSFORMS_PREFIX)}
+    folds = {k[len(TRANSFORMS_PREFIX):]: v for k, v in artifact.bounds.items() if k.startswith(TRANSFORMS_PREFIX)}
+    spec = meta.get("transforms")
+    if spec or folds:
+        try:
+            restore_transforms(model, spec or {}, folds)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ArtifactError(f"{artifact_path}: its transforms do not apply to {weights_path}: {err}") from err
     try:
-        load_bounds(model, artifact.bounds)
+        load_bounds(model, bounds)
     except ValueError as err:
         raise ArtifactError(f"{artifact_path}: its bounds do not fit the quantizers of {config}: {err}") from err
+    if spec or folds:
+        bake_transforms(model)
     return model.to(device).eval()

@@ -33,6 +33,7 @@ from .artifact import BOUNDS_SUFFIX, describe_images, save_artifact, sidecar_pat
 from .baselines import DEFAULT_PERCENTILE, calibrate_minmax, calibrate_percentile
 from .dobi import DEFAULT_CANDIDATES, MODES, calibrate_dobi
 from .observers import DEFAULT_BINS, batch_forward_loop
+from .transforms import add_transform_arguments, attach_transforms, finish_transforms
 
 log = logging.getLogger("2dq-calibrate")
 
@@ -111,6 +112,7 @@ def run_2dquant(ctx: CalibrationContext) -> dict[str, Any]:
     from .dqc_cli import run_dqc
 
     options = run_dobi(ctx)
+    finish_transforms(ctx.model)  # DQC starts from exact shifted grids
     options["dqc"] = run_dqc(ctx.args, ctx.model, images=ctx.images, progress=ctx.progress)
     return options
 
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"comma-separated roles to quantize, from {','.join(SELECTABLE)} (default: %(default)s)")
     quant.add_argument("--include", default="", help="comma-separated fnmatch patterns of quantizer names to keep")
     quant.add_argument("--exclude", default="", help="comma-separated fnmatch patterns of quantizer names to drop")
+    add_transform_arguments(parser.add_argument_group(
+        "transforms beyond 2DQuant (exact: the float model is unchanged; learned by DQC with the bounds)"))
     data = parser.add_argument_group("calibration data")
     data.add_argument("--patches", type=int, default=32, help="LR patches (default: %(default)s, as the paper)")
     data.add_argument("--patch-size", type=int, default=64, help="LR patch size in pixels (default: %(default)s)")
@@ -229,7 +233,11 @@ def _main(args: argparse.Namespace) -> int:
     log.info("%d LR patches %dx%d from %d images in %s (seed %d)", lr.shape[0], args.patch_size,
              args.patch_size, len(images), args.calib_images, args.seed)
     ctx = CalibrationContext(model, Path(args.weights), lr, images, args, args.device, not args.no_progress)
+    transforms = attach_transforms(model, lr, ctx.forward_loop("smoothing statistics"), args)
     options = METHODS[args.method].run(ctx)
+    finish_transforms(model)
+    if transforms:
+        options["transforms"] = transforms
     calibration = {"data": str(Path(args.calib_images).resolve()), **describe_images(args.calib_images, images),
                    "patches": args.patches, "patch_size": args.patch_size, "scale": model.scale,
                    "seed": args.seed, "augment": True}

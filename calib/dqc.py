@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from toolchain.quant import bound_parameters, bounds_state, load_bounds, quantizers
+
+from .shift import load_transforms_state, transform_parameters, transforms_state
 from toolchain.quant.grid import order_bounds_
 
 from . import distributed
@@ -189,7 +191,7 @@ def distill(
     model.to(device).eval()
     if teacher is not None:
         teacher.to(device).eval()
-    bounds = bound_parameters(model)
+    bounds = bound_parameters(model) + transform_parameters(model)  # folds (calib.smoothing/shift) train too
     frozen = [p for m in (model, teacher) if m is not None for p in m.parameters()]
     flags = [p.requires_grad for p in frozen]
     start = time.perf_counter()
@@ -210,7 +212,7 @@ def distill(
                 "dqc": {k: v for k, v in config.to_dict().items() if k not in ("checkpoint_every", "accumulation")},
                 "weights": weights_fingerprint(model),
                 "quantizers": [[n, q.kind, q.bits, q.symmetric, list(q.bounds_shape)] for n, q in found.items()],
-                "initial_bounds": tensor_digest(bounds_state(model)),
+                "initial_bounds": tensor_digest(trainable_state(model)),
                 "teacher": "float-mode" if teacher is None else weights_fingerprint(teacher),
                 "val_batch": None if val is None else tensor_digest({"val": val_batch}),
                 "train_items": len(train_data), "data": description or {},
@@ -225,7 +227,7 @@ def distill(
                      first_l1, last_l1, config.feature_weight, config.feature_weight * first_feature,
                      config.feature_weight * last_feature)
         if state.best_bounds is not None:
-            load_bounds(model, state.best_bounds)
+            load_trainable_state(model, state.best_bounds)
             log.info("DQC: keeping the bounds of step %d (validation loss %.6g)", state.best_iteration,
                      state.best_val_loss)
         distributed.barrier(context)
@@ -250,7 +252,7 @@ def _start_state(model, config, bounds, digest, checkpoint_path, resume, context
                                 f"first checkpoint must be started again without --resume)")
     if exists:
         state = load_checkpoint(checkpoint_path, digest)
-        load_bounds(model, state.bounds)
+        load_trainable_state(model, state.bounds)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         if state.world != context.world:
@@ -331,7 +333,7 @@ def _validate(model, val, tap, config, state, iteration) -> None:
     state.validations.append(result)
     if state.best_val_loss is None or result["val_loss"] < state.best_val_loss:
         state.best_val_loss, state.best_iteration = result["val_loss"], iteration
-        state.best_bounds = {k: v.to("cpu") for k, v in bounds_state(model).items()}
+        state.best_bounds = {k: v.to("cpu") for k, v in trainable_state(model).items()}
     log.info("DQC step %d: validation loss %.6g (L1 %.6g, feature %.6g), PSNR vs teacher %.2f dB", iteration,
              result["val_loss"], result["val_l1"], result["val_feature"], result["val_psnr"])
 
@@ -342,6 +344,24 @@ def _last_checkpoint(state: TrainingState, config: DQCConfig) -> int:
 
 
 def _save(path, state: TrainingState, bounds, model) -> None:
-    snapshot = dataclasses.replace(state, bounds=bounds_state(model), optimizer=state.optimizer.state_dict(),
+    snapshot = dataclasses.replace(state, bounds=trainable_state(model), optimizer=state.optimizer.state_dict(),
                                    scheduler=state.scheduler.state_dict())
     save_checkpoint(path, snapshot)
+
+
+#: key prefix of fold parameters in DQC's state dicts (checkpoints, best state) beside the bounds
+TRANSFORM_PREFIX = "transforms/"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything DQC trains: ``bounds_state`` plus the fold parameters under :data:`TRANSFORM_PREFIX`."""
+    state = dict(bounds_state(model))
+    state.update({TRANSFORM_PREFIX + k: v for k, v in transforms_state(model).items()})
+    return state
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`trainable_state` (strict on both parts)."""
+    load_bounds(model, {k: v for k, v in state.items() if not k.startswith(TRANSFORM_PREFIX)})
+    load_transforms_state(model, {k[len(TRANSFORM_PREFIX):]: v for k, v in state.items()
+                                  if k.startswith(TRANSFORM_PREFIX)})

@@ -75,6 +75,7 @@ from .smoothing import (
     norm_consumers,
     smoothing_groups,
     smoothing_owners,
+    smoothing_parameters,
     trace_channels,
     verify_folds,
 )
@@ -83,7 +84,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("norm_output", "attn_value", "attn_key")
 __all__ = ["KINDS", "ShiftSite", "add_shifts", "bake_transforms", "calibrate_shifts", "find_shift_sites", "init_shifts",
-           "restore_transforms", "shift_parameters", "shift_sites", "transforms_spec", "transforms_state"]
+           "load_transforms_state", "restore_transforms", "shift_parameters", "shift_sites", "transform_parameters", "transforms_spec",
+           "transforms_state"]
 
 
 @dataclass(frozen=True)
@@ -350,6 +352,24 @@ def calibrate_shifts(model: nn.Module, forward_loop: Callable[[nn.Module], None]
     return offsets
 
 
+def transform_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every learnable fold parameter: smoothing ``log_scale`` s, then shift ``offset`` s."""
+    return smoothing_parameters(model) + shift_parameters(model)
+
+
+@torch.no_grad()
+def load_transforms_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy :func:`transforms_state` values back into the folds ``model`` already has (strict)."""
+    current = transforms_state(model)
+    if set(state) != set(current):
+        raise ValueError(f"fold parameters do not fit the model: missing {sorted(set(current) - set(state))[:5]}, "
+                         f"unexpected {sorted(set(state) - set(current))[:5]}")
+    params = {f"smoothing.{p.group.key}.log_scale": p.log_scale for p in smoothing_owners(model)}
+    params.update({f"shift.{p.site.name}.offset": p.offset for p in _owners(model)})
+    for key, parameter in params.items():
+        parameter.copy_(_checked(state, key, parameter).to(parameter))
+
+
 def transforms_spec(model: nn.Module) -> dict[str, Any]:
     """JSON description of the folds of ``model`` (smoothing groups and shift sites), for a sidecar."""
     return {"smoothing": [g.to_dict() for g in smoothing_groups(model)],
@@ -358,7 +378,7 @@ def transforms_spec(model: nn.Module) -> dict[str, Any]:
 
 def transforms_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The learned fold parameters: ``smoothing.<producer>.log_scale`` ``(C,)``, ``shift.<site>.offset`` ``()``."""
-    state = {f"smoothing.{p.group.producer}.log_scale": p.log_scale.detach().clone() for p in smoothing_owners(model)}
+    state = {f"smoothing.{p.group.key}.log_scale": p.log_scale.detach().clone() for p in smoothing_owners(model)}
     state.update({f"shift.{p.site.name}.offset": p.offset.detach().clone() for p in _owners(model)})
     return state
 
@@ -373,7 +393,7 @@ def restore_transforms(model: nn.Module, spec: Mapping[str, Any], state: Mapping
     """
     groups = [SmoothingGroup.from_dict(g) for g in spec.get("smoothing", [])]
     sites = [ShiftSite.from_dict(s) for s in spec.get("shifts", [])]
-    expected = {f"smoothing.{g.producer}.log_scale" for g in groups} | {f"shift.{s.name}.offset" for s in sites}
+    expected = {f"smoothing.{g.key}.log_scale" for g in groups} | {f"shift.{s.name}.offset" for s in sites}
     if set(state) != expected:
         raise ValueError(f"fold parameters do not fit the spec: missing {sorted(expected - set(state))[:5]}, "
                          f"unexpected {sorted(set(state) - expected)[:5]}")

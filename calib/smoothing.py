@@ -16,6 +16,15 @@ fold (:data:`GROUP_KINDS`):
   take ``s`` back. Both v's quantizer and the out-projection's input quantizer see the smoothed
   tensor. Every attention of SwinIR and NGswin (window and N-gram attention).
 
+A third kind does not fold and is opt-in (:data:`EXPLICIT_KINDS`):
+
+- ``"input"``: one input-quantized linear whose input no fold reaches (NGswin's ``qkv`` and ``fc1``
+  read the residual stream). The linear multiplies its input by ``1 / s`` before the input quantizer
+  (``QuantLinear.input_multiplier``) and its weight columns by ``s``. The deployed graph carries one
+  per-channel ``Mul`` before that input's ``QuantizeLinear`` (float, exact on every engine; TensorRT
+  fuses a pointwise op into the neighbouring kernels). Linears that read a foldable group (whether
+  or not it is selected) never get an ``"input"`` group, so shifts and folds never meet a multiplier.
+
 The fold is written as :mod:`torch.nn.utils.parametrize` parametrizations of the producer's
 ``weight``/``bias`` and of each consumer ``QuantLinear.weight``, driven by one learnable
 ``log_scale`` ``(C,)`` per group (:func:`smoothing_parameters`): DQC trains it with the bounds and
@@ -59,7 +68,10 @@ MATCH_RTOL = 1e-6
 #: a fold passes verification when the float output moves by at most this fraction of its range
 VERIFY_RTOL = 1e-4
 DEFAULT_ALPHA = 0.5
-GROUP_KINDS = ("norm", "value")
+FOLDED_KINDS = ("norm", "value")
+#: kinds that leave one Mul in the deployed graph
+EXPLICIT_KINDS = ("input",)
+GROUP_KINDS = FOLDED_KINDS + EXPLICIT_KINDS
 #: floor on max|X_j| and max|W_j| in the SmoothQuant rule (dead channels get finite factors)
 STAT_FLOOR = 1e-5
 
@@ -250,7 +262,8 @@ class SmoothingGroup:
     ``kind`` ``"norm"``: ``producer`` is a LayerNorm (all its channels) whose output the linears read
     through token reshapes only. ``"value"``: ``producer`` is the linear whose output slice is an
     attention's v; the linears read the attention output ``probs @ v`` (per channel, a weighted sum
-    of v over tokens, so ``probs @ (v / s) = (probs @ v) / s``).
+    of v over tokens, so ``probs @ (v / s) = (probs @ v) / s``). ``"input"``: ``producer`` is the one
+    linear in ``linears``; its ``input_multiplier`` holds ``1 / s``.
     """
 
     kind: str
@@ -262,6 +275,11 @@ class SmoothingGroup:
     @property
     def channels(self) -> int:
         return self.stop - self.start
+
+    @property
+    def key(self) -> str:
+        """Unique name of the group's factors (a qkv linear can produce a v group and own an input group)."""
+        return f"{self.producer}.input" if self.kind == "input" else self.producer
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "producer": self.producer, "start": self.start, "stop": self.stop,
@@ -276,7 +294,7 @@ class SmoothingGroup:
         return group
 
 
-def find_smoothing_groups(model: nn.Module, example: torch.Tensor, kinds: Iterable[str] = GROUP_KINDS,
+def find_smoothing_groups(model: nn.Module, example: torch.Tensor, kinds: Iterable[str] = FOLDED_KINDS,
                           verify: bool = True) -> list[SmoothingGroup]:
     """The smoothing groups of ``model`` whose fold is exact (see the module docstring), in module order.
 
@@ -289,15 +307,17 @@ def find_smoothing_groups(model: nn.Module, example: torch.Tensor, kinds: Iterab
     _check_unfolded(model)
     modules = dict(model.named_modules())
     trace = trace_channels(model, example)
-    groups = []
-    if "norm" in kinds:
-        groups += [SmoothingGroup("norm", norm, 0, modules[norm].weight.shape[0], tuple(linears))
-                   for norm, linears in norm_consumers(modules, trace).items()]
-    if "value" in kinds:
-        for _, source, readers in attention_operands(modules, trace, "attn_v"):
-            readers = [r for r in readers if modules[r].input_quantizer is not None]
-            if source is not None and readers:
-                groups.append(SmoothingGroup("value", *source, tuple(readers)))
+    foldable = [SmoothingGroup("norm", norm, 0, modules[norm].weight.shape[0], tuple(linears))
+                for norm, linears in norm_consumers(modules, trace).items()]
+    for _, source, readers in attention_operands(modules, trace, "attn_v"):
+        readers = [r for r in readers if modules[r].input_quantizer is not None]
+        if source is not None and readers:
+            foldable.append(SmoothingGroup("value", *source, tuple(readers)))
+    groups = [g for g in foldable if g.kind in kinds]
+    if "input" in kinds:
+        covered = {path for g in foldable for path in g.linears}
+        groups += [SmoothingGroup("input", path, 0, m.in_features, (path,)) for path, m in modules.items()
+                   if isinstance(m, QuantLinear) and m.input_quantizer is not None and path not in covered]
     order = {path: i for i, path in enumerate(modules)}
     groups.sort(key=lambda g: order[g.producer])
     if verify:
@@ -373,6 +393,9 @@ def add_smoothing(model: nn.Module, groups: Iterable[SmoothingGroup]) -> dict[st
     modules = dict(model.named_modules())
     made: dict[str, nn.Parameter] = {}
     for group in groups:
+        if group.kind == "input":
+            made[group.key] = _add_input_smoothing(_module(modules, group.producer, QuantLinear), group)
+            continue
         producer = _module(modules, group.producer, nn.LayerNorm if group.kind == "norm" else QuantLinear)
         if _folds(producer, "weight", DivideRows):
             raise ValueError(f"smoothing: {group.producer} is already smoothed")
@@ -392,8 +415,22 @@ def add_smoothing(model: nn.Module, groups: Iterable[SmoothingGroup]) -> dict[st
             parametrize.register_parametrization(producer, "bias", DivideRows(log_scale, group, owner=False))
         for linear in linears:
             parametrize.register_parametrization(linear, "weight", ScaleColumns(log_scale, group))
-        made[group.producer] = log_scale
+        made[group.key] = log_scale
     return made
+
+
+def _add_input_smoothing(linear: QuantLinear, group: SmoothingGroup) -> nn.Parameter:
+    """``input_multiplier = 1 / s`` (owner of ``log_scale``) and ``W * s`` on one linear."""
+    if group.linears != (group.producer,) or (group.start, group.stop) != (0, linear.in_features):
+        raise ValueError(f"smoothing: an input group covers all inputs of its one linear, got {group}")
+    if linear.input_multiplier is not None or _folds(linear, "weight", ScaleColumns):
+        raise ValueError(f"smoothing: {group.producer} already has an input multiplier or smoothed columns")
+    weight = _original(linear, "weight")
+    log_scale = nn.Parameter(torch.zeros(group.channels, dtype=weight.dtype, device=weight.device))
+    linear.input_multiplier = torch.ones(group.channels, dtype=weight.dtype, device=weight.device)
+    parametrize.register_parametrization(linear, "input_multiplier", DivideRows(log_scale, group, owner=True))
+    parametrize.register_parametrization(linear, "weight", ScaleColumns(log_scale, group))
+    return log_scale
 
 
 def remove_smoothing(model: nn.Module, groups: Iterable[SmoothingGroup]) -> None:
@@ -404,16 +441,20 @@ def remove_smoothing(model: nn.Module, groups: Iterable[SmoothingGroup]) -> None
     """
     modules = dict(model.named_modules())
     for group in groups:
-        for path, names in [(group.producer, ("weight", "bias"))] + [(p, ("weight",)) for p in group.linears]:
+        for path, names in [(group.producer, ("weight", "bias", "input_multiplier"))] + \
+                [(p, ("weight",)) for p in group.linears]:
             module = modules[path]
             for name in names:
                 if parametrize.is_parametrized(module, name):
                     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        if group.kind == "input":
+            modules[group.producer].input_multiplier = None
 
 
 def smoothing_owners(model: nn.Module) -> list[DivideRows]:
     """The parametrizations that own each ``log_scale`` (one per group), in module order."""
-    return [p for module in model.modules() for p in _fold_modules(module, "weight", DivideRows)]
+    return [p for module in model.modules() for name in ("weight", "input_multiplier")
+            for p in _fold_modules(module, name, DivideRows) if p.owner]
 
 
 def smoothing_groups(model: nn.Module) -> list[SmoothingGroup]:
@@ -441,12 +482,15 @@ def init_smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None]
     if not owners:
         raise ValueError(f"{type(model).__name__} has no smoothing folds: add_smoothing() first")
     modules = dict(model.named_modules())
-    amax = {p.group.producer: torch.zeros(p.group.channels, dtype=torch.float64) for p in owners}
+    amax = {p.group.key: torch.zeros(p.group.channels, dtype=torch.float64) for p in owners}
 
     def hook(owner: DivideRows) -> Callable:
         def record(module, args):
-            unsmoothed = args[0].detach().double() * torch.exp(owner.log_scale.detach().double())
-            key = owner.group.producer
+            # an input group's linear divides inside forward: its pre-hook sees the unsmoothed input
+            unsmoothed = args[0].detach().double()
+            if owner.group.kind != "input":
+                unsmoothed = unsmoothed * torch.exp(owner.log_scale.detach().double())
+            key = owner.group.key
             amax[key] = torch.maximum(amax[key], unsmoothed.abs().reshape(-1, owner.group.channels).amax(0).cpu())
         return record
 
@@ -463,11 +507,11 @@ def init_smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None]
         group = owner.group
         columns = torch.stack([_original(modules[p], "weight").detach().abs().amax(0).double().cpu()
                                for p in group.linears]).amax(0)
-        x = amax[group.producer].clamp_min(STAT_FLOOR)
+        x = amax[group.key].clamp_min(STAT_FLOOR)
         w = columns.clamp_min(STAT_FLOOR)
         scale = x.pow(alpha) / w.pow(1.0 - alpha)
         owner.log_scale.copy_(scale.log().to(owner.log_scale))
-        factors[group.producer] = scale.float()
+        factors[group.key] = scale.float()
         log.debug("SmoothQuant %s: factors in [%.3g, %.3g]", group.producer, float(scale.min()), float(scale.max()))
     log.info("SmoothQuant (alpha %.2f) set %d groups", alpha, len(owners))
     return factors

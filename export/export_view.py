@@ -5,6 +5,8 @@
 that ``torch.export`` can trace into a QDQ graph (:mod:`export.qdq_ops`):
 
 - an activation quantizer becomes ``twodq::quantize_dequantize`` with its fp32 bounds as constants;
+- a linear's ``input_multiplier`` (explicit smoothing, :mod:`calib.smoothing` kind ``"input"``)
+  becomes one ``Mul`` before that input's quantizer;
 - a weight quantizer becomes integer codes (:func:`toolchain.quant.grid.integer_codes`, int8
   buffers) with their step as the scale, feeding ``twodq::dequantize``. Linear weights are stored
   transposed, ``(C_in, C_out)``, the layout of the ``MatMul`` they feed, so no ``Transpose`` sits
@@ -115,6 +117,8 @@ class ExportLinear(nn.Module):
     def __init__(self, layer: QuantLinear, int4_block: int = 0) -> None:
         super().__init__()
         self.input = _activation(layer.input_quantizer)
+        multiplier = layer.input_multiplier
+        self.register_buffer("input_multiplier", None if multiplier is None else multiplier.detach().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         self.pad = 0
         quantizer = layer.weight_quantizer
@@ -140,6 +144,8 @@ class ExportLinear(nn.Module):
         self.float_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_multiplier is not None:
+            x = x * self.input_multiplier  # explicit smoothing: one Mul before the input's Q/DQ
         if self.input is not None:
             x = self.input(x)
         if self.pad:

@@ -212,17 +212,60 @@ def test_smoothquant_rule():
         init_smoothquant(tiny_swinir(), batch_forward_loop(calib, progress=False))
 
 
-def test_baked_model_equals_parametrized_model_bit_for_bit():
-    model = tiny_swinir(QuantConfig(weight_granularity="per-channel"))
-    x = torch.rand(2, 3, 16, 16)
-    add_smoothing(model, find_smoothing_groups(model, x[:1]))
+def _smooth_calibrate_bake(model: nn.Module, x: torch.Tensor, kinds: tuple[str, ...]) -> None:
+    """Smoothing of ``kinds``, SmoothQuant, DOBI, then bake: the baked outputs equal the parametrized ones."""
+    add_smoothing(model, find_smoothing_groups(model, x[:1], kinds=kinds))
     init_smoothquant(model, batch_forward_loop(x, progress=False))
     dobi(model, x)
     with torch.no_grad():
         before = model(x)
         bake_transforms(model)
-        after = model(x)
-    assert torch.equal(before, after)
-    assert smoothing_parameters(model) == [] and not any("log_scale" in k for k in model.state_dict())
+        assert torch.equal(before, model(x))
+    assert smoothing_parameters(model) == []
+
+
+def test_baked_model_equals_parametrized_model_bit_for_bit():
+    model = tiny_swinir(QuantConfig(weight_granularity="per-channel"))
+    _smooth_calibrate_bake(model, torch.rand(2, 3, 16, 16), ("norm", "value"))
+    assert not any("log_scale" in k for k in model.state_dict())
     assert set(model.state_dict()) >= {"layers.0.residual_group.blocks.0.norm1.weight",
                                        "layers.0.residual_group.blocks.0.attn.qkv.weight"}
+
+
+def test_input_groups_cover_exactly_the_linears_no_fold_reaches():
+    model = tiny_ngswin()
+    x = torch.rand(1, 3, 32, 32)
+    folded = find_smoothing_groups(model, x)
+    both = find_smoothing_groups(model, x, kinds=("value", "input"))
+    inputs = [g for g in both if g.kind == "input"]
+    assert [g for g in both if g.kind == "value"] == folded
+    covered = {p for g in folded for p in g.linears}
+    quantized = {p for p, m in model.named_modules()
+                 if type(m).__name__ == "QuantLinear" and m.input_quantizer is not None}
+    assert {g.producer for g in inputs} == quantized - covered and covered <= quantized
+    assert all(g.linears == (g.producer,) for g in inputs)
+    # the value group of a qkv and the input group of the same qkv have distinct keys
+    assert len({g.key for g in both}) == len(both)
+
+
+def test_input_smoothing_is_exact_in_float_and_moves_range_to_the_weight():
+    model = tiny_ngswin()
+    x = torch.rand(2, 3, 32, 32)
+    groups = find_smoothing_groups(model, x[:1], kinds=("value", "input"))
+    with torch.no_grad(), float_mode(model):
+        reference = model(x)
+    add_smoothing(model, groups)
+    init_smoothquant(model, batch_forward_loop(x, progress=False), alpha=0.5)
+    with torch.no_grad(), float_mode(model):
+        smoothed = model(x)
+    assert float((smoothed - reference).abs().max()) <= FLOAT_FOLD_RTOL * _range(reference)
+    linear = model.get_submodule(next(g.producer for g in groups if g.kind == "input"))
+    assert linear.input_multiplier is not None and not torch.allclose(linear.input_multiplier,
+                                                                       torch.ones_like(linear.input_multiplier))
+
+
+def test_input_smoothing_bakes_into_a_multiplier_buffer_bit_for_bit():
+    model = tiny_ngswin(QuantConfig(weight_granularity="per-channel"))
+    _smooth_calibrate_bake(model, torch.rand(2, 3, 32, 32), ("value", "input"))
+    multipliers = [k for k in model.state_dict() if k.endswith("input_multiplier")]
+    assert multipliers and all(not k.startswith("parametrizations") for k in multipliers)

@@ -160,8 +160,13 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         self.input_quantizer = input_quantizer
         self.weight_quantizer = weight_quantizer
+        # optional (C_in,) factor applied to the input before its quantizer: explicit channel
+        # smoothing (calib.smoothing, kind "input"), exported as one Mul; None: no op
+        self.register_buffer("input_multiplier", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_multiplier is not None:
+            x = x * self.input_multiplier
         return F.linear(_maybe(self.input_quantizer, x), _maybe(self.weight_quantizer, self.weight), self.bias)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,129 @@
+"""Transforms through the whole pipeline: ``2dq-calibrate --smooth/--shifts`` -> artifact -> DQC -> export -> ORT."""
+from __future__ import annotations
+
+import math
+
+import onnx
+import pytest
+import torch
+
+from calib.artifact import TRANSFORMS_PREFIX, load_artifact, load_quantized_model
+from calib.cli import main
+from calib.dqc import DQCConfig, distill, trainable_state
+from calib.observers import batch_forward_loop
+from calib.shift import add_shifts, find_shift_sites, init_shifts, transform_parameters
+from calib.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant
+from calib.dobi import calibrate_dobi
+from toolchain.models.swinir import SwinIR
+from toolchain.quant import QuantConfig, quantize_model
+
+from .test_cli_calibrate import base_args, run
+
+#: ORT output vs fake-quant output (ARCHITECTURE.md section 7)
+ORT_MIN_PSNR = 60.0
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float((a.clamp(0, 1) - b.clamp(0, 1)).square().mean())
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def test_cli_writes_transforms_and_the_loaded_model_is_baked(tmp_path, capsys, tiny_checkpoint, calib_images):
+    out = tmp_path / "all.safetensors"
+    code, stdout, _ = run(capsys, *base_args(tiny_checkpoint, calib_images, out), "--smooth", "all", "--shifts",
+                          "--granularity", "per-channel")
+    assert code == 0, stdout
+    artifact = load_artifact(out)
+    spec = artifact.meta["transforms"]
+    kinds = {g["kind"] for g in spec["smoothing"]}
+    assert kinds == {"norm", "value", "input"}  # SwinIR: norm1/norm2 folds, v folds, fc2 (after GELU) explicit
+    assert {s["kind"] for s in spec["shifts"]} >= {"norm_output", "attn_value"}
+    options = artifact.meta["method_options"]["transforms"]
+    assert options["smoothing"]["groups"]["norm"] == 8  # 4 blocks x (norm1, norm2) and options["smoothing"]["alpha"] == 0.5
+    folds = [k for k in artifact.bounds if k.startswith(TRANSFORMS_PREFIX)]
+    assert len(folds) == len(spec["smoothing"]) + len(spec["shifts"])
+    assert artifact.meta["quantizers"] * 2 == len(artifact.bounds) - len(folds)
+
+    model = load_quantized_model(tiny_checkpoint, out)
+    assert transform_parameters(model) == []  # baked: plain tensors only
+    multipliers = [n for n, m in model.named_modules() if getattr(m, "input_multiplier", None) is not None]
+    assert multipliers and all(n.endswith("fc2") for n in multipliers)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+def test_unknown_smoothing_kind_is_a_usage_error(tmp_path, capsys, tiny_checkpoint, calib_images):
+    code, _, err = run(capsys, *base_args(tiny_checkpoint, calib_images, tmp_path / "x.safetensors"),
+                       "--smooth", "norm,rows")
+    assert code == 2 and "--smooth" in err and "rows" in err
+
+
+def test_2dquant_trains_factors_and_offsets_with_the_bounds(tmp_path, capsys, tiny_checkpoint, calib_images):
+    dobi_out, full_out = tmp_path / "dobi.safetensors", tmp_path / "2dq.safetensors"
+    common = ["--smooth", "folded", "--shifts"]
+    assert run(capsys, *base_args(tiny_checkpoint, calib_images, dobi_out), *common)[0] == 0
+    dqc = ["--method", "2dquant", "--dqc-iters", "3", "--batch", "2", "--dqc-patch-size", "16", "--val-every", "0",
+           "--val-patches", "2", "--checkpoint-every", "0", "--lr", "0.003"]
+    code, stdout, _ = run(capsys, *base_args(tiny_checkpoint, calib_images, full_out), *common, *dqc)
+    assert code == 0, stdout
+    before, after = load_artifact(dobi_out).bounds, load_artifact(full_out).bounds
+    folds = [k for k in before if k.startswith(TRANSFORMS_PREFIX)]
+    assert folds and set(folds) == {k for k in after if k.startswith(TRANSFORMS_PREFIX)}
+    assert any(not torch.equal(before[k], after[k]) for k in folds if "log_scale" in k)
+    assert any(not torch.equal(before[k], after[k]) for k in folds if "offset" in k)
+
+
+def test_dqc_resume_state_carries_the_transforms():
+    torch.manual_seed(0)
+    model = quantize_model(SwinIR(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8,
+                                  mlp_ratio=2.0).eval(), QuantConfig())
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    loop = batch_forward_loop(x, progress=False)
+    sites = find_shift_sites(model, x[:1])
+    add_smoothing(model, find_smoothing_groups(model, x[:1], kinds=("norm", "value", "input")))
+    init_smoothquant(model, loop)
+    add_shifts(model, sites)
+    calibrate_dobi(model, loop, candidates=10, bins=256)
+    init_shifts(model)
+    start = trainable_state(model)
+    assert any(k.startswith("transforms/smoothing.") for k in start) and any(k.startswith("transforms/shift.")
+                                                                             for k in start)
+    distill(model, list(x), DQCConfig(iters=2, batch=2, val_every=0, checkpoint_every=0), progress=False)
+    end = trainable_state(model)
+    assert start.keys() == end.keys()
+    assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("transforms/"))
+
+
+def test_input_smoothing_exports_a_mul_and_ort_matches_the_reference(tmp_path, capsys, tiny_checkpoint,
+                                                                     calib_images):
+    ort = pytest.importorskip("onnxruntime")
+    from export.onnx_export import ExportOptions, export_onnx
+
+    out = tmp_path / "all.safetensors"
+    assert run(capsys, *base_args(tiny_checkpoint, calib_images, out), "--smooth", "all", "--shifts")[0] == 0
+    onnx_path = tmp_path / "all.onnx"
+    result = export_onnx(tiny_checkpoint, out, onnx_path, ExportOptions(tile=16))
+    assert not result.violations
+    graph = onnx.load(str(onnx_path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    # every quantized fc2 input: Mul (the smoothing) -> ... -> QuantizeLinear, with no other float op between
+    fc2_inputs = [n for n in graph.node if n.op_type == "QuantizeLinear" and "fc2" in n.name and "input" in n.name]
+    assert fc2_inputs
+
+    def upstream_ops(node, depth=3):
+        ops, current = [], node
+        for _ in range(depth):
+            current = producers.get(current.input[0])
+            if current is None:
+                break
+            ops.append(current.op_type)
+        return ops
+
+    assert all("Mul" in upstream_ops(q) for q in fc2_inputs)
+    model = load_quantized_model(tiny_checkpoint, out)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        assert _psnr(got, model(x)) >= ORT_MIN_PSNR
