@@ -41,13 +41,15 @@ def _bin(name: str) -> str:
 
 def calibrate(args: argparse.Namespace, scale: int, method: str, bits: int, data: dict) -> Path:
     """The cell's artifact in ``--work`` (calibrated once; its time and command recorded in ``data``)."""
-    key = f"x{scale}_{method}_w{bits}a{bits}"
+    key = f"x{scale}_{method.partition('=')[0]}_w{bits}a{bits}"
     artifact = args.work / f"{key}.safetensors"
     if key in data["calibrations"] and artifact.exists():
         return artifact
     threads = ["--threads", str(args.threads)] if args.threads else []
+    label, _, options = method.partition("=")
+    chosen = shlex.split(options) if options else ["--method", label]
     cmd = [_bin("2dq-calibrate"), "--weights", _weights(args, scale), "--calib-images", str(args.calib_images),
-           "--method", method, "--bits", str(bits), "--out", str(artifact), "--no-progress", "-q",
+           *chosen, "--bits", str(bits), "--out", str(artifact), "--no-progress", "-q",
            *threads, *shlex.split(args.calib_extra)]
     data["calibrations"][key] = {"seconds": round(_run(cmd), 1), "cmd": shlex.join(cmd)}
     return artifact
@@ -55,6 +57,7 @@ def calibrate(args: argparse.Namespace, scale: int, method: str, bits: int, data
 
 def evaluate(args: argparse.Namespace, scale: int, method: str, bits: int, set_name: str,
              artifact: Path | None) -> dict:
+    method = method.partition("=")[0]
     out = args.work / f"x{scale}_{method}_w{bits}a{bits}_{set_name}.eval.json"
     cmd = [_bin("2dq-eval"), "--weights", _weights(args, scale), "--data", str(args.data), "--sets", set_name,
            "--json", str(out), "--no-progress", "-q"]
@@ -122,7 +125,9 @@ def main() -> None:
     parser.add_argument("--weights", default=str(SHARED / "models/NGswin/NGswin_x{scale}.pth"),
                         help="checkpoint path; {scale} is replaced by each scale")
     parser.add_argument("--scales", default="2")
-    parser.add_argument("--methods", default="minmax,percentile,dobi")
+    parser.add_argument("--methods", default="minmax,percentile,dobi",
+                        help="comma-separated 2dq-calibrate methods, or ';'-separated LABEL=OPTIONS variants "
+                        "(e.g. '2dquant+pc=--method 2dquant --granularity per-channel')")
     parser.add_argument("--bits", default="4,3,2")
     parser.add_argument("--sets", default="Set5", help="comma-separated; each set is a separate, resumable cell")
     parser.add_argument("--data", type=Path, default=SHARED / "datasets")
@@ -146,9 +151,10 @@ def main() -> None:
     for set_name in args.sets.split(","):
         for scale in map(int, args.scales.split(",")):
             todo = [("FP", 32)] if args.fp else []
-            todo += [(m, int(b)) for b in args.bits.split(",") for m in args.methods.split(",")]
+            methods = args.methods.split(";") if "=" in args.methods else args.methods.split(",")
+            todo += [(m, int(b)) for b in args.bits.split(",") for m in methods]
             for method, bits in todo:
-                if (scale, method, bits, set_name) in done:
+                if (scale, method.partition("=")[0], bits, set_name) in done:
                     continue
                 artifact = None if method == "FP" else calibrate(args, scale, method, bits, data)
                 cell = evaluate(args, scale, method, bits, set_name, artifact)
