@@ -131,6 +131,16 @@ def test_build_engine_verify_command(built, datasets_dir, tmp_path, capsys):
                          str(made.checkpoint), "--calib", str(made.artifact), "--data", str(root), "--sets", "Mini",
                          "--overlap", "4", "--min-psnr", "1000", "--no-progress", "-q"])
     assert strict == 1  # below the floor: the command fails
+    common = ["--onnx", str(made.onnx), "--out", str(tmp_path / "e3.onnx"), "--verify", "--weights",
+              str(made.checkpoint), "--calib", str(made.artifact), "--data", str(root), "--sets", "Mini",
+              "--overlap", "4", "--min-psnr", "1000", "--no-progress", "-q"]
+    # the reference disagrees with itself under heavy noise; the engine is far closer: passes "at the floor"
+    loose = tmp_path / "loose.json"
+    assert build_main([*common, "--noise-floor", "0.05", "--floor-margin", "0", "--json", str(loose)]) == 0
+    assert json.loads(loose.read_text())["verification"]["passed_by"] == "noise floor"
+    # sigma 0: the floor is the reference itself (inf dB), which no engine reaches
+    assert build_main([*common, "--noise-floor", "0", "--floor-margin", "3"]) == 1
+    assert build_main([*common, "--floor-margin", "3"]) == 2  # a margin needs a measured floor
 
 
 def test_integer_codes_per_quantizer(built, tile_batch):
