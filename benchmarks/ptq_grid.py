@@ -160,7 +160,7 @@ def main() -> None:
                 cell = evaluate(args, scale, method, bits, set_name, artifact)
                 data["cells"].append(cell)
                 save(args.out, data)
-                print(f"x{scale} {method} W{bits}A{bits} {set_name}: {cell['psnr']:.2f} dB / {cell['ssim']:.4f} "
+                print(f"x{scale} {cell['method']} W{bits}A{bits} {set_name}: {cell['psnr']:.2f} dB / {cell['ssim']:.4f} "
                       f"(eval {cell['eval_s']:.0f} s)", flush=True)
 
 

@@ -240,7 +240,7 @@ def _main(args: argparse.Namespace) -> int:
         options["transforms"] = transforms
     calibration = {"data": str(Path(args.calib_images).resolve()), **describe_images(args.calib_images, images),
                    "patches": args.patches, "patch_size": args.patch_size, "scale": model.scale,
-                   "seed": args.seed, "augment": True}
+                   "seed": args.seed, "augment": True, "batch_size": args.batch_size}
     from .distributed import is_main_process
 
     if not is_main_process():  # under torchrun only rank 0 writes

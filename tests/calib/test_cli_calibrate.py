@@ -31,6 +31,7 @@ def test_dobi_end_to_end(tmp_path, capsys, tiny_checkpoint, calib_images):
     meta = load_artifact(out).meta
     assert meta["calibration"]["patches"] == 4 and meta["calibration"]["patch_size"] == 16
     assert meta["calibration"]["images"] == 100 and meta["calibration"]["seed"] == 0
+    assert meta["calibration"]["batch_size"] == 2
     assert meta["method_options"]["candidates"] == 100
 
     model = load_quantized_model(tiny_checkpoint, out)
