@@ -27,7 +27,7 @@ Each rule returns :class:`Violation` entries naming the node, the rule and what 
 
 The target (``trt-int4`` allows int4) is read from the ``2dq.target`` metadata unless given.
 
-Command line: ``python -m export.lint FILE.onnx [--json]`` (exit 1 when violations are found).
+Command line: ``2dq-export --lint-only FILE.onnx [--target T] [--json OUT]`` (exit 1 when violations are found).
 
 >>> violations = lint_model("w4a4.onnx")         # doctest: +SKIP
 >>> [str(v) for v in violations]                 # doctest: +SKIP
@@ -35,13 +35,9 @@ Command line: ``python -m export.lint FILE.onnx [--json]`` (exit 1 when violatio
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -105,8 +101,18 @@ class _Graph:
 
 
 def lint_model(model_or_path: onnx.ModelProto | str | os.PathLike, target: Optional[str] = None) -> list[Violation]:
-    """Every TensorRT-rule violation of a QDQ graph (file or proto), in node order."""
-    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path))
+    """Every TensorRT-rule violation of a QDQ graph (file or proto), in node order.
+
+    Raises:
+        ValueError: a file that is not a readable ONNX model (the file named).
+    """
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = model_or_path
+    else:
+        try:
+            model = onnx.load(str(model_or_path))
+        except DecodeError as err:
+            raise ValueError(f"{model_or_path}: not an ONNX model ({err})") from err
     if target is None:
         target = {p.key: p.value for p in model.metadata_props}.get("2dq.target", "trt-int8")
     g = _Graph(model)
@@ -294,30 +300,3 @@ def _check_layernorm(node: onnx.NodeProto, g: _Graph) -> list[Violation]:
             found.append(Violation(_name(node), "layernorm-qdq", f"output feeds QuantizeLinear {_name(consumer)} "
                                    "directly"))
     return found
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.lint",
-                                     description="Check a QDQ ONNX graph against TensorRT's quantization rules.",
-                                     epilog="Exit codes: 0 clean, 1 violations found or unreadable file, 2 usage error.")
-    parser.add_argument("onnx", metavar="FILE.onnx", help="the graph to check")
-    parser.add_argument("--target", choices=("trt-int8", "trt-int4", "ort"),
-                        help="target whose rules apply (default: the file's 2dq.target metadata)")
-    parser.add_argument("--json", action="store_true", help="print the violations as JSON")
-    args = parser.parse_args(argv)
-    try:
-        violations = lint_model(args.onnx, args.target)
-    except (OSError, ValueError, DecodeError) as err:
-        print(f"{parser.prog}: error: {args.onnx}: {err}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps([asdict(v) for v in violations], indent=2))
-    else:
-        for violation in violations:
-            print(violation)
-        print(f"{args.onnx}: {len(violations)} violation(s)")
-    return 1 if violations else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
