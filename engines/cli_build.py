@@ -114,6 +114,7 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
         print(f"built {build.engine} ({sum(build.engine_ops.values())} nodes, {build.seconds:.1f} s)")
         print(f"integer kernels: {build.integer_kernels or 'none'}")
         print(f"standalone Q/DQ: {build.standalone_qdq or 'none'}")
+        print(f"bias adds fused into integer kernels: {build.fused_bias_adds}")
         return build.to_dict()
     module = trt_backend()
     if module is None or not hasattr(module, "run_trt_build"):

@@ -4,7 +4,8 @@ Building (:func:`build_ort_engine`) loads the exported QDQ graph with ONNX Runti
 optimizations at level ``extended`` and saves what ORT made of it
 (``SessionOptions.optimized_model_filepath``): the QDQ node units are fused into integer kernels
 (``MatMulIntegerToFloat``, ``QLinearMatMul``, ``QLinearConv``, ``MatMulNBits`` for blocked int4
-weights, ...), so the saved engine is the integer model that runs. ``extended`` rather than ``all``
+weights, ...), so the saved engine is the integer model that runs; the linear layers' bias adds are
+then moved into the integer kernels (:mod:`engines.ort_fusions`). ``extended`` rather than ``all``
 because level-3 layout transforms (NCHWc) are specific to the machine; the runner applies them at
 load time. The engine keeps the export's ``2dq.*`` metadata and adds ``2dq.engine.*`` entries.
 
@@ -26,6 +27,8 @@ import onnx
 import torch
 
 from toolchain.files import atomic_path, sha256_file
+
+from .ort_fusions import fuse_matmul_bias
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ class OrtBuild:
     engine_ops: dict[str, int]
     integer_kernels: dict[str, int]
     standalone_qdq: dict[str, int] = field(default_factory=dict)
+    fused_bias_adds: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,11 +134,12 @@ def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
         options.optimized_model_filepath = str(optimized)
         ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         engine = onnx.load(str(optimized))
+    fused = fuse_matmul_bias(engine)
     seconds = time.perf_counter() - start
     counts = op_counts(engine)
     build = OrtBuild(str(out_path), str(onnx_path), sha256_file(onnx_path), level, ort.__version__, round(seconds, 3),
                      op_counts(source), counts, integer_kernels(counts),
-                     {op: n for op, n in counts.items() if op in ("QuantizeLinear", "DequantizeLinear")})
+                     {op: n for op, n in counts.items() if op in ("QuantizeLinear", "DequantizeLinear")}, fused)
     _set_metadata(engine, {"source_sha256": build.source_sha256, "ort_version": build.ort_version, "level": level})
     _save(engine, out_path)
     log.info("ORT engine %s: %d nodes, integer kernels %s", out_path, sum(counts.values()), build.integer_kernels)

@@ -80,6 +80,33 @@ def test_build_fuses_qdq_into_integer_kernels(built):
     assert (runner.tile, runner.scale, runner.multiple) == (16, 2, 8)
 
 
+def test_bias_adds_move_into_the_integer_kernels(built, tile_batch, tmp_path):
+    """qkv, proj and fc2 biases become MatMulIntegerToFloat's bias input (fc1's goes into BiasGelu);
+    the engine computes the same as ORT's own optimized graph with the separate adds."""
+    made = built(w_bits=8, a_bits=8)
+    engine = onnx.load(str(made.engine))
+    kernels = [n for n in engine.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    with_bias = [n for n in kernels if len(n.input) == 7 and n.input[6]]
+    assert made.build.fused_bias_adds == len(with_bias) == 6  # 2 blocks x (qkv, proj, fc2)
+    consts = {t.name: t for t in engine.graph.initializer}
+    for node in with_bias:
+        assert list(consts[node.input[6]].dims) == [consts[node.input[1]].dims[1]]
+    kernel_outputs = {n.output[0] for n in kernels}
+    vectors = {name for name, t in consts.items() if len(t.dims) == 1}
+    assert not any(n.op_type == "Add" and set(n.input) & kernel_outputs and set(n.input) & vectors
+                   for n in engine.graph.node)  # the attention's position-bias adds (4-D) stay
+    unfused = tmp_path / "unfused.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(unfused)
+    ort.InferenceSession(str(made.onnx), options, providers=["CPUExecutionProvider"])
+    assert sum(n.op_type == "Add" for n in onnx.load(str(unfused)).graph.node) \
+        == made.build.engine_ops["Add"] + made.build.fused_bias_adds
+    fused_out = OrtTileRunner(made.engine, threads=1)(tile_batch)
+    plain_out = OrtTileRunner(unfused, threads=1)(tile_batch)
+    torch.testing.assert_close(fused_out, plain_out, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_engine_equals_fake_quant(built, tile_batch, bits):
     made = built(w_bits=bits, a_bits=bits)

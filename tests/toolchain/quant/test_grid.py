@@ -121,6 +121,29 @@ def test_fake_quantize_is_codes_times_step_exactly(bits, symmetric, torch_dtype)
         assert torch.equal(grid.fake_quantize(x, lower, upper, bits, symmetric), codes.to(torch_dtype) * step)
 
 
+@pytest.mark.parametrize("torch_dtype", list(DTYPES))
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_inference_path_equals_differentiable_path(bits, per_channel, torch_dtype):
+    """Under no_grad fake_quantize takes an in-place path; its values are the training path's, ties included."""
+    rng = np.random.default_rng(70 + bits)
+    for case in range(20):
+        x, lower, upper = random_case(rng, DTYPES[torch_dtype], shape=(6, 129))
+        x = torch.from_numpy(x)
+        if per_channel:
+            lower = torch.tensor(lower) - torch.from_numpy(rng.uniform(0, 1, (6, 1)).astype(DTYPES[torch_dtype]))
+            upper = torch.tensor(upper) + torch.from_numpy(rng.uniform(0, 1, (6, 1)).astype(DTYPES[torch_dtype]))
+        else:
+            lower, upper = torch.tensor(lower), torch.tensor(upper)
+        if case % 4 == 0:  # a power-of-two step puts exact ties on the grid
+            lower, upper = torch.full_like(lower, -1.0), torch.full_like(upper, -1.0 + grid.levels(bits) * 0.25)
+            x = torch.arange(-21, 201, dtype=x.dtype).reshape(6, 37) * 0.125
+        with torch.no_grad():
+            fast = grid.fake_quantize(x, lower, upper, bits)
+        slow = grid.fake_quantize(x.clone().requires_grad_(), lower, upper, bits).detach()
+        assert fast.shape == slow.shape and torch.equal(fast, slow)
+
+
 class FrozenRound:
     """``round_ste`` with the residual ``round(t) - t`` recorded at a base point, then held fixed.
 
