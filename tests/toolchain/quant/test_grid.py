@@ -168,6 +168,14 @@ class FrozenRound:
         return t + residual
 
 
+def composed_fake_quantize(x, lower, upper, bits: int, symmetric: bool = False) -> torch.Tensor:
+    """The quantizer as a plain autograd composition, rounding through ``grid.round_ste``: the
+    definition of the straight-through gradients that ``grid.fake_quantize`` writes out by hand."""
+    step, zero_point = grid.step_and_zero_point(lower, upper, bits, symmetric)
+    low, high = grid.clip_values(step, zero_point, bits)
+    return grid.round_ste(torch.maximum(torch.minimum(x, high), low) / step) * step
+
+
 def gradient_case(bits: int, symmetric: bool, per_channel: bool):
     """Bounds with an unclamped zero point; data in range and clipped, all well away from the kinks."""
     generator = torch.Generator().manual_seed(bits * 10 + symmetric + 2 * per_channel)
@@ -197,16 +205,55 @@ def test_bound_gradients_match_finite_differences(bits, symmetric, per_channel, 
     ste_grads = torch.autograd.grad((out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum(),
                                     inputs)
 
+    def surrogate(x, lower, upper):
+        return composed_fake_quantize(x, lower, upper, bits, symmetric)
+
     frozen = FrozenRound()
     monkeypatch.setattr(grid, "round_ste", frozen)
-    surrogate_out = quantize(*inputs)
+    surrogate_out = surrogate(*inputs)
     frozen.recording = False
     assert torch.equal(surrogate_out, out)  # the surrogate is the quantizer at the base point
-    assert torch.autograd.gradcheck(quantize, inputs, eps=1e-7, atol=1e-6)
+    assert torch.autograd.gradcheck(surrogate, inputs, eps=1e-7, atol=1e-6)
     surrogate_grads = torch.autograd.grad(
-        (quantize(*inputs) * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum(), inputs)
+        (surrogate(*inputs) * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum(), inputs)
     for ste, exact in zip(ste_grads, surrogate_grads):
         torch.testing.assert_close(ste, exact, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("torch_dtype", list(DTYPES))
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_hand_written_gradients_equal_the_autograd_composition(bits, per_channel, torch_dtype):
+    """Random data past both ends, values exactly on the clip values (ties split the gradient half
+    and half, as torch.minimum/maximum do), per-tensor and per-channel bounds, a batch dimension."""
+    rng = np.random.default_rng(300 + bits)
+    np_dtype = DTYPES[torch_dtype]
+    for case in range(6):
+        x, lower, upper = random_case(rng, np_dtype, shape=(2, 5, 64))
+        x = torch.from_numpy(x)
+        shape = (5, 1) if per_channel else ()
+        lower = torch.tensor(lower) - torch.from_numpy(rng.uniform(0, 0.5, shape).astype(np_dtype))
+        upper = torch.tensor(upper) + torch.from_numpy(rng.uniform(0, 0.5, shape).astype(np_dtype))
+        with torch.no_grad():
+            step, zero_point = grid.step_and_zero_point(lower, upper, bits)
+            low, high = grid.clip_values(step, zero_point, bits)
+            x[:, :, :4] = low.expand(5, 4) if per_channel else low  # ties with the clip values
+            x[:, :, 4:8] = high.expand(5, 4) if per_channel else high
+        weights = torch.from_numpy(rng.uniform(-1, 1, x.shape).astype(np_dtype))
+        grads = []
+        for quantize in (grid.fake_quantize, composed_fake_quantize):
+            inputs = [t.clone().requires_grad_(True) for t in (x, lower, upper)]
+            out = quantize(*inputs, bits)
+            grads.append((out.detach(), torch.autograd.grad((out * weights).sum(), inputs)))
+        (out, mine), (expected_out, theirs) = grads
+        assert torch.equal(out, expected_out)
+        eps = torch.finfo(torch_dtype).eps
+        # d/dx: g against autograd's (g * s) / s, one rounding apart
+        torch.testing.assert_close(mine[0], theirs[0], rtol=2 * eps, atol=0)
+        # bound gradients are sums of terms up to |g| * 2^b; the two summations round differently
+        sum_bound = 4 * eps * weights.abs().sum().item() * 2 ** bits
+        for got, want in zip(mine[1:], theirs[1:]):
+            torch.testing.assert_close(got, want, rtol=0, atol=sum_bound)
 
 
 @pytest.mark.parametrize("bits", range(grid.MIN_BITS, grid.MAX_BITS))
