@@ -61,6 +61,7 @@ from torch.nn.utils import parametrize
 from toolchain.quant import QuantLinear, float_mode, grid, quantizers
 
 from .dobi import DEFAULT_CANDIDATES, candidate_bounds, choose_mode
+from .input_shift import add_input_shifts, input_shift_owners, input_shift_parameters
 from .observers import DEFAULT_BINS, StreamingHistogram
 
 from .smoothing import (
@@ -73,6 +74,7 @@ from .smoothing import (
     attention_operands,
     bake_transforms,
     norm_consumers,
+    quantized_weight,
     smoothing_groups,
     smoothing_owners,
     smoothing_parameters,
@@ -146,15 +148,7 @@ class AddFoldedOffset(FoldParametrization):
         object.__setattr__(self, "linear", linear)  # a reference, not a submodule
 
     def forward(self, bias: torch.Tensor) -> torch.Tensor:
-        return bias + self.offset * _quantized_weight(self.linear).sum(1)
-
-
-def _quantized_weight(linear: QuantLinear) -> torch.Tensor:
-    """The weight ``linear`` multiplies with in its forward (same call, same values)."""
-    weight, quantizer = linear.weight, linear.weight_quantizer
-    if quantizer is None or not quantizer.enabled or not quantizer.initialized or quantizer.observer is not None:
-        return weight
-    return quantizer(weight)
+        return bias + self.offset * quantized_weight(self.linear).sum(1)
 
 
 def find_shift_sites(model: nn.Module, example: torch.Tensor, kinds: Iterable[str] = KINDS,
@@ -353,8 +347,8 @@ def calibrate_shifts(model: nn.Module, forward_loop: Callable[[nn.Module], None]
 
 
 def transform_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every learnable fold parameter: smoothing ``log_scale`` s, then shift ``offset`` s."""
-    return smoothing_parameters(model) + shift_parameters(model)
+    """Every learnable fold parameter: smoothing ``log_scale`` s, shift ``offset`` s, input-shift offsets."""
+    return smoothing_parameters(model) + shift_parameters(model) + input_shift_parameters(model)
 
 
 @torch.no_grad()
@@ -366,20 +360,27 @@ def load_transforms_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -
                          f"unexpected {sorted(set(state) - set(current))[:5]}")
     params = {f"smoothing.{p.group.key}.log_scale": p.log_scale for p in smoothing_owners(model)}
     params.update({f"shift.{p.site.name}.offset": p.offset for p in _owners(model)})
+    params.update({f"input_shift.{p.path}.offset": p.offset for p in input_shift_owners(model)})
     for key, parameter in params.items():
         parameter.copy_(_checked(state, key, parameter).to(parameter))
 
 
 def transforms_spec(model: nn.Module) -> dict[str, Any]:
     """JSON description of the folds of ``model`` (smoothing groups and shift sites), for a sidecar."""
-    return {"smoothing": [g.to_dict() for g in smoothing_groups(model)],
+    spec = {"smoothing": [g.to_dict() for g in smoothing_groups(model)],
             "shifts": [s.to_dict() for s in shift_sites(model)]}
+    inputs = [p.path for p in input_shift_owners(model)]
+    if inputs:
+        spec["input_shifts"] = inputs
+    return spec
 
 
 def transforms_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The learned fold parameters: ``smoothing.<producer>.log_scale`` ``(C,)``, ``shift.<site>.offset`` ``()``."""
+    """The learned fold parameters: ``smoothing.<producer>.log_scale`` ``(C,)``, ``shift.<site>.offset`` ``()``,
+    ``input_shift.<linear>.offset`` ``(C_in,)``."""
     state = {f"smoothing.{p.group.key}.log_scale": p.log_scale.detach().clone() for p in smoothing_owners(model)}
     state.update({f"shift.{p.site.name}.offset": p.offset.detach().clone() for p in _owners(model)})
+    state.update({f"input_shift.{p.path}.offset": p.offset.detach().clone() for p in input_shift_owners(model)})
     return state
 
 
@@ -393,7 +394,9 @@ def restore_transforms(model: nn.Module, spec: Mapping[str, Any], state: Mapping
     """
     groups = [SmoothingGroup.from_dict(g) for g in spec.get("smoothing", [])]
     sites = [ShiftSite.from_dict(s) for s in spec.get("shifts", [])]
-    expected = {f"smoothing.{g.key}.log_scale" for g in groups} | {f"shift.{s.name}.offset" for s in sites}
+    inputs = [str(path) for path in spec.get("input_shifts", [])]
+    expected = {f"smoothing.{g.key}.log_scale" for g in groups} | {f"shift.{s.name}.offset" for s in sites} \
+        | {f"input_shift.{path}.offset" for path in inputs}
     if set(state) != expected:
         raise ValueError(f"fold parameters do not fit the spec: missing {sorted(expected - set(state))[:5]}, "
                          f"unexpected {sorted(set(state) - expected)[:5]}")
@@ -401,6 +404,8 @@ def restore_transforms(model: nn.Module, spec: Mapping[str, Any], state: Mapping
         parameter.copy_(_checked(state, f"smoothing.{name}.log_scale", parameter))
     for name, parameter in add_shifts(model, sites).items():
         parameter.copy_(_checked(state, f"shift.{name}.offset", parameter))
+    for path, parameter in add_input_shifts(model, inputs).items():
+        parameter.copy_(_checked(state, f"input_shift.{path}.offset", parameter))
 
 
 def _checked(state: Mapping[str, torch.Tensor], key: str, parameter: nn.Parameter) -> torch.Tensor:

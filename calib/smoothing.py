@@ -573,6 +573,14 @@ def _original(module: nn.Module, name: str) -> torch.Tensor:
     return getattr(module, name)
 
 
+def quantized_weight(linear: QuantLinear) -> torch.Tensor:
+    """The weight ``linear`` multiplies with in its forward (same call, same values)."""
+    weight, quantizer = linear.weight, linear.weight_quantizer
+    if quantizer is None or not quantizer.enabled or not quantizer.initialized or quantizer.observer is not None:
+        return weight
+    return quantizer(weight)
+
+
 def _module(modules: dict[str, nn.Module], path: str, kind: type) -> nn.Module:
     module = modules.get(path)
     if not isinstance(module, kind):

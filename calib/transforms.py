@@ -8,7 +8,8 @@ bounds describe (:func:`calib.shift.init_shifts`) -> DQC trains bounds, factors 
 
 Options (see :func:`add_transform_arguments`): ``--smooth norm,value`` folds into LayerNorm affine
 parameters and attention weights (no extra op); ``input`` adds one per-channel ``Mul`` before the input
-quantizer of every linear no fold reaches (NGswin's ``qkv``/``fc1``); ``--shifts`` keeps asymmetric
+quantizer of every linear no fold reaches (NGswin's ``qkv``/``fc1``); ``--input-shifts`` centers
+those inputs per channel (one ``Sub``, :mod:`calib.input_shift`); ``--shifts`` keeps asymmetric
 ranges exact through bias folds.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from toolchain.cli.common import UsageError
 
+from .input_shift import add_input_shifts, init_input_shifts
 from .shift import KINDS as SHIFT_KINDS
 from .shift import add_shifts, find_shift_sites, init_shifts, shift_sites
 from .smoothing import DEFAULT_ALPHA, GROUP_KINDS, add_smoothing, find_smoothing_groups, init_smoothquant
@@ -40,6 +42,9 @@ def add_transform_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--shifts", action="store_true",
                        help="exact asymmetric activation grids where the shift folds into biases "
                        f"({', '.join(SHIFT_KINDS)})")
+    group.add_argument("--input-shifts", action="store_true",
+                       help="with --smooth input: also center each channel of those linears' inputs by a learned "
+                       "offset (one Sub after the Mul in the graph; the bias carries it back)")
 
 
 def smoothing_kinds(text: str) -> tuple[str, ...]:
@@ -60,6 +65,8 @@ def attach_transforms(model: nn.Module, lr: torch.Tensor, forward_loop: Callable
                       args: argparse.Namespace) -> dict[str, Any]:
     """Detect and add the transforms ``args`` ask for (before any bound is set); returns their facts."""
     kinds = smoothing_kinds(args.smooth)
+    if args.input_shifts and "input" not in kinds:
+        raise UsageError("--input-shifts applies to the linears of explicit input smoothing: add input to --smooth")
     if not kinds and not args.shifts:
         return {}
     if not 0.0 <= args.smooth_alpha <= 1.0:
@@ -74,6 +81,13 @@ def attach_transforms(model: nn.Module, lr: torch.Tensor, forward_loop: Callable
             init_smoothquant(model, forward_loop, args.smooth_alpha)
         facts["smoothing"] = {"alpha": args.smooth_alpha,
                               "groups": {k: sum(g.kind == k for g in groups) for k in kinds}}
+        if args.input_shifts:
+            modules = dict(model.named_modules())
+            paths = [g.producer for g in groups if g.kind == "input" and modules[g.producer].bias is not None]
+            if paths:
+                add_input_shifts(model, paths)
+                init_input_shifts(model, forward_loop)
+            facts["input_shifts"] = len(paths)
     if args.shifts:
         add_shifts(model, sites)
         facts["shifts"] = {k: sum(s.kind == k for s in sites) for k in SHIFT_KINDS}

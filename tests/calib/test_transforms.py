@@ -59,15 +59,21 @@ def test_unknown_smoothing_kind_is_a_usage_error(tmp_path, capsys, tiny_checkpoi
     assert code == 2 and "--smooth" in err and "rows" in err
 
 
-def test_2dquant_trains_factors_and_offsets_with_the_bounds(tmp_path, capsys, tiny_checkpoint, calib_images):
+def dobi_then_2dquant(tmp_path, capsys, checkpoint, images, options: list[str]):
+    """``2dq-calibrate`` with ``options``, DOBI only and then 2DQuant (3 DQC steps); both artifacts loaded."""
     dobi_out, full_out = tmp_path / "dobi.safetensors", tmp_path / "2dq.safetensors"
-    common = ["--smooth", "folded", "--shifts"]
-    assert run(capsys, *base_args(tiny_checkpoint, calib_images, dobi_out), *common)[0] == 0
+    assert run(capsys, *base_args(checkpoint, images, dobi_out), *options)[0] == 0
     dqc = ["--method", "2dquant", "--dqc-iters", "3", "--batch", "2", "--dqc-patch-size", "16", "--val-every", "0",
            "--val-patches", "2", "--checkpoint-every", "0", "--lr", "0.003"]
-    code, stdout, _ = run(capsys, *base_args(tiny_checkpoint, calib_images, full_out), *common, *dqc)
+    code, stdout, _ = run(capsys, *base_args(checkpoint, images, full_out), *options, *dqc)
     assert code == 0, stdout
-    before, after = load_artifact(dobi_out).bounds, load_artifact(full_out).bounds
+    return load_artifact(dobi_out), load_artifact(full_out), full_out
+
+
+def test_2dquant_trains_factors_and_offsets_with_the_bounds(tmp_path, capsys, tiny_checkpoint, calib_images):
+    before, after, _ = dobi_then_2dquant(tmp_path, capsys, tiny_checkpoint, calib_images,
+                                         ["--smooth", "folded", "--shifts"])
+    before, after = before.bounds, after.bounds
     folds = [k for k in before if k.startswith(TRANSFORMS_PREFIX)]
     assert folds and set(folds) == {k for k in after if k.startswith(TRANSFORMS_PREFIX)}
     assert any(not torch.equal(before[k], after[k]) for k in folds if "log_scale" in k)
@@ -122,6 +128,43 @@ def test_input_smoothing_exports_a_mul_and_ort_matches_the_reference(tmp_path, c
 
     assert all("Mul" in upstream_ops(q) for q in fc2_inputs)
     model = load_quantized_model(tiny_checkpoint, out)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        assert _psnr(got, model(x)) >= ORT_MIN_PSNR
+
+
+def test_input_shifts_need_input_smoothing(tmp_path, capsys, tiny_checkpoint, calib_images):
+    code, _, err = run(capsys, *base_args(tiny_checkpoint, calib_images, tmp_path / "x.safetensors"),
+                       "--smooth", "folded", "--input-shifts")
+    assert code == 2 and "--input-shifts" in err
+
+
+def test_input_shifts_train_export_a_sub_and_ort_matches(tmp_path, capsys, tiny_checkpoint, calib_images):
+    ort = pytest.importorskip("onnxruntime")
+    from export.onnx_export import ExportOptions, export_onnx
+
+    before, after, full_out = dobi_then_2dquant(tmp_path, capsys, tiny_checkpoint, calib_images,
+                                                ["--smooth", "input", "--input-shifts"])
+    assert after.meta["method_options"]["transforms"]["input_shifts"] == 4  # fc2 of the 4 blocks
+    offsets = [k for k in after.bounds if k.startswith(TRANSFORMS_PREFIX + "input_shift.")]
+    assert len(offsets) == 4 and all(before.bounds[k].abs().sum() > 0 for k in offsets)  # midpoints, not 0
+    assert any(not torch.equal(before.bounds[k], after.bounds[k]) for k in offsets)  # DQC moved them
+
+    onnx_path = tmp_path / "shifted.onnx"
+    assert not export_onnx(tiny_checkpoint, full_out, onnx_path, ExportOptions(tile=16)).violations
+    graph = onnx.load(str(onnx_path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    fc2_inputs = [n for n in graph.node if n.op_type == "QuantizeLinear" and "fc2" in n.name and "input" in n.name]
+    chains = []
+    for node in fc2_inputs:
+        ops, current = [], node
+        while (current := producers.get(current.input[0])) is not None and len(ops) < 3:
+            ops.append(current.op_type)
+        chains.append(ops)
+    assert len(chains) == 4 and all("Sub" in ops and "Mul" in ops for ops in chains), chains
+    model = load_quantized_model(tiny_checkpoint, full_out)
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])

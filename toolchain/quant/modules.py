@@ -163,10 +163,15 @@ class QuantLinear(nn.Module):
         # optional (C_in,) factor applied to the input before its quantizer: explicit channel
         # smoothing (calib.smoothing, kind "input"), exported as one Mul; None: no op
         self.register_buffer("input_multiplier", None)
+        # optional (C_in,) offset subtracted after the multiplier (calib.input_shift; the bias carries
+        # it back), exported as one Sub; None: no op
+        self.register_buffer("input_offset", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_multiplier is not None:
             x = x * self.input_multiplier
+        if self.input_offset is not None:
+            x = x - self.input_offset
         return F.linear(_maybe(self.input_quantizer, x), _maybe(self.weight_quantizer, self.weight), self.bias)
 
     def extra_repr(self) -> str:
