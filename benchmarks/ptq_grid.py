@@ -87,6 +87,25 @@ def save(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def _include_spec(spec: str) -> tuple[dict, set[str] | None]:
+    path, _, methods = spec.partition(":")
+    if not Path(path).is_file():
+        raise SystemExit(f"--include: no results file {path}")
+    return load(Path(path)), set(methods.split(",")) if methods else None
+
+
+def merge(data: dict, other: dict, methods: set[str] | None = None) -> None:
+    """Add ``other``'s cells (and their calibrations) to ``data``; a cell already in ``data`` wins."""
+    have = {(c["scale"], c["method"], c["bits"], c["set"]) for c in data["cells"]}
+    for cell in other["cells"]:
+        key = (cell["scale"], cell["method"], cell["bits"], cell["set"])
+        if (methods is None or cell["method"] in methods) and key not in have:
+            data["cells"].append(cell)
+            have.add(key)
+    for key, calibration in other["calibrations"].items():
+        data["calibrations"].setdefault(key, calibration)
+
+
 def _paper() -> dict[tuple, dict]:
     lines = [line for line in PAPER.read_text().splitlines() if not line.startswith("#")]
     return {(int(r["scale"]), r["method"], int(r["bits"])): r for r in csv.DictReader(lines)}
@@ -139,9 +158,14 @@ def main() -> None:
                         help="where artifacts and per-cell outputs are kept (reused by later runs)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON (resumed when it exists)")
     parser.add_argument("--markdown", type=Path, help="render the table of --out to this file and exit")
+    parser.add_argument("--include", action="append", default=[], metavar="JSON[:METHODS]",
+                        help="with --markdown: also the cells of another results file (only METHODS, "
+                        "comma-separated, when given); repeatable")
     args = parser.parse_args()
     data = load(args.out)
     if args.markdown:
+        for spec in args.include:
+            merge(data, *_include_spec(spec))
         args.markdown.write_text(markdown(data))
         return
     args.work.mkdir(parents=True, exist_ok=True)
