@@ -124,18 +124,26 @@ def markdown(data: dict) -> str:
         rows.setdefault((cell["scale"], cell["bits"], cell["method"]), {})[cell["set"]] = cell
     paper = _paper()
     head = ("| scale | W/A | method | " + " | ".join(f"{s} PSNR / SSIM" for s in sets)
-            + " | " + " | ".join(f"paper {s}" for s in sets) + " | calibrate (s) | eval (s) |")
+            + " | " + " | ".join(f"paper {s}" for s in sets)
+            + " | drop from FP, ours / paper (" + ", ".join(sets) + ") | calibrate (s) | eval (s) |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for scale, bits, method in sorted(rows, key=lambda k: (k[0], -k[1], ORDER.get(k[2], 9))):
         by_set = rows[(scale, bits, method)]
         ours = [f"{by_set[s]['psnr']:.2f} / {by_set[s]['ssim']:.4f}" if s in by_set else "–" for s in sets]
         ref = paper.get((scale, PAPER_NAME.get(method, ""), bits))
         theirs = [f"{ref[s + '_psnr']} / {ref[s + '_ssim']}" if ref else "–" for s in sets]
+        fp_ours, fp_paper = rows.get((scale, 32, "FP"), {}), paper.get((scale, "FP", 32))
+        drops = []
+        for s in sets:
+            mine = f"{fp_ours[s]['psnr'] - by_set[s]['psnr']:.2f}" if s in by_set and s in fp_ours else "–"
+            published = f"{float(fp_paper[s + '_psnr']) - float(ref[s + '_psnr']):.2f}" if ref and fp_paper else "–"
+            drops.append(f"{mine} / {published}")
+        drop = "–" if method == "FP" else ", ".join(drops)
         calib = data["calibrations"].get(f"x{scale}_{method}_w{bits}a{bits}", {}).get("seconds", 0.0)
         evals = "+".join(f"{by_set[s]['eval_s']:.0f}" for s in sets if s in by_set)
         label = "FP" if bits == 32 else f"W{bits}A{bits}"
         out.append(f"| x{scale} | {label} | {method} | " + " | ".join(ours) + " | " + " | ".join(theirs)
-                   + f" | {calib:.0f} | {evals} |")
+                   + f" | {drop} | {calib:.0f} | {evals} |")
     return "\n".join(out) + "\n"
 
 
