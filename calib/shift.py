@@ -61,7 +61,7 @@ from torch.nn.utils import parametrize
 from toolchain.quant import QuantLinear, float_mode, grid, quantizers
 
 from .dobi import DEFAULT_CANDIDATES, candidate_bounds, choose_mode
-from .input_shift import add_input_shifts, input_shift_owners, input_shift_parameters
+from .input_shift import add_input_shifts, input_shift_owners, input_shift_parameters, input_shift_paths
 from .observers import DEFAULT_BINS, StreamingHistogram
 
 from .smoothing import (
@@ -354,22 +354,19 @@ def transform_parameters(model: nn.Module) -> list[nn.Parameter]:
 @torch.no_grad()
 def load_transforms_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy :func:`transforms_state` values back into the folds ``model`` already has (strict)."""
-    current = transforms_state(model)
+    current = _fold_parameters(model)
     if set(state) != set(current):
         raise ValueError(f"fold parameters do not fit the model: missing {sorted(set(current) - set(state))[:5]}, "
                          f"unexpected {sorted(set(state) - set(current))[:5]}")
-    params = {f"smoothing.{p.group.key}.log_scale": p.log_scale for p in smoothing_owners(model)}
-    params.update({f"shift.{p.site.name}.offset": p.offset for p in _owners(model)})
-    params.update({f"input_shift.{p.path}.offset": p.offset for p in input_shift_owners(model)})
-    for key, parameter in params.items():
+    for key, parameter in current.items():
         parameter.copy_(_checked(state, key, parameter).to(parameter))
 
 
 def transforms_spec(model: nn.Module) -> dict[str, Any]:
-    """JSON description of the folds of ``model`` (smoothing groups and shift sites), for a sidecar."""
+    """JSON description of the folds of ``model`` (smoothing groups, shift sites, input shifts), for a sidecar."""
     spec = {"smoothing": [g.to_dict() for g in smoothing_groups(model)],
             "shifts": [s.to_dict() for s in shift_sites(model)]}
-    inputs = [p.path for p in input_shift_owners(model)]
+    inputs = input_shift_paths(model)
     if inputs:
         spec["input_shifts"] = inputs
     return spec
@@ -378,10 +375,15 @@ def transforms_spec(model: nn.Module) -> dict[str, Any]:
 def transforms_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The learned fold parameters: ``smoothing.<producer>.log_scale`` ``(C,)``, ``shift.<site>.offset`` ``()``,
     ``input_shift.<linear>.offset`` ``(C_in,)``."""
-    state = {f"smoothing.{p.group.key}.log_scale": p.log_scale.detach().clone() for p in smoothing_owners(model)}
-    state.update({f"shift.{p.site.name}.offset": p.offset.detach().clone() for p in _owners(model)})
-    state.update({f"input_shift.{p.path}.offset": p.offset.detach().clone() for p in input_shift_owners(model)})
-    return state
+    return {key: parameter.detach().clone() for key, parameter in _fold_parameters(model).items()}
+
+
+def _fold_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every learnable fold parameter of ``model`` under its state key (see :func:`transforms_state`)."""
+    params = {f"smoothing.{p.group.key}.log_scale": p.log_scale for p in smoothing_owners(model)}
+    params.update({f"shift.{p.site.name}.offset": p.offset for p in _owners(model)})
+    params.update({f"input_shift.{p.path}.offset": p.offset for p in input_shift_owners(model)})
+    return params
 
 
 @torch.no_grad()

@@ -63,4 +63,3 @@ def fuse_matmul_bias(model: onnx.ModelProto) -> int:
     if removed:
         log.info("fused %d bias adds into %s", len(removed), MATMUL)
     return len(removed)
-
