@@ -1,0 +1,60 @@
+"""The quantizer-sensitivity benchmark on a tiny SwinIR: its groups partition the quantizers, "all"
+is the deployed model, a group holding every quantizer alone equals "all", and the flags come back."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from calib.baselines import calibrate_minmax
+from calib.observers import batch_forward_loop
+from toolchain.metrics import psnr
+from toolchain.models.swinir import SwinIR
+from toolchain.quant import QuantConfig, float_mode, quantize_model, quantizers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import quantizer_sensitivity as sensitivity  # noqa: E402
+
+
+def _model() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = SwinIR(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=4, mlp_ratio=2.0).eval()
+    quantize_model(model, QuantConfig(w_bits=4, a_bits=4))
+    lr = torch.rand(3, 3, 8, 8)
+    calibrate_minmax(model, batch_forward_loop(lr, progress=False))
+    return model, lr
+
+
+def test_groups_partition_the_quantizers_and_all_is_the_deployed_model():
+    model, lr = _model()
+    found = quantizers(model)
+    rows = sensitivity.measure(model, lr, batch=2, progress=False)
+    assert all(q.enabled for q in quantizers(model).values())  # flags restored
+    with torch.no_grad():
+        quantized = model(lr).clamp(0, 1)
+        with float_mode(model):
+            reference = model(lr).clamp(0, 1)
+    (all_on,) = [r for r in rows if r["mode"] == "all"]
+    assert all_on["psnr"] == round(psnr(quantized, reference, data_range=1.0), 3)
+    assert all_on["quantizers"] == len(found)
+    for grouping in sensitivity.GROUPINGS:
+        alone = [r for r in rows if r["grouping"] == grouping and r["mode"] == "alone"]
+        assert sum(r["quantizers"] for r in alone) == len(found), grouping
+        but = {r["group"]: r["quantizers"] for r in rows if r["grouping"] == grouping and r["mode"] == "all but"}
+        assert but == {r["group"]: r["quantizers"] for r in alone}
+    roles = {r["group"]: r for r in rows if r["grouping"] == "role" and r["mode"] == "alone"}
+    assert set(roles) == {q.role for q in found.values()}
+    stages = [r for r in rows if r["grouping"] == "stage" and r["mode"] == "alone"]
+    (stage,) = stages  # one residual group holds every quantizer: alone is all, all-but is the float model
+    assert stage["group"] == "layers.0" and stage["psnr"] == all_on["psnr"]
+    (empty,) = [r for r in rows if r["grouping"] == "stage" and r["mode"] == "all but"]
+    assert empty["psnr"] == float("inf")
+    assert "| role | weight |" in sensitivity.markdown({"artifacts": {"tiny": {"artifact": "x", "rows": rows}}})
+
+
+def test_group_of_names():
+    assert sensitivity.group_of("layers.0.residual_group.blocks.1.attn.qkv.input", "linear_input", "site") == "qkv.input"
+    assert sensitivity.group_of("layers.0.residual_group.blocks.1.attn.matmul_qk.a", "attn_q", "stage") == "layers.0"
+    assert sensitivity.group_of("encoder_layer1.blocks.0.mlp.fc1.input", "linear_input", "stage") == "encoder_layer1"
+    assert sensitivity.group_of("x.fc2.weight", "weight", "role") == "weight"
