@@ -147,6 +147,24 @@ def markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def delta_table(data: dict, base: str) -> str:
+    """One row per (scale, bits, set): FP and ``base`` PSNR, then every other method's PSNR minus ``base``'s."""
+    cells = {(c["scale"], c["method"], c["bits"], c["set"]): c["psnr"] for c in data["cells"]}
+    methods = [m for m in dict.fromkeys(c["method"] for c in data["cells"]) if m not in (base, "FP")]
+    keys = sorted({(c["scale"], c["bits"], c["set"]) for c in data["cells"] if c["method"] == base},
+                  key=lambda k: (k[0], -k[1], SETS.index(k[2]) if k[2] in SETS else 9))
+    head = f"| scale | W/A | set | FP | {base} | " + " | ".join(f"{m} (Δ dB)" for m in methods) + " |"
+    out = [head, "|" + "---|" * (len(methods) + 5)]
+    for scale, bits, set_name in keys:
+        ref = cells[(scale, base, bits, set_name)]
+        fp = cells.get((scale, "FP", 32, set_name))
+        deltas = [f"{cells[(scale, m, bits, set_name)] - ref:+.2f}" if (scale, m, bits, set_name) in cells else "–"
+                  for m in methods]
+        out.append(f"| x{scale} | W{bits}A{bits} | {set_name} | {'–' if fp is None else f'{fp:.2f}'} | {ref:.2f} | "
+                   + " | ".join(deltas) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=str(SHARED / "models/NGswin/NGswin_x{scale}.pth"),
@@ -169,12 +187,17 @@ def main() -> None:
     parser.add_argument("--include", action="append", default=[], metavar="JSON[:METHODS]",
                         help="with --markdown: also the cells of another results file (only METHODS, "
                         "comma-separated, when given); repeatable")
+    parser.add_argument("--delta-vs", metavar="METHOD",
+                        help="with --markdown: also a table of every method's PSNR minus METHOD's, per cell")
     args = parser.parse_args()
     data = load(args.out)
     if args.markdown:
         for spec in args.include:
             merge(data, *_include_spec(spec))
-        args.markdown.write_text(markdown(data))
+        text = markdown(data)
+        if args.delta_vs:
+            text += "\n" + delta_table(data, args.delta_vs)
+        args.markdown.write_text(text)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     data["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
