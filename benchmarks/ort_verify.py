@@ -76,8 +76,10 @@ def markdown(rows: list[dict]) -> str:
         smoothing = row["transforms"].get("smoothing", {}).get("groups", {})
         folds = ", ".join(f"{k} {v}" for k, v in smoothing.items() if v)
         shifts = sum(row["transforms"].get("shifts", {}).values())
+        input_shifts = row["transforms"].get("input_shifts", 0)
         transforms = "; ".join(filter(None, [f"smoothing ({folds})" if folds else "",
-                                             f"shifts {shifts}" if shifts else ""])) or "–"
+                                             f"shifts {shifts}" if shifts else "",
+                                             f"input shifts {input_shifts}" if input_shifts else ""])) or "–"
         kernels = ", ".join(f"{k} {v}" for k, v in sorted(row["report"]["build"].get("integer_kernels", {}).items()))
         psnr = verification["psnr_vs_reference"]
         psnr_text = "inf (identical)" if psnr is None or psnr == float("inf") else f"{psnr:.2f}"
