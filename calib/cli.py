@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"comma-separated roles to quantize, from {','.join(SELECTABLE)} (default: %(default)s)")
     quant.add_argument("--include", default="", help="comma-separated fnmatch patterns of quantizer names to keep")
     quant.add_argument("--exclude", default="", help="comma-separated fnmatch patterns of quantizer names to drop")
+    quant.add_argument("--bits-override", action="append", default=[], metavar="PATTERN=BITS",
+                       help="mixed precision: quantizers whose names match PATTERN take BITS (weights and "
+                       "activations; the last match wins), e.g. 'encoder_layer1.*=8'; repeatable")
     add_transform_arguments(parser.add_argument_group(
         "transforms beyond 2DQuant (exact: the float model is unchanged; learned by DQC with the bounds)"))
     data = parser.add_argument_group("calibration data")
@@ -189,6 +192,7 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
             a_bits=args.a_bits if args.a_bits is not None else args.bits,
             weight_granularity=args.granularity, quantize=_split(args.quantize),
             include=_split(args.include), exclude=_split(args.exclude), target=args.target,
+            bits_overrides=tuple(args.bits_override),
         )
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
@@ -253,8 +257,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{args.method}: calibrated {model.arch} x{model.scale} (W{config.w_bits}A{config.a_bits}, "
-              f"{config.weight_granularity}, {config.target}) in {summary['seconds']:.1f} s")
+        print(f"{args.method}: calibrated {model.arch} x{model.scale} (W{config.w_bits}A{config.a_bits}"
+              f"{''.join(f', {o}' for o in config.bits_overrides)}, {config.weight_granularity}, {config.target}) in {summary['seconds']:.1f} s")
         print(f"wrote {summary['artifact']} and {summary['sidecar']}")
     return 0
 

@@ -63,6 +63,18 @@ def test_baseline_methods(tmp_path, capsys, tiny_checkpoint, calib_images, metho
         assert not any(".fc2." in name or name.endswith((".a", ".b")) for name in names)
 
 
+def test_bits_overrides_give_a_mixed_precision_artifact(tmp_path, capsys, tiny_checkpoint, calib_images):
+    out = tmp_path / "mixed.safetensors"
+    code, stdout, _ = run(capsys, *base_args(tiny_checkpoint, calib_images, out), "--bits", "3",
+                          "--bits-override", "layers.1.*=8", "--bits-override", "layers.1.*.fc2.weight=6")
+    assert code == 0 and "W3A3, layers.1.*=8, layers.1.*.fc2.weight=6" in stdout
+    assert load_artifact(out).quant_config.bits_overrides == ("layers.1.*=8", "layers.1.*.fc2.weight=6")
+    bits = {name: q.bits for name, q in quantizers(load_quantized_model(tiny_checkpoint, out)).items()}
+    assert {b for n, b in bits.items() if n.startswith("layers.0.")} == {3}
+    assert {b for n, b in bits.items() if n.startswith("layers.1.") and ".fc2.weight" not in n} == {8}
+    assert {b for n, b in bits.items() if n.startswith("layers.1.") and ".fc2.weight" in n} == {6}
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--out", "run/w4a4.bin"], ".safetensors"),
     (["--w-bits", "9"], "w_bits"),
@@ -71,6 +83,9 @@ def test_baseline_methods(tmp_path, capsys, tiny_checkpoint, calib_images, metho
     (["--patches", "0"], "--patches"),
     (["--percentile", "20"], "--percentile"),
     (["--include", "*.nothing.*"], "matches no quantizer"),
+    (["--bits-override", "layers.1.*"], "PATTERN=BITS"),
+    (["--bits-override", "*.nothing.*=8"], "bits_overrides pattern"),
+    (["--bits-override", "layers.1.*=8", "--target", "trt-int4"], "trt-int4"),
 ])
 def test_usage_errors_exit_2(tmp_path, capsys, tiny_checkpoint, calib_images, extra, message):
     args = base_args(tiny_checkpoint, calib_images, tmp_path / "a.safetensors") + extra

@@ -123,6 +123,26 @@ def test_engine_equals_fake_quant(built, tile_batch, bits):
     assert db >= MIN_PSNR_DB and identical >= MIN_IDENTICAL, (bits, db, identical)
 
 
+def test_mixed_precision_engine_equals_fake_quant(built, tile_batch):
+    """``bits_overrides``: block 1 at W8A8 inside a W3A3 model; every quantizer exports its own grid."""
+    from export.lint import lint_model
+
+    made = built(w_bits=3, a_bits=3, bits_overrides=("*.blocks.1.*=8",))
+    model = onnx.load(str(made.onnx))
+    assert lint_model(model) == []
+    found = quantizers(made.model)
+    assert {q.bits for n, q in found.items() if ".blocks.1." in n} == {8}
+    assert {q.bits for n, q in found.items() if ".blocks.0." in n} == {3}
+    for name, x in quantizer_inputs(made.model, tile_batch).items():
+        quantizer = found[name]
+        expected = grid.integer_codes(x, quantizer.lower, quantizer.upper, quantizer.bits, quantizer.symmetric).numpy()
+        assert np.abs(onnx_codes(model, name, x).astype(int) - expected).max() <= CODE_ATOL, name
+    with torch.no_grad():
+        reference = made.model(tile_batch)
+    db, identical = outputs_agree(OrtTileRunner(made.engine, threads=2)(tile_batch), reference)
+    assert db >= MIN_PSNR_DB and identical >= MIN_IDENTICAL, (db, identical)
+
+
 def test_int4_weight_only_graph_runs_in_ort(built, tile_batch):
     made = built(float_dtype="fp32", w_bits=4, a_bits=4, target="trt-int4", weight_granularity="per-channel")
     source = onnx.load(str(made.onnx))

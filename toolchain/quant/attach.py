@@ -250,6 +250,10 @@ def _filter_names(names: list[str], config: QuantConfig, model_name: str) -> set
             and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)}
     if not keep:
         raise ValueError(f"{config!r} selects no quantizer in {model_name}")
+    for pattern, _ in config.overrides():
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in keep):
+            raise ValueError(f"{config!r}: bits_overrides pattern {pattern!r} matches no quantizer kept in "
+                             f"{model_name} (names look like {sorted(keep)[:2]})")
     return keep
 
 
@@ -263,8 +267,10 @@ def _make_quantizer(site: _Site, slot: _Slot, config: QuantConfig, model: nn.Mod
         shape: tuple[int, ...] = ()
         if config.weight_granularity == "per-channel":
             shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
-        return Quantizer(name, "weight", config.w_bits, "weight", config.weight_symmetric, shape, device, dtype)
-    return Quantizer(name, "activation", config.a_bits, slot.role, False, (), device, dtype)
+        # symmetric for trt-int4; at 8 bits the grid is symmetric anyway (Quantizer)
+        return Quantizer(name, "weight", config.bits_for(name, "weight"), "weight", config.target == "trt-int4",
+                         shape, device, dtype)
+    return Quantizer(name, "activation", config.bits_for(name, "activation"), slot.role, False, (), device, dtype)
 
 
 def _reference_tensor(site: _Site, model: nn.Module) -> Optional[torch.Tensor]:

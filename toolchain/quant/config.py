@@ -6,6 +6,7 @@ sidecar), so reading one back must reproduce exactly the quantizers that were ca
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,10 @@ class QuantConfig:
       after ``quantize``; an empty ``include`` keeps everything.
     - ``target``: ``"trt-int8"``, ``"trt-int4"`` (needs ``w_bits == 4``; weights symmetric,
       zero point 8) or ``"ort"``.
+    - ``bits_overrides``: mixed precision, ``"PATTERN=BITS"`` entries: the quantizers whose names
+      match the fnmatch pattern take ``BITS`` instead of ``w_bits`` / ``a_bits`` (the last matching
+      entry wins; ``"encoder_layer1.*=8"`` keeps a sensitive stage at 8 bits). Each pattern must
+      match a quantizer. Not with ``trt-int4``, whose weights are all 4-bit.
 
     >>> QuantConfig(w_bits=4, a_bits=8).weight_symmetric
     False
@@ -44,6 +49,7 @@ class QuantConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     target: str = "trt-int8"
+    bits_overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for field in ("w_bits", "a_bits"):
@@ -57,7 +63,7 @@ class QuantConfig:
                 f"got {self.weight_granularity!r}"
             )
         # JSON gives lists; the frozen config holds tuples so that it stays hashable and comparable
-        for field in ("quantize", "include", "exclude"):
+        for field in ("quantize", "include", "exclude", "bits_overrides"):
             object.__setattr__(self, field, _string_tuple(field, getattr(self, field)))
         if not self.quantize:
             raise ValueError(f"QuantConfig.quantize must select at least one of {SELECTABLE}")
@@ -70,6 +76,34 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.target must be one of {TARGETS}, got {self.target!r}")
         if self.target == "trt-int4" and self.w_bits != 4:
             raise ValueError(f"QuantConfig.target 'trt-int4' needs w_bits == 4, got w_bits={self.w_bits}")
+        self.overrides()  # validates the entries
+        if self.bits_overrides and self.target == "trt-int4":
+            raise ValueError("QuantConfig.bits_overrides: not with target 'trt-int4' (its weights are all 4-bit)")
+
+    def overrides(self) -> list[tuple[str, int]]:
+        """``bits_overrides`` parsed: ``[(pattern, bits), ...]`` in order.
+
+        >>> QuantConfig(bits_overrides=("encoder_layer1.*=8",)).overrides()
+        [('encoder_layer1.*', 8)]
+        """
+        parsed = []
+        for entry in self.bits_overrides:
+            pattern, sep, bits = entry.rpartition("=")
+            if not sep or not pattern or not bits.strip().isdigit():
+                raise ValueError(f"QuantConfig.bits_overrides: {entry!r} is not PATTERN=BITS (e.g. 'encoder_layer1.*=8')")
+            try:
+                parsed.append((pattern.strip(), grid.check_bits(int(bits))))
+            except ValueError as err:
+                raise ValueError(f"QuantConfig.bits_overrides {entry!r}: {err}") from None
+        return parsed
+
+    def bits_for(self, name: str, kind: str) -> int:
+        """Bits of the quantizer ``name`` of ``kind`` (``"weight"`` / ``"activation"``), overrides applied."""
+        bits = self.w_bits if kind == "weight" else self.a_bits
+        for pattern, override in self.overrides():
+            if fnmatch.fnmatchcase(name, pattern):
+                bits = override
+        return bits
 
     @property
     def weight_only(self) -> bool:

@@ -396,3 +396,20 @@ def test_a_linear_merely_after_a_gelu_is_not_an_mlp():
     names = list(quantizers(model))
     assert not any(name.startswith("bottleneck.") for name in names)
     assert any(name.endswith("ffn.fc2.input") for name in names)
+
+
+def test_bits_overrides_give_mixed_precision_and_must_match():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    model = quantize_model(copy.deepcopy(mlp), QuantConfig(quantize=("linear",), bits_overrides=("2.*=8",)))
+    found = quantizers(model)
+    assert {name: (q.bits, q.symmetric) for name, q in found.items()} == {
+        "0.input": (4, False), "0.weight": (4, False), "2.input": (8, True), "2.weight": (8, True)}
+    # an 8-bit default with a 4-bit override: the overridden weight grid is asymmetric again
+    model = quantize_model(copy.deepcopy(mlp), QuantConfig(quantize=("linear",), w_bits=8, a_bits=8,
+                                                           bits_overrides=("0.weight=4",)))
+    assert (quantizers(model)["0.weight"].bits, quantizers(model)["0.weight"].symmetric) == (4, False)
+    with pytest.raises(ValueError, match="bits_overrides pattern 'attn.\\*' matches no quantizer"):
+        quantize_model(copy.deepcopy(mlp), QuantConfig(quantize=("linear",), bits_overrides=("attn.*=8",)))
+    with pytest.raises(ValueError, match="matches no quantizer kept"):  # excluded quantizers do not count
+        quantize_model(copy.deepcopy(mlp), QuantConfig(quantize=("linear",), exclude=("2.*",),
+                                                       bits_overrides=("2.*=8",)))

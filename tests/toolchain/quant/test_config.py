@@ -32,6 +32,11 @@ def test_defaults_are_the_paper_setting():
         (dict(target="tensorrt"), "target"),
         (dict(target="trt-int4", w_bits=8), "trt-int4"),
         (dict(target="trt-int4", w_bits=3), "trt-int4"),
+        (dict(bits_overrides=("layers.*",)), "PATTERN=BITS"),
+        (dict(bits_overrides=("=8",)), "PATTERN=BITS"),
+        (dict(bits_overrides=("layers.*=eight",)), "PATTERN=BITS"),
+        (dict(bits_overrides=("layers.*=9",)), "bits_overrides 'layers.\\*=9'"),
+        (dict(bits_overrides=("layers.*=8",), target="trt-int4"), "trt-int4"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_field_named(kwargs, message):
@@ -39,7 +44,7 @@ def test_invalid_values_are_rejected_with_the_field_named(kwargs, message):
         QuantConfig(**kwargs)
 
 
-@pytest.mark.parametrize("field", ["quantize", "include", "exclude"])
+@pytest.mark.parametrize("field", ["quantize", "include", "exclude", "bits_overrides"])
 def test_name_lists_must_be_sequences_of_strings(field):
     with pytest.raises(TypeError, match=field):
         QuantConfig(**{field: "linear"})
@@ -62,7 +67,7 @@ def test_frozen():
 
 def test_json_round_trip_gives_an_equal_config():
     config = QuantConfig(w_bits=3, a_bits=6, weight_granularity="per-channel", quantize=["linear", "matmul", "conv"],
-                         include=["layers.*"], exclude=("*.conv.*",), target="ort")
+                         include=["layers.*"], exclude=("*.conv.*",), target="ort", bits_overrides=["*.fc2.*=8"])
     assert isinstance(config.quantize, tuple) and isinstance(config.include, tuple)
     text = json.dumps(config.to_dict())
     again = QuantConfig.from_dict(json.loads(text))
@@ -91,3 +96,12 @@ def test_a_selection_that_matches_nothing_is_an_error_naming_the_config():
     plain = nn.Sequential(nn.Linear(4, 4))  # no attention or MLP around it: not a candidate
     with pytest.raises(ValueError, match="finds no module"):
         quantize_model(plain, QuantConfig(quantize=("linear",)))
+
+
+def test_bits_overrides_last_match_wins_per_kind():
+    config = QuantConfig(w_bits=4, a_bits=3, bits_overrides=("stage1.*=8", "stage1.*.weight=6"))
+    assert config.overrides() == [("stage1.*", 8), ("stage1.*.weight", 6)]
+    assert config.bits_for("stage1.fc1.weight", "weight") == 6
+    assert config.bits_for("stage1.fc1.input", "activation") == 8
+    assert config.bits_for("stage2.fc1.weight", "weight") == 4
+    assert config.bits_for("stage2.fc1.input", "activation") == 3
