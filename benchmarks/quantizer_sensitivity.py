@@ -30,7 +30,8 @@ import torch
 from tqdm import tqdm
 
 from calib.artifact import load_quantized_model
-from toolchain.data.patches import list_images, sample_patches, split_train_val
+from calib.dqc_cli import validation_batch
+from toolchain.data.patches import list_images, split_train_val
 from toolchain.metrics import psnr
 from toolchain.quant import quantizers
 
@@ -56,10 +57,9 @@ def group_of(name: str, role: str, grouping: str) -> str:
 
 
 def held_out_patches(images: Path, val_fraction: float, seed: int, n: int, patch: int, scale: int) -> torch.Tensor:
-    """``(n, 3, patch, patch)`` LR patches of the held-out training images, as DQC's validation draws them."""
+    """``(n, 3, patch, patch)`` LR patches: DQC's validation batch for these options."""
     _, val_files = split_train_val(list_images(images), val_fraction, seed)
-    lr, _ = sample_patches(val_files, n, patch, scale, seed=seed + 2)
-    return lr
+    return validation_batch(val_files, patch, scale, seed, n)[0]
 
 
 @torch.no_grad()
@@ -73,19 +73,18 @@ def measure(model: torch.nn.Module, lr: torch.Tensor, batch: int, progress: bool
             quantizer.enabled = name in on
         return torch.cat([model(chunk) for chunk in lr.split(batch)]).clamp(0, 1)
 
-    jobs = [("all", "all", "all", set(found))]
+    jobs = [("all", "all", "all", set(found), len(found))]
     for grouping in GROUPINGS:
         members: dict[str, set[str]] = {}
         for name, quantizer in found.items():
             members.setdefault(group_of(name, quantizer.role, grouping), set()).add(name)
         for group, names in sorted(members.items()):
-            jobs.append((grouping, group, "alone", names))
-            jobs.append((grouping, group, "all but", set(found) - names))
+            jobs.append((grouping, group, "alone", names, len(names)))
+            jobs.append((grouping, group, "all but", set(found) - names, len(names)))
     try:
         reference = run(set())
         rows = []
-        for grouping, group, mode, on in tqdm(jobs, desc="groups", disable=not progress):
-            count = len(on) if mode != "all but" else len(found) - len(on)
+        for grouping, group, mode, on, count in tqdm(jobs, desc="groups", disable=not progress):
             rows.append({"grouping": grouping, "group": group, "mode": mode, "quantizers": count,
                          "psnr": round(psnr(run(on), reference, data_range=1.0), 3)})
     finally:

@@ -257,8 +257,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{args.method}: calibrated {model.arch} x{model.scale} (W{config.w_bits}A{config.a_bits}"
-              f"{''.join(f', {o}' for o in config.bits_overrides)}, {config.weight_granularity}, {config.target}) in {summary['seconds']:.1f} s")
+        widths = ", ".join([f"W{config.w_bits}A{config.a_bits}", *config.bits_overrides])
+        print(f"{args.method}: calibrated {model.arch} x{model.scale} ({widths}, {config.weight_granularity}, "
+              f"{config.target}) in {summary['seconds']:.1f} s")
         print(f"wrote {summary['artifact']} and {summary['sidecar']}")
     return 0
 

@@ -117,6 +117,15 @@ def checkpoint_path_from_args(args: argparse.Namespace) -> Optional[Path]:
     return out.with_name(stem + CHECKPOINT_SUFFIX)
 
 
+def validation_batch(val_files: list, patch: int, scale: int, seed: int, n: int) -> tuple[torch.Tensor, int]:
+    """DQC's fixed held-out batch: ``n`` LR patches ``(n, 3, patch, patch)`` of ``val_files`` (the held-out
+    part of ``split_train_val(images, val_fraction, seed)``), and how many of the files were usable."""
+    from toolchain.data.patches import PatchDataset
+
+    val = PatchDataset(val_files, patch, scale, seed=seed + 2, length=n)
+    return torch.stack([val[i][0] for i in range(len(val))]), len(val.paths)
+
+
 def run_dqc(args: argparse.Namespace, model: nn.Module, teacher: Optional[nn.Module] = None, *,
             images: Optional[Sequence[Union[str, os.PathLike]]] = None, progress: bool = True,
             checkpoint_path: Optional[Union[str, os.PathLike]] = None) -> dict[str, Any]:
@@ -149,9 +158,8 @@ def run_dqc(args: argparse.Namespace, model: nn.Module, teacher: Optional[nn.Mod
                 "files": sorted(Path(p).name for p in train_files + val_files)}
         val_batch = None
         if config.val_every:
-            val = PatchDataset(val_files, patch, model.scale, seed=args.seed + 2, length=args.val_patches)
-            val_batch = torch.stack([val[i][0] for i in range(len(val))])
-            data.update(val_images=len(val.paths), val_fraction=args.val_fraction, val_patches=args.val_patches)
+            val_batch, val_images = validation_batch(val_files, patch, model.scale, args.seed, args.val_patches)
+            data.update(val_images=val_images, val_fraction=args.val_fraction, val_patches=args.val_patches)
         log.info("DQC: %d steps of %d LR patches %dx%d from %d training images (%s), on %d process(es)",
                  config.iters, config.batch, patch, patch, len(train.paths),
                  f"validation on {len(val_batch)} patches of {data['val_images']} held-out images"
