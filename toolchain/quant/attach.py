@@ -267,8 +267,8 @@ def _make_quantizer(site: _Site, slot: _Slot, config: QuantConfig, model: nn.Mod
         shape: tuple[int, ...] = ()
         if config.weight_granularity == "per-channel":
             shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
-        # symmetric for trt-int4; at 8 bits the grid is symmetric anyway (Quantizer)
-        return Quantizer(name, "weight", config.bits_for(name, "weight"), "weight", config.target == "trt-int4",
+        # symmetric where the target says so; at 8 bits the grid is symmetric anyway (Quantizer)
+        return Quantizer(name, "weight", config.bits_for(name, "weight"), "weight", config.weight_symmetric,
                          shape, device, dtype)
     return Quantizer(name, "activation", config.bits_for(name, "activation"), slot.role, False, (), device, dtype)
 

@@ -40,6 +40,8 @@ class QuantConfig:
     False
     >>> QuantConfig.from_dict(QuantConfig(target="trt-int4").to_dict()).weight_symmetric
     True
+    >>> QuantConfig(w_bits=8).weight_symmetric   # an 8-bit grid is symmetric anyway (grid.step_and_zero_point)
+    False
     """
 
     w_bits: int = 4
@@ -112,8 +114,13 @@ class QuantConfig:
 
     @property
     def weight_symmetric(self) -> bool:
-        """Whether weight grids are symmetric (``z = 2^(b-1)``): for trt-int4 and at 8 bits."""
-        return self.target == "trt-int4" or self.w_bits == grid.MAX_BITS
+        """Whether the target forces symmetric weight grids (``z = 2^(b-1)``): trt-int4's INT4 weights.
+
+        The one place this rule lives; an 8-bit grid is symmetric whatever this says, because no other
+        8-bit grid fits INT8 (:func:`toolchain.quant.grid.step_and_zero_point`, :class:`Quantizer`),
+        so with ``bits_overrides`` each quantizer's own width decides that part.
+        """
+        return self.target == "trt-int4"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples as lists) that :meth:`from_dict` reads back to an equal config."""
