@@ -2,8 +2,10 @@
 
 Each cell (scale, method, bits) calibrates an artifact on the training images and evaluates the
 fake-quant model on the test sets; results go to a JSON file after every cell (a rerun skips the
-cells already there, so a killed run resumes), and ``--markdown`` renders the table with the paper's
-Table 3 rows (SwinIR-light) beside it for context.
+cells already there, so a killed run resumes; a DQC run killed mid-cell continues from its
+checkpoint), and ``--markdown`` renders the table with the paper's Table 3 rows (SwinIR-light)
+beside it for context. Artifacts live in ``--work``; one lost there (a new machine) is made again
+for the row's remaining sets and must hold the same bounds as the first run (:func:`reconcile`).
 
     python benchmarks/ptq_grid.py --weights ../shared/models/NGswin/NGswin_x{scale}.pth --scales 2,3 \\
         --methods minmax,percentile,dobi --bits 4,3,2 --sets Set5,Set14 \\
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -23,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from calib.dqc_cli import CHECKPOINT_SUFFIX
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -40,19 +45,65 @@ def _bin(name: str) -> str:
 
 
 def calibrate(args: argparse.Namespace, scale: int, method: str, bits: int, data: dict) -> Path:
-    """The cell's artifact in ``--work`` (calibrated once; its time and command recorded in ``data``)."""
+    """The cell's artifact in ``--work`` (calibrated once; its time, command and bounds hash recorded in ``data``).
+
+    An artifact lost from ``--work`` (a new machine) is made again for the row's remaining sets; see
+    :func:`reconcile` for how the remake is checked against the first run.
+    """
     key = f"x{scale}_{method.partition('=')[0]}_w{bits}a{bits}"
     artifact = args.work / f"{key}.safetensors"
-    if key in data["calibrations"] and artifact.exists():
+    recorded = data["calibrations"].get(key)
+    if recorded is not None and artifact.exists():
         return artifact
     threads = ["--threads", str(args.threads)] if args.threads else []
     label, _, options = method.partition("=")
     chosen = shlex.split(options) if options else ["--method", label]
+    # a DQC run killed mid-cell left its checkpoint beside the artifact: continue it (the same bounds
+    # as an uninterrupted run); a finished checkpoint whose artifact was lost gives its best step back
+    resume = ["--resume"] if artifact.with_name(key + CHECKPOINT_SUFFIX).exists() else []
     cmd = [_bin("2dq-calibrate"), "--weights", _weights(args, scale), "--calib-images", str(args.calib_images),
            *chosen, "--bits", str(bits), "--out", str(artifact), "--no-progress", "-q",
-           *threads, *shlex.split(args.calib_extra)]
-    data["calibrations"][key] = {"seconds": round(_run(cmd), 1), "cmd": shlex.join(cmd)}
+           *threads, *shlex.split(args.calib_extra), *resume]
+    seconds = round(_run(cmd), 1)
+    run = {"seconds": seconds, "cmd": shlex.join(cmd), "bounds_sha256": bounds_digest(artifact)}
+    data["calibrations"][key] = reconcile(key, recorded, run)
     return artifact
+
+
+def bounds_digest(artifact: Path) -> str:
+    """SHA-256 of the artifact's tensors (names, dtypes, shapes, bytes, in name order).
+
+    Not the file's hash: safetensors writes its metadata map in no fixed order, so two runs with
+    equal bounds can differ byte for byte (and the sidecar has a creation time).
+    """
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(artifact)).items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reconcile(key: str, recorded: dict | None, run: dict) -> dict:
+    """The calibration record of ``key`` after a run of it: the first run's record, with a remake noted.
+
+    The cells already in the results came from the first artifact, so a remade one must hold the
+    same bounds (calibration is seeded and deterministic on one machine and thread count): a
+    different hash stops the grid rather than mixing two artifacts in one row. A record from before
+    hashes were kept cannot be checked; the remake is noted beside it with a warning.
+    """
+    if recorded is None:
+        return run
+    first = recorded.get("bounds_sha256")
+    if first is not None and first != run["bounds_sha256"]:
+        raise SystemExit(f"{key}: the remade artifact's bounds (SHA-256 {run['bounds_sha256']}) differ from the "
+                         f"first run's ({first}), whose cells are already in the results: remove that row's cells "
+                         "to measure it again, or calibrate on the machine and thread count of the first run")
+    if first is None:
+        print(f"warning: {key} was remade; its first run kept no bounds hash, so the row's earlier cells "
+              "cannot be shown to come from the same bounds (re-evaluate one of them to check)", file=sys.stderr)
+    return {**recorded, "remade": run}
 
 
 def evaluate(args: argparse.Namespace, scale: int, method: str, bits: int, set_name: str,
@@ -95,7 +146,11 @@ def _include_spec(spec: str) -> tuple[dict, set[str] | None]:
 
 
 def merge(data: dict, other: dict, methods: set[str] | None = None) -> None:
-    """Add ``other``'s cells (and their calibrations) to ``data``; a cell already in ``data`` wins."""
+    """Add ``other``'s cells (and their calibrations) to ``data``; a cell already in ``data`` wins.
+
+    A calibration in both with another bounds hash (or none recorded) is kept as ``data``'s, with
+    ``other``'s noted under ``remade``.
+    """
     have = {(c["scale"], c["method"], c["bits"], c["set"]) for c in data["cells"]}
     for cell in other["cells"]:
         key = (cell["scale"], cell["method"], cell["bits"], cell["set"])
@@ -103,7 +158,10 @@ def merge(data: dict, other: dict, methods: set[str] | None = None) -> None:
             data["cells"].append(cell)
             have.add(key)
     for key, calibration in other["calibrations"].items():
-        data["calibrations"].setdefault(key, calibration)
+        mine = data["calibrations"].setdefault(key, calibration)
+        if mine is not calibration and "remade" not in mine and mine.get("bounds_sha256") != calibration.get(
+                "bounds_sha256"):
+            mine["remade"] = calibration  # the same row calibrated again elsewhere (another --out)
 
 
 def _paper() -> dict[tuple, dict]:

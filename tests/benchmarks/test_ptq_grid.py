@@ -1,8 +1,16 @@
-"""The PTQ grid's result handling: merging result files and the per-cell difference table."""
+"""The PTQ grid: merging result files, the per-cell difference table, and remaking lost artifacts."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from calib.dqc_cli import CHECKPOINT_SUFFIX
+from toolchain.models.swinir import SwinIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import ptq_grid  # noqa: E402
@@ -32,3 +40,68 @@ def test_delta_table_rows_and_missing_cells():
     assert lines[2:] == ["| x2 | W4A4 | Set5 | 38.00 | 30.50 | +2.75 |",
                          "| x2 | W4A4 | Set14 | – | 28.00 | – |",
                          "| x3 | W3A3 | Set5 | – | 21.00 | – |"]
+
+
+def test_reconcile_keeps_the_first_run_and_refuses_other_bounds():
+    first = {"seconds": 10.0, "cmd": "a", "bounds_sha256": "h1"}
+    assert ptq_grid.reconcile("k", None, first) is first
+    same = {"seconds": 12.0, "cmd": "a", "bounds_sha256": "h1"}
+    assert ptq_grid.reconcile("k", first, same) == {**first, "remade": same}
+    with pytest.raises(SystemExit, match="k: the remade artifact's bounds"):
+        ptq_grid.reconcile("k", first, {"seconds": 9.0, "cmd": "a", "bounds_sha256": "h2"})
+
+
+def test_reconcile_notes_a_remake_of_a_record_without_hash(capsys):
+    legacy = {"seconds": 10.0, "cmd": "a"}
+    remade = {"seconds": 8.0, "cmd": "a", "bounds_sha256": "h"}
+    assert ptq_grid.reconcile("x2_m_w4a4", legacy, remade) == {**legacy, "remade": remade}
+    assert "x2_m_w4a4 was remade" in capsys.readouterr().err
+
+
+def test_merge_notes_a_calibration_made_again_elsewhere():
+    data = {"cells": [], "calibrations": {"a": {"seconds": 1}, "b": {"seconds": 1, "bounds_sha256": "h"}}}
+    other = {"cells": [], "calibrations": {"a": {"seconds": 2, "bounds_sha256": "h"},
+                                            "b": {"seconds": 3, "bounds_sha256": "h"}}}
+    ptq_grid.merge(data, other)
+    assert data["calibrations"] == {"a": {"seconds": 1, "remade": {"seconds": 2, "bounds_sha256": "h"}},
+                                    "b": {"seconds": 1, "bounds_sha256": "h"}}
+
+
+def test_a_lost_artifact_is_remade_with_the_same_bounds(tmp_path, datasets_dir):
+    """The real ``2dq-calibrate`` (DOBI, then 2 DQC steps) on a tiny SwinIR, twice: the remake matches."""
+    torch.manual_seed(0)
+    model = SwinIR(scale=4, embed_dim=12, depths=[2], num_heads=[2], window_size=8, mlp_ratio=2.0)
+    save_file(model.state_dict(), str(tmp_path / "tiny_x4.safetensors"))
+    args = argparse.Namespace(
+        weights=str(tmp_path / "tiny_x{scale}.safetensors"), calib_images=datasets_dir / "train" / "DIV2K_valid_256",
+        work=tmp_path / "work", threads=1,
+        calib_extra="--patches 4 --patch-size 16 --dqc-iters 2 --batch 2 --dqc-patch-size 16 --val-every 0 "
+                    "--val-patches 2 --checkpoint-every 0")
+    args.work.mkdir()
+    data = ptq_grid.load(tmp_path / "none.json")
+    artifact = ptq_grid.calibrate(args, 4, "2dquant", 4, data)
+    first = data["calibrations"]["x4_2dquant_w4a4"]
+    assert len(first["bounds_sha256"]) == 64 and "remade" not in first
+    assert ptq_grid.calibrate(args, 4, "2dquant", 4, data) == artifact and data["calibrations"]["x4_2dquant_w4a4"] is first
+    checkpoint = artifact.with_name("x4_2dquant_w4a4" + CHECKPOINT_SUFFIX)
+    assert checkpoint.exists()
+    artifact.unlink()  # the artifact lost, its finished DQC checkpoint kept: the run resumes from it
+    ptq_grid.calibrate(args, 4, "2dquant", 4, data)
+    record = data["calibrations"]["x4_2dquant_w4a4"]
+    assert record["remade"]["cmd"].endswith("--resume")
+    assert record["seconds"] == first["seconds"] and record["remade"]["bounds_sha256"] == first["bounds_sha256"]
+    artifact.unlink()
+    checkpoint.unlink()  # everything lost, as on a new machine: calibrated from scratch, same bounds
+    ptq_grid.calibrate(args, 4, "2dquant", 4, data)
+    again = data["calibrations"]["x4_2dquant_w4a4"]["remade"]
+    assert not again["cmd"].endswith("--resume") and again["bounds_sha256"] == first["bounds_sha256"]
+
+
+def test_bounds_digest_reads_the_tensors_not_the_file(tmp_path):
+    bounds = {"b.upper": torch.tensor(2.0), "a.lower": torch.tensor([-1.0, 0.5])}
+    save_file(bounds, str(tmp_path / "one.safetensors"), metadata={"format": "2dq-bounds", "format_version": "1"})
+    save_file(dict(reversed(bounds.items())), str(tmp_path / "two.safetensors"), metadata={"other": "x"})
+    digest = ptq_grid.bounds_digest(tmp_path / "one.safetensors")
+    assert ptq_grid.bounds_digest(tmp_path / "two.safetensors") == digest
+    save_file({**bounds, "b.upper": torch.tensor(2.0001)}, str(tmp_path / "three.safetensors"))
+    assert ptq_grid.bounds_digest(tmp_path / "three.safetensors") != digest
