@@ -139,7 +139,9 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
     with contextlib.ExitStack() as stack:
         bounds_tmp = stack.enter_context(atomic_path(path))
         sidecar_tmp = stack.enter_context(atomic_path(sidecar))
-        save_file(bounds, str(bounds_tmp), metadata={"format": "2dq-bounds", "format_version": str(FORMAT_VERSION)})
+        # one metadata entry: safetensors writes its metadata map in no fixed order, and equal bounds
+        # should make byte-identical files (and so equal bounds_sha256)
+        save_file(bounds, str(bounds_tmp), metadata={"format": f"2dq-bounds/{FORMAT_VERSION}"})
         meta["bounds_sha256"] = sha256_file(bounds_tmp)
         sidecar_tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     log.info("wrote %s and %s (%d quantizers)", path, sidecar, meta["quantizers"])

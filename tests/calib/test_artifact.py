@@ -68,6 +68,14 @@ def test_round_trip(tmp_path, tiny_checkpoint, lr):
         assert torch.equal(loaded(lr), model(lr))  # the same fake-quant model, bit for bit
 
 
+def test_equal_bounds_write_identical_files(tmp_path, tiny_checkpoint, lr):
+    """Reproducible artifacts: the bounds file (hence ``bounds_sha256``) depends on the bounds only."""
+    model = calibrated(tiny_checkpoint, lr)
+    digests = {sha256_file(write(tmp_path / str(i), model, tiny_checkpoint)) for i in range(8)}
+    assert len(digests) == 1
+    assert {load_artifact(tmp_path / str(i) / "run" / "w4a4.safetensors").meta["bounds_sha256"] for i in range(8)} == digests
+
+
 def test_other_checkpoint_is_refused(tmp_path, tiny_checkpoint, lr, tiny_swinir, save_checkpoint):
     path = write(tmp_path, calibrated(tiny_checkpoint, lr), tiny_checkpoint)
     other = save_checkpoint(tiny_swinir(1), tmp_path / "other.safetensors")  # same architecture, other weights
