@@ -8,7 +8,8 @@ the sidecar sits beside it with the suffix ``.json`` (``run/w4a4.safetensors`` -
   (shape ``()`` per tensor, ``(C_out, 1, ...)`` per channel), exactly
   :func:`toolchain.quant.bounds_state`; with folds (:mod:`calib.smoothing`, :mod:`calib.shift`)
   also their learned parameters under ``transforms/`` (``transforms/smoothing.<group>.log_scale``,
-  ``transforms/shift.<site>.offset``).
+  ``transforms/shift.<site>.offset``); with GPTQ (:mod:`calib.gptq`) the refined linears' weights and
+  biases under ``weights/`` (``weights/<module>.weight``: grid values of the baked model).
 - sidecar: ``format_version``, ``checkpoint`` (file name) and ``checkpoint_sha256``, ``model``
   (``arch`` and ``config``), ``quant_config`` (:meth:`QuantConfig.to_dict`), ``method`` and
   ``method_options``, ``calibration`` (data folder, image count and list hash, patches, patch
@@ -18,8 +19,8 @@ the sidecar sits beside it with the suffix ``.json`` (``run/w4a4.safetensors`` -
 
 :func:`load_quantized_model` rebuilds the fake-quant model from the float checkpoint and an
 artifact, refusing a checkpoint whose SHA-256 differs from the one calibrated; folds are re-created,
-loaded and baked (:func:`calib.smoothing.bake_transforms`), so the model it returns is a plain
-quantized model whose outputs are the calibrated model's bit for bit.
+loaded and baked (:func:`calib.smoothing.bake_transforms`), then refined weights are written in, so
+the model it returns is a plain quantized model whose outputs are the calibrated model's bit for bit.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 BOUNDS_SUFFIX = ".safetensors"
 TRANSFORMS_PREFIX = "transforms/"
+WEIGHTS_PREFIX = "weights/"
 SIDECAR_SUFFIX = ".json"
 _SIDECAR_KEYS = ("format_version", "checkpoint_sha256", "model", "quant_config", "method", "bounds_sha256")
 
@@ -103,11 +105,16 @@ def package_versions() -> dict[str, str]:
 def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, quant_config: QuantConfig,
                   method: str, method_options: Optional[Mapping[str, Any]] = None,
                   calibration: Optional[Mapping[str, Any]] = None,
-                  checkpoint_sha256: Optional[str] = None) -> Path:
+                  checkpoint_sha256: Optional[str] = None,
+                  transforms: Optional[tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]] = None,
+                  weights: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
     """Write ``model``'s bounds to ``path`` (``.safetensors``) and the sidecar beside it; returns ``path``.
 
     ``checkpoint`` is the float checkpoint the model was loaded from (hashed unless
-    ``checkpoint_sha256`` is given). Nothing is left behind if writing fails.
+    ``checkpoint_sha256`` is given). ``transforms``: ``(spec, state)`` of the folds when ``model`` is
+    already baked (default: read from ``model``); ``weights``: refined parameters of the baked model
+    by name (``<module>.weight`` / ``.bias``), written in after baking at load time. Nothing is left
+    behind if writing fails.
 
     >>> save_artifact("run/w4a4.safetensors", model, checkpoint="swinir_x4.pth",
     ...               quant_config=config, method="dobi")                         # doctest: +SKIP
@@ -118,9 +125,11 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
     sidecar = sidecar_path(path)
     bounds = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in bounds_state(model).items()}
     quantizer_count = len(bounds) // 2
-    spec = transforms_spec(model)
+    spec, state = transforms if transforms is not None else (transforms_spec(model), transforms_state(model))
     bounds.update({TRANSFORMS_PREFIX + name: t.detach().to("cpu", torch.float32).contiguous()
-                   for name, t in transforms_state(model).items()})
+                   for name, t in state.items()})
+    bounds.update({WEIGHTS_PREFIX + name: t.detach().to("cpu", torch.float32).contiguous()
+                   for name, t in (weights or {}).items()})
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "checkpoint": Path(checkpoint).name,
@@ -134,8 +143,10 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quantizers": quantizer_count,
     }
-    if spec["smoothing"] or spec["shifts"]:
+    if spec["smoothing"] or spec["shifts"] or spec.get("input_shifts"):
         meta["transforms"] = spec
+    if weights:
+        meta["refined_weights"] = len(weights)
     with contextlib.ExitStack() as stack:
         bounds_tmp = stack.enter_context(atomic_path(path))
         sidecar_tmp = stack.enter_context(atomic_path(sidecar))
@@ -220,8 +231,9 @@ def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
         quantize_model(model, config)
     except ValueError as err:
         raise ArtifactError(f"{artifact_path}: its quant_config does not apply to {weights_path}: {err}") from err
-    bounds = {k: v for k, v in artifact.bounds.items() if not k.startswith(TRANSFORMS_PREFIX)}
+    bounds = {k: v for k, v in artifact.bounds.items() if not k.startswith((TRANSFORMS_PREFIX, WEIGHTS_PREFIX))}
     folds = {k[len(TRANSFORMS_PREFIX):]: v for k, v in artifact.bounds.items() if k.startswith(TRANSFORMS_PREFIX)}
+    refined = {k[len(WEIGHTS_PREFIX):]: v for k, v in artifact.bounds.items() if k.startswith(WEIGHTS_PREFIX)}
     spec = meta.get("transforms")
     if spec or folds:
         try:
@@ -234,4 +246,19 @@ def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
         raise ArtifactError(f"{artifact_path}: its bounds do not fit the quantizers of {config}: {err}") from err
     if spec or folds:
         bake_transforms(model)
+    if refined:
+        _write_refined(model, refined, artifact_path)
     return model.to(device).eval()
+
+
+@torch.no_grad()
+def _write_refined(model: nn.Module, refined: Mapping[str, torch.Tensor], artifact_path: PathLike) -> None:
+    """Copy the artifact's refined weights and biases into the baked model (names and shapes checked)."""
+    params = dict(model.named_parameters())
+    for name, value in refined.items():
+        target = params.get(name)
+        if target is None or target.shape != value.shape:
+            found = "no such parameter" if target is None else f"shape {tuple(target.shape)}"
+            raise ArtifactError(f"{artifact_path}: refined weight {name} {tuple(value.shape)} does not fit the "
+                                f"model ({found})")
+        target.copy_(value.to(target.dtype))

@@ -32,6 +32,7 @@ from toolchain.quant.config import GRANULARITIES, SELECTABLE, TARGETS
 from .artifact import BOUNDS_SUFFIX, describe_images, save_artifact, sidecar_path
 from .baselines import DEFAULT_PERCENTILE, calibrate_minmax, calibrate_percentile
 from .dobi import DEFAULT_CANDIDATES, MODES, calibrate_dobi
+from .gptq import DEFAULT_DAMP
 from .observers import DEFAULT_BINS, batch_forward_loop
 from .transforms import add_transform_arguments, attach_transforms, finish_transforms
 
@@ -161,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "activations; the last match wins), e.g. 'encoder_layer1.*=8'; repeatable")
     add_transform_arguments(parser.add_argument_group(
         "transforms beyond 2DQuant (exact: the float model is unchanged; learned by DQC with the bounds)"))
+    refine = parser.add_argument_group("weight refinement (after the bounds; the grid is unchanged)")
+    refine.add_argument("--gptq", action="store_true",
+                        help="GPTQ: choose the weight codes of every quantized linear so that rounding errors "
+                        "compensate on the calibration inputs instead of rounding each weight to nearest")
+    refine.add_argument("--gptq-damp", type=float, default=DEFAULT_DAMP,
+                        help="GPTQ: fraction of the mean input second moment added to its diagonal "
+                        "(default: %(default)s)")
+    refine.add_argument("--gptq-order", choices=("act", "natural"), default="act",
+                        help="GPTQ: quantize columns by decreasing input energy (act) or in place order "
+                        "(default: %(default)s)")
     data = parser.add_argument_group("calibration data")
     data.add_argument("--patches", type=int, default=32, help="LR patches (default: %(default)s, as the paper)")
     data.add_argument("--patch-size", type=int, default=64, help="LR patch size in pixels (default: %(default)s)")
@@ -214,6 +225,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--bins must be at least 16, got {args.bins}")
     if not 50.0 < args.percentile <= 100.0:
         raise UsageError(f"--percentile must be in (50, 100], got {args.percentile}")
+    if not args.gptq_damp > 0.0:
+        raise UsageError(f"--gptq-damp must be positive, got {args.gptq_damp}")
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -242,6 +255,9 @@ def _main(args: argparse.Namespace) -> int:
     finish_transforms(model)
     if transforms:
         options["transforms"] = transforms
+    saved_transforms, refined = None, None
+    if args.gptq:
+        saved_transforms, refined, options["gptq"] = _refine_weights(ctx)
     calibration = {"data": str(Path(args.calib_images).resolve()), **describe_images(args.calib_images, images),
                    "patches": args.patches, "patch_size": args.patch_size, "scale": model.scale,
                    "seed": args.seed, "augment": True, "batch_size": args.batch_size}
@@ -250,7 +266,7 @@ def _main(args: argparse.Namespace) -> int:
     if not is_main_process():  # under torchrun only rank 0 writes
         return 0
     save_artifact(args.out, model, checkpoint=args.weights, quant_config=config, method=args.method,
-                  method_options=options, calibration=calibration)
+                  method_options=options, calibration=calibration, transforms=saved_transforms, weights=refined)
     summary = {"artifact": str(args.out), "sidecar": str(sidecar_path(args.out)), "method": args.method,
                "method_options": options, "quant_config": config.to_dict(),
                "seconds": round(time.perf_counter() - started, 3)}
@@ -262,6 +278,35 @@ def _main(args: argparse.Namespace) -> int:
               f"{config.target}) in {summary['seconds']:.1f} s")
         print(f"wrote {summary['artifact']} and {summary['sidecar']}")
     return 0
+
+
+def _refine_weights(ctx: CalibrationContext) -> tuple[tuple, dict[str, torch.Tensor], dict[str, Any]]:
+    """``--gptq``: bake the folds (kept for the artifact), refine the weights; returns
+    ``((spec, state) of the folds, refined parameters by name, facts for the sidecar)``."""
+    from .gptq import refine_weights
+    from .shift import bake_transforms, transforms_spec, transforms_state
+
+    model = ctx.model
+    saved = (transforms_spec(model), transforms_state(model))
+    bake_transforms(model)
+    try:
+        results = refine_weights(model, ctx.forward_loop("GPTQ statistics"), ctx.args.gptq_damp,
+                                 ctx.args.gptq_order == "act", ctx.progress)
+    except ValueError as err:
+        raise UsageError(f"--gptq: {err}") from None
+    modules = dict(model.named_modules())
+    refined = {}
+    for result in results:
+        linear = modules[result.name]
+        refined[f"{result.name}.weight"] = linear.weight.detach()
+        if linear.input_offset is not None:  # its bias fold moved with the codes
+            refined[f"{result.name}.bias"] = linear.bias.detach()
+    rtn = sorted(r.rtn_error for r in results)
+    gptq = sorted(r.gptq_error for r in results)
+    facts = {"linears": len(results), "damp": ctx.args.gptq_damp, "order": ctx.args.gptq_order,
+             "mean_relative_error": {"round_to_nearest": sum(rtn) / len(rtn), "gptq": sum(gptq) / len(gptq)},
+             "median_relative_error": {"round_to_nearest": rtn[len(rtn) // 2], "gptq": gptq[len(gptq) // 2]}}
+    return saved, refined, facts
 
 
 def main(argv: Sequence[str] | None = None) -> int:

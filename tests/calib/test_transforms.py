@@ -28,6 +28,15 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
+def _ort_psnr(ort, onnx_path, model: torch.nn.Module) -> float:
+    """PSNR of ONNX Runtime's output on two seeded tiles against the fake-quant model's."""
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        return _psnr(got, model(x))
+
+
 def test_cli_writes_transforms_and_the_loaded_model_is_baked(tmp_path, capsys, tiny_checkpoint, calib_images):
     out = tmp_path / "all.safetensors"
     code, stdout, _ = run(capsys, *base_args(tiny_checkpoint, calib_images, out), "--smooth", "all", "--shifts",
@@ -128,11 +137,7 @@ def test_input_smoothing_exports_a_mul_and_ort_matches_the_reference(tmp_path, c
 
     assert all("Mul" in upstream_ops(q) for q in fc2_inputs)
     model = load_quantized_model(tiny_checkpoint, out)
-    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    with torch.no_grad():
-        assert _psnr(got, model(x)) >= ORT_MIN_PSNR
+    assert _ort_psnr(ort, onnx_path, model) >= ORT_MIN_PSNR
 
 
 def test_input_shifts_need_input_smoothing(tmp_path, capsys, tiny_checkpoint, calib_images):
@@ -165,8 +170,36 @@ def test_input_shifts_train_export_a_sub_and_ort_matches(tmp_path, capsys, tiny_
         chains.append(ops)
     assert len(chains) == 4 and all("Sub" in ops and "Mul" in ops for ops in chains), chains
     model = load_quantized_model(tiny_checkpoint, full_out)
-    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    with torch.no_grad():
-        assert _psnr(got, model(x)) >= ORT_MIN_PSNR
+    assert _ort_psnr(ort, onnx_path, model) >= ORT_MIN_PSNR
+
+
+def test_gptq_with_every_transform_exports_and_ort_matches(tmp_path, capsys, tiny_checkpoint, calib_images):
+    """``--gptq`` after 2DQuant with every transform: refined codes in the artifact, lint-clean graph, ORT exact."""
+    ort = pytest.importorskip("onnxruntime")
+    from export.onnx_export import ExportOptions, export_onnx
+    from toolchain.quant import QuantLinear
+
+    every = ["--granularity", "per-channel", "--smooth", "all", "--shifts", "--input-shifts", "--gptq"]
+    dobi, after, full_out = dobi_then_2dquant(tmp_path, capsys, tiny_checkpoint, calib_images, every)
+    facts = after.meta["method_options"]["gptq"]
+    assert facts["linears"] == 16 and facts["order"] == "act"  # qkv, proj, fc1, fc2 of 4 blocks
+    assert facts["mean_relative_error"]["gptq"] < facts["mean_relative_error"]["round_to_nearest"]
+    refined = [k for k in after.bounds if k.startswith("weights/")]
+    assert after.meta["refined_weights"] == len(refined) == 16 + 4  # every weight, the 4 shifted fc2 biases
+    assert dobi.bounds.keys() == after.bounds.keys()  # DOBI + GPTQ and 2DQuant + GPTQ: the same contents
+    folds = [k for k in after.bounds if k.startswith(TRANSFORMS_PREFIX)]
+    assert len(after.bounds) == 2 * after.meta["quantizers"] + len(folds) + len(refined)
+
+    model = load_quantized_model(tiny_checkpoint, full_out)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            assert torch.equal(module.weight_quantizer(module.weight), module.weight)  # the codes GPTQ chose
+    onnx_path = tmp_path / "gptq.onnx"
+    assert not export_onnx(tiny_checkpoint, full_out, onnx_path, ExportOptions(tile=16)).violations
+    assert _ort_psnr(ort, onnx_path, model) >= ORT_MIN_PSNR
+
+
+def test_gptq_damp_must_be_positive(tmp_path, capsys, tiny_checkpoint, calib_images):
+    code, _, err = run(capsys, *base_args(tiny_checkpoint, calib_images, tmp_path / "x.safetensors"),
+                       "--gptq", "--gptq-damp", "0")
+    assert code == 2 and "--gptq-damp" in err

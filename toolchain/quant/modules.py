@@ -167,12 +167,16 @@ class QuantLinear(nn.Module):
         # it back), exported as one Sub; None: no op
         self.register_buffer("input_offset", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the weight multiplies: ``x`` after the multiplier, the offset and the input quantizer."""
         if self.input_multiplier is not None:
             x = x * self.input_multiplier
         if self.input_offset is not None:
             x = x - self.input_offset
-        return F.linear(_maybe(self.input_quantizer, x), _maybe(self.weight_quantizer, self.weight), self.bias)
+        return _maybe(self.input_quantizer, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), _maybe(self.weight_quantizer, self.weight), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -1,0 +1,160 @@
+"""GPTQ weight refinement: integer weight codes that compensate each other's rounding error.
+
+Round-to-nearest puts every weight on the nearest grid point of its quantizer, one at a time. GPTQ
+(Frantar et al., ICLR 2023; Optimal Brain Quantization) quantizes the columns of a linear's weight
+``W (C_out, C_in)`` one after another and spreads each column's rounding error over the columns not
+yet quantized, weighted by the inverse of the input second moment ``H = E[u u^T]``, so that the
+layer output ``W u`` is kept rather than the weights themselves. The grid stays the one the bounds
+define (DOBI / DQC, per tensor or per channel): only which grid point each weight takes changes, so
+the deployed graph and the quantizer arithmetic are untouched.
+
+Here it runs last, on the calibrated model with its folds baked (:func:`calib.smoothing.bake_transforms`):
+
+- ``u`` is what the weight multiplies in the quantized model: the quantized input
+  (:meth:`QuantLinear.quantized_input`) plus the linear's input offset where it has one
+  (:mod:`calib.input_shift`, whose bias fold ``b + W_q c`` is then rewritten for the new codes), so
+  ``H`` is measured on the quantized model (one pass over the calibration patches; every linear's
+  statistics come from the same pass, with its upstream layers rounded to nearest);
+- the new weight is written as its fake-quantized values (on the grid, so the quantizer maps it to
+  itself), and the artifact stores the refined weights and biases (:mod:`calib.artifact`).
+
+Options: ``damp`` (fraction of the mean diagonal of ``H`` added to it, GPTQ's 1%), ``act_order``
+(columns in order of decreasing ``H_ii``, the "act-order" heuristic). Each linear's relative output
+error ``tr((W - Q) H (W - Q)^T) / tr(W H W^T)`` before (round to nearest) and after is reported.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from toolchain.quant import QuantLinear, grid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DAMP = 0.01
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """Relative output error of one linear's quantized weight, round to nearest and GPTQ."""
+
+    name: str
+    rtn_error: float
+    gptq_error: float
+
+
+def refinable_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    """The linears whose weight quantizer is on and calibrated, by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)
+            and m.weight_quantizer is not None and m.weight_quantizer.enabled and m.weight_quantizer.initialized}
+
+
+@torch.no_grad()
+def input_second_moments(linears: dict[str, QuantLinear], forward_loop: Callable[[nn.Module], None],
+                         model: nn.Module) -> dict[str, torch.Tensor]:
+    """``H = E[u u^T]`` (float64, ``(C_in, C_in)``) of every linear's effective input, in one pass."""
+    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
+            for name, m in linears.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    def hook(name: str, module: QuantLinear):
+        def record(_module: nn.Module, args: tuple) -> None:
+            u = effective_input(module, args[0]).reshape(-1, module.in_features).double()
+            sums[name].addmm_(u.T, u)
+            counts[name] += u.shape[0]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name, m)) for name, m in linears.items()]
+    try:
+        forward_loop(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    unseen = [name for name, n in counts.items() if n == 0]
+    if unseen:
+        raise ValueError(f"GPTQ: {len(unseen)} linears saw no input in the calibration pass (e.g. {unseen[0]})")
+    return {name: sums[name] / counts[name] for name in linears}
+
+
+def effective_input(linear: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The input ``u`` with ``W u + b0`` the layer's output: quantized input plus the input offset."""
+    u = linear.quantized_input(x)
+    return u if linear.input_offset is None else u + linear.input_offset
+
+
+def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, quantize: Callable[[torch.Tensor], torch.Tensor],
+               damp: float = DEFAULT_DAMP, act_order: bool = True) -> torch.Tensor:
+    """GPTQ of ``weight (C_out, C_in)`` under ``H (C_in, C_in)``; ``quantize`` maps a ``(C_out, 1)``
+    column to its grid values. Returns the quantized weight (grid values, ``weight``'s dtype)."""
+    if not damp > 0:
+        raise ValueError(f"GPTQ damp must be positive, got {damp}")
+    work = weight.detach().to(torch.float64).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    columns = work.shape[1]
+    diag = torch.diagonal(h)
+    diag[diag == 0] = 1.0  # an input that is always zero: any code is exact, rounding to nearest is kept
+    order = torch.argsort(diag, descending=True) if act_order else torch.arange(columns, device=h.device)
+    work, h = work[:, order], h[order][:, order]
+    h += damp * torch.diagonal(h).mean() * torch.eye(columns, dtype=h.dtype, device=h.device)
+    # the upper Cholesky factor of H^-1 holds, row by row, how column i's error moves the later columns
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    upper = torch.linalg.cholesky(inverse, upper=True)
+    out = torch.empty_like(work)
+    for i in range(columns):
+        column = work[:, i:i + 1]
+        q = quantize(column.to(weight.dtype)).to(torch.float64)
+        out[:, i:i + 1] = q
+        error = (column - q) / upper[i, i]
+        work[:, i + 1:] -= error * upper[i:i + 1, i + 1:]
+    restored = torch.empty_like(out)
+    restored[:, order] = out
+    return restored.to(weight.dtype)
+
+
+def relative_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr((W - Q) H (W - Q)^T) / tr(W H W^T)``: the share of the output's energy the rounding costs."""
+    w, d = weight.double(), (weight - quantized).double()
+    return float(((d @ hessian) * d).sum() / ((w @ hessian) * w).sum().clamp_min(1e-300))
+
+
+@torch.no_grad()
+def refine_weights(model: nn.Module, forward_loop: Callable[[nn.Module], None], damp: float = DEFAULT_DAMP,
+                   act_order: bool = True, progress: bool = True) -> list[LayerResult]:
+    """GPTQ on every calibrated weight quantizer's linear of a baked quantized ``model``, in place.
+
+    Each refined linear's weight becomes its GPTQ grid values and, with an input offset, its bias is
+    moved by ``(Q - W_q) c`` so that the offset's fold stays exact. Convolutions are left as they are.
+    """
+    linears = refinable_linears(model)
+    if not linears:
+        raise ValueError("GPTQ: the model has no linear with a calibrated weight quantizer")
+    parametrized = [name for name, m in linears.items() if hasattr(m, "parametrizations")]
+    if parametrized:
+        raise ValueError(f"GPTQ needs a baked model (bake_transforms): {parametrized[0]} still has folds")
+    hessians = input_second_moments(linears, forward_loop, model)
+    results = []
+    for name, linear in tqdm(linears.items(), desc="GPTQ", unit="linear", disable=not progress):
+        quantizer = linear.weight_quantizer
+        weight, hessian = linear.weight.detach(), hessians[name]
+
+        def on_grid(column: torch.Tensor) -> torch.Tensor:
+            lower, upper = quantizer.lower, quantizer.upper
+            return grid.fake_quantize(column, lower, upper, quantizer.bits, quantizer.symmetric)
+
+        rounded = quantizer(weight)
+        refined = gptq_codes(weight, hessian, on_grid, damp, act_order)
+        results.append(LayerResult(name, relative_error(weight, rounded, hessian),
+                                   relative_error(weight, refined, hessian)))
+        if linear.input_offset is not None:
+            linear.bias.add_((refined - rounded) @ linear.input_offset)
+        linear.weight.copy_(refined)
+    before = sum(r.rtn_error for r in results) / len(results)
+    after = sum(r.gptq_error for r in results) / len(results)
+    log.info("GPTQ: %d linears, mean relative output error %.3g (round to nearest) -> %.3g", len(results),
+             before, after)
+    return results

@@ -1,0 +1,109 @@
+"""GPTQ weight refinement (calib/gptq.py): the algorithm, the grid, the input-shift fold, the artifact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calib.artifact import load_artifact, load_quantized_model, save_artifact
+from calib.baselines import calibrate_minmax
+from calib.gptq import gptq_codes, refine_weights, relative_error
+from calib.input_shift import add_input_shifts, init_input_shifts
+from calib.observers import batch_forward_loop
+from calib.shift import bake_transforms, transforms_spec, transforms_state
+from calib.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant
+from toolchain.models.swinir import SwinIR
+from toolchain.quant import QuantConfig, QuantLinear, grid, quantize_model
+
+CONFIG = QuantConfig(w_bits=4, a_bits=4, weight_granularity="per-channel")
+
+
+def _grid(lower: torch.Tensor, upper: torch.Tensor, bits: int = 4):
+    return lambda column: grid.fake_quantize(column, lower, upper, bits)
+
+
+def _correlated(columns: int, samples: int = 400, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(columns, columns, generator=g)
+    x = torch.randn(samples, columns, generator=g) @ mix  # strongly correlated inputs
+    return (x.T @ x / samples).double()
+
+
+def test_codes_are_grid_points_and_beat_rounding_to_nearest_on_correlated_inputs():
+    weight = torch.randn(16, 24, generator=torch.Generator().manual_seed(1))
+    lower, upper = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+    quantize = _grid(lower, upper)
+    hessian = _correlated(24)
+    for act_order in (True, False):
+        codes = gptq_codes(weight, hessian, quantize, act_order=act_order)
+        assert codes.dtype == weight.dtype and torch.equal(quantize(codes), codes)  # on the grid
+        assert relative_error(weight, codes, hessian) < 0.5 * relative_error(weight, quantize(weight), hessian)
+
+
+def test_uncorrelated_inputs_leave_nothing_to_compensate():
+    """With a diagonal H no column's error moves another: GPTQ is rounding to nearest."""
+    weight = torch.randn(8, 12, generator=torch.Generator().manual_seed(2))
+    quantize = _grid(weight.amin(), weight.amax(), bits=3)
+    hessian = torch.diag(torch.rand(12, generator=torch.Generator().manual_seed(3)).double() + 0.1)
+    assert torch.equal(gptq_codes(weight, hessian, quantize), quantize(weight))
+    with pytest.raises(ValueError, match="damp"):
+        gptq_codes(weight, hessian, quantize, damp=0.0)
+
+
+def _shifted_model(seed: int = 0):
+    """A tiny quantized SwinIR x2 with explicit input smoothing + input shifts on fc2, MinMax bounds, baked."""
+    torch.manual_seed(seed)
+    model = quantize_model(SwinIR(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8,
+                                  mlp_ratio=2.0).eval(), CONFIG)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    loop = batch_forward_loop(x, progress=False)
+    groups = find_smoothing_groups(model, x[:1], kinds=("input",))
+    add_smoothing(model, groups)
+    init_smoothquant(model, loop)
+    add_input_shifts(model, [g.producer for g in groups])
+    init_input_shifts(model, loop)
+    calibrate_minmax(model, loop)
+    return model, x, loop
+
+
+def test_refine_keeps_the_input_shift_fold_exact_and_lowers_the_error():
+    model, x, loop = _shifted_model()
+    bake_transforms(model)
+    shifted = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_offset is not None}
+    assert shifted
+    # bias - W_q c is the bias before the offset's fold; it must not change when the codes do
+    before = {n: (m.bias - m.weight_quantizer(m.weight) @ m.input_offset).detach().clone() for n, m in shifted.items()}
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    results = refine_weights(model, loop, progress=False)
+    assert len(results) == len(weights) == 2 * 4  # qkv, proj, fc1, fc2 in two blocks
+    for name, m in shifted.items():
+        torch.testing.assert_close(m.bias - m.weight @ m.input_offset, before[name], rtol=0, atol=1e-5)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(m.weight_quantizer(m.weight), m.weight)  # codes on the grid
+    assert any(not torch.equal(weights[n], m.weight) for n, m in model.named_modules() if n in weights)
+    assert sum(r.gptq_error for r in results) < sum(r.rtn_error for r in results)
+
+
+def test_refine_refuses_a_model_with_folds_left():
+    model, _, loop = _shifted_model()
+    with pytest.raises(ValueError, match="baked model"):
+        refine_weights(model, loop, progress=False)
+
+
+def test_artifact_round_trip_is_bit_identical(tmp_path, save_checkpoint):
+    model, x, loop = _shifted_model()
+    torch.manual_seed(0)  # the same float weights as _shifted_model's
+    checkpoint = save_checkpoint(SwinIR(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8,
+                                        mlp_ratio=2.0).eval(), tmp_path / "tiny_x2.safetensors")
+    saved = (transforms_spec(model), transforms_state(model))
+    bake_transforms(model)
+    refine_weights(model, loop, progress=False)
+    refined = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    refined.update({f"{n}.bias": m.bias for n, m in model.named_modules()
+                    if isinstance(m, QuantLinear) and m.input_offset is not None})
+    path = save_artifact(tmp_path / "g.safetensors", model, checkpoint=checkpoint, quant_config=CONFIG,
+                         method="minmax", transforms=saved, weights=refined)
+    assert load_artifact(path).meta["refined_weights"] == len(refined)
+    loaded = load_quantized_model(checkpoint, path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
