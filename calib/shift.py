@@ -27,7 +27,7 @@ the all-ones vector):
 
 Not folded: q (``(q - c).k`` varies along the keys), the softmax probabilities (their zero is
 meaningful), and the GELU output into ``fc2`` (no affine op before it: a shift there needs an
-explicit ``Sub`` in the graph, which TensorRT would fuse into the quantize; not offered here).
+explicit ``Sub`` in the graph; :mod:`calib.input_shift` offers that per channel, ``--input-shifts``).
 
 Sites are found from data flow like :mod:`calib.smoothing` (per-channel statistics of one float
 forward: a LayerNorm output equal to a linear input, an attention operand equal to a slice of a
