@@ -8,8 +8,8 @@ the sidecar sits beside it with the suffix ``.json`` (``run/w4a4.safetensors`` -
   (shape ``()`` per tensor, ``(C_out, 1, ...)`` per channel), exactly
   :func:`toolchain.quant.bounds_state`; with folds (:mod:`calib.smoothing`, :mod:`calib.shift`)
   also their learned parameters under ``transforms/`` (``transforms/smoothing.<group>.log_scale``,
-  ``transforms/shift.<site>.offset``); with GPTQ (:mod:`calib.gptq`) the refined linears' weights and
-  biases under ``weights/`` (``weights/<module>.weight``: grid values of the baked model).
+  ``transforms/shift.<site>.offset``); with GPTQ (:mod:`calib.gptq`) the refined float weights of the
+  linears under ``weights/`` (``weights/<module>.weight``: the checkpoint's parameter, replaced).
 - sidecar: ``format_version``, ``checkpoint`` (file name) and ``checkpoint_sha256``, ``model``
   (``arch`` and ``config``), ``quant_config`` (:meth:`QuantConfig.to_dict`), ``method`` and
   ``method_options``, ``calibration`` (data folder, image count and list hash, patches, patch
@@ -18,9 +18,10 @@ the sidecar sits beside it with the suffix ``.json`` (``run/w4a4.safetensors`` -
   file is refused; ``transforms`` (:func:`calib.shift.transforms_spec`) when the model has folds.
 
 :func:`load_quantized_model` rebuilds the fake-quant model from the float checkpoint and an
-artifact, refusing a checkpoint whose SHA-256 differs from the one calibrated; folds are re-created,
-loaded and baked (:func:`calib.smoothing.bake_transforms`), then refined weights are written in, so
-the model it returns is a plain quantized model whose outputs are the calibrated model's bit for bit.
+artifact, refusing a checkpoint whose SHA-256 differs from the one calibrated; refined weights are
+written into the float model first, then folds are re-created, loaded and baked
+(:func:`calib.smoothing.bake_transforms`), so the model it returns is a plain quantized model whose
+outputs are the calibrated model's bit for bit.
 """
 from __future__ import annotations
 
@@ -106,15 +107,12 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
                   method: str, method_options: Optional[Mapping[str, Any]] = None,
                   calibration: Optional[Mapping[str, Any]] = None,
                   checkpoint_sha256: Optional[str] = None,
-                  transforms: Optional[tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]] = None,
                   weights: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
     """Write ``model``'s bounds to ``path`` (``.safetensors``) and the sidecar beside it; returns ``path``.
 
     ``checkpoint`` is the float checkpoint the model was loaded from (hashed unless
-    ``checkpoint_sha256`` is given). ``transforms``: ``(spec, state)`` of the folds when ``model`` is
-    already baked (default: read from ``model``); ``weights``: refined parameters of the baked model
-    by name (``<module>.weight`` / ``.bias``), written in after baking at load time. Nothing is left
-    behind if writing fails.
+    ``checkpoint_sha256`` is given). ``weights``: float parameters that replace the checkpoint's, by
+    name (``<module>.weight``; GPTQ's refined weights). Nothing is left behind if writing fails.
 
     >>> save_artifact("run/w4a4.safetensors", model, checkpoint="swinir_x4.pth",
     ...               quant_config=config, method="dobi")                         # doctest: +SKIP
@@ -125,7 +123,7 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
     sidecar = sidecar_path(path)
     bounds = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in bounds_state(model).items()}
     quantizer_count = len(bounds) // 2
-    spec, state = transforms if transforms is not None else (transforms_spec(model), transforms_state(model))
+    spec, state = transforms_spec(model), transforms_state(model)
     bounds.update({TRANSFORMS_PREFIX + name: t.detach().to("cpu", torch.float32).contiguous()
                    for name, t in state.items()})
     bounds.update({WEIGHTS_PREFIX + name: t.detach().to("cpu", torch.float32).contiguous()
@@ -226,6 +224,9 @@ def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
     got = {"arch": getattr(model, "arch", type(model).__name__), "config": getattr(model, "config", {})}
     if json.loads(json.dumps(got)) != want:
         raise ArtifactError(f"{artifact_path} describes model {want}, but {weights_path} builds {got}")
+    refined = {k[len(WEIGHTS_PREFIX):]: v for k, v in artifact.bounds.items() if k.startswith(WEIGHTS_PREFIX)}
+    if refined:
+        _write_refined(model, refined, artifact_path)
     config = artifact.quant_config
     try:
         quantize_model(model, config)
@@ -233,7 +234,6 @@ def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
         raise ArtifactError(f"{artifact_path}: its quant_config does not apply to {weights_path}: {err}") from err
     bounds = {k: v for k, v in artifact.bounds.items() if not k.startswith((TRANSFORMS_PREFIX, WEIGHTS_PREFIX))}
     folds = {k[len(TRANSFORMS_PREFIX):]: v for k, v in artifact.bounds.items() if k.startswith(TRANSFORMS_PREFIX)}
-    refined = {k[len(WEIGHTS_PREFIX):]: v for k, v in artifact.bounds.items() if k.startswith(WEIGHTS_PREFIX)}
     spec = meta.get("transforms")
     if spec or folds:
         try:
@@ -246,14 +246,12 @@ def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
         raise ArtifactError(f"{artifact_path}: its bounds do not fit the quantizers of {config}: {err}") from err
     if spec or folds:
         bake_transforms(model)
-    if refined:
-        _write_refined(model, refined, artifact_path)
     return model.to(device).eval()
 
 
 @torch.no_grad()
 def _write_refined(model: nn.Module, refined: Mapping[str, torch.Tensor], artifact_path: PathLike) -> None:
-    """Copy the artifact's refined weights and biases into the baked model (names and shapes checked)."""
+    """Copy the artifact's refined float weights into the checkpoint's model (names and shapes checked)."""
     params = dict(model.named_parameters())
     for name, value in refined.items():
         target = params.get(name)

@@ -51,10 +51,30 @@ class CalibrationContext:
     args: argparse.Namespace
     device: str
     progress: bool
+    #: ``--gptq``: the refined float weights by parameter name and the facts for the sidecar, once run
+    refined: Optional[dict[str, torch.Tensor]] = None
+    gptq_facts: Optional[dict[str, Any]] = None
 
     def forward_loop(self, desc: str = "calibration") -> Callable[[nn.Module], None]:
         """One pass of the calibration patches through a model, in ``--batch-size`` batches."""
         return batch_forward_loop(self.lr, self.args.batch_size, self.device, self.progress, desc)
+
+    def refine_weights(self) -> None:
+        """``--gptq`` (once, after the bounds are set): GPTQ weight codes on the current grids."""
+        from .gptq import refine_weights
+
+        if not self.args.gptq or self.refined is not None:
+            return
+        try:
+            results, self.refined = refine_weights(self.model, self.forward_loop("GPTQ statistics"),
+                                                   self.args.gptq_damp, self.args.gptq_order == "act", self.progress)
+        except ValueError as err:
+            raise UsageError(f"--gptq: {err}") from None
+        rtn, gptq = sorted(r.rtn_error for r in results), sorted(r.gptq_error for r in results)
+        self.gptq_facts = {
+            "linears": len(results), "damp": self.args.gptq_damp, "order": self.args.gptq_order,
+            "mean_relative_error": {"round_to_nearest": sum(rtn) / len(rtn), "gptq": sum(gptq) / len(gptq)},
+            "median_relative_error": {"round_to_nearest": rtn[len(rtn) // 2], "gptq": gptq[len(gptq) // 2]}}
 
 
 @dataclass(frozen=True)
@@ -109,12 +129,20 @@ def _2dquant_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def run_2dquant(ctx: CalibrationContext) -> dict[str, Any]:
-    """2DQuant: DOBI bounds, then DQC distillation of every bound from the float teacher."""
+    """2DQuant: DOBI bounds, then DQC distillation of every bound from the float teacher.
+
+    With ``--gptq`` the weight codes are refined between the two, and DQC's teacher is the
+    checkpoint itself (the student's float weights are no longer the checkpoint's).
+    """
+    from toolchain import load_model
+
     from .dqc_cli import run_dqc
 
     options = run_dobi(ctx)
     finish_transforms(ctx.model)  # DQC starts from exact shifted grids
-    options["dqc"] = run_dqc(ctx.args, ctx.model, images=ctx.images, progress=ctx.progress)
+    ctx.refine_weights()
+    teacher = load_model(ctx.weights, device=ctx.device).eval() if ctx.refined else None
+    options["dqc"] = run_dqc(ctx.args, ctx.model, teacher, images=ctx.images, progress=ctx.progress)
     return options
 
 
@@ -255,9 +283,9 @@ def _main(args: argparse.Namespace) -> int:
     finish_transforms(model)
     if transforms:
         options["transforms"] = transforms
-    saved_transforms, refined = None, None
-    if args.gptq:
-        saved_transforms, refined, options["gptq"] = _refine_weights(ctx)
+    ctx.refine_weights()  # --gptq after methods that did not run it themselves
+    if ctx.gptq_facts is not None:
+        options["gptq"] = ctx.gptq_facts
     calibration = {"data": str(Path(args.calib_images).resolve()), **describe_images(args.calib_images, images),
                    "patches": args.patches, "patch_size": args.patch_size, "scale": model.scale,
                    "seed": args.seed, "augment": True, "batch_size": args.batch_size}
@@ -266,7 +294,7 @@ def _main(args: argparse.Namespace) -> int:
     if not is_main_process():  # under torchrun only rank 0 writes
         return 0
     save_artifact(args.out, model, checkpoint=args.weights, quant_config=config, method=args.method,
-                  method_options=options, calibration=calibration, transforms=saved_transforms, weights=refined)
+                  method_options=options, calibration=calibration, weights=ctx.refined)
     summary = {"artifact": str(args.out), "sidecar": str(sidecar_path(args.out)), "method": args.method,
                "method_options": options, "quant_config": config.to_dict(),
                "seconds": round(time.perf_counter() - started, 3)}
@@ -278,35 +306,6 @@ def _main(args: argparse.Namespace) -> int:
               f"{config.target}) in {summary['seconds']:.1f} s")
         print(f"wrote {summary['artifact']} and {summary['sidecar']}")
     return 0
-
-
-def _refine_weights(ctx: CalibrationContext) -> tuple[tuple, dict[str, torch.Tensor], dict[str, Any]]:
-    """``--gptq``: bake the folds (kept for the artifact), refine the weights; returns
-    ``((spec, state) of the folds, refined parameters by name, facts for the sidecar)``."""
-    from .gptq import refine_weights
-    from .shift import bake_transforms, transforms_spec, transforms_state
-
-    model = ctx.model
-    saved = (transforms_spec(model), transforms_state(model))
-    bake_transforms(model)
-    try:
-        results = refine_weights(model, ctx.forward_loop("GPTQ statistics"), ctx.args.gptq_damp,
-                                 ctx.args.gptq_order == "act", ctx.progress)
-    except ValueError as err:
-        raise UsageError(f"--gptq: {err}") from None
-    modules = dict(model.named_modules())
-    refined = {}
-    for result in results:
-        linear = modules[result.name]
-        refined[f"{result.name}.weight"] = linear.weight.detach()
-        if linear.input_offset is not None:  # its bias fold moved with the codes
-            refined[f"{result.name}.bias"] = linear.bias.detach()
-    rtn = sorted(r.rtn_error for r in results)
-    gptq = sorted(r.gptq_error for r in results)
-    facts = {"linears": len(results), "damp": ctx.args.gptq_damp, "order": ctx.args.gptq_order,
-             "mean_relative_error": {"round_to_nearest": sum(rtn) / len(rtn), "gptq": sum(gptq) / len(gptq)},
-             "median_relative_error": {"round_to_nearest": rtn[len(rtn) // 2], "gptq": gptq[len(gptq) // 2]}}
-    return saved, refined, facts
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,15 +8,20 @@ layer output ``W u`` is kept rather than the weights themselves. The grid stays 
 define (DOBI / DQC, per tensor or per channel): only which grid point each weight takes changes, so
 the deployed graph and the quantizer arithmetic are untouched.
 
-Here it runs last, on the calibrated model with its folds baked (:func:`calib.smoothing.bake_transforms`):
+Here it runs once the bounds are set (after DOBI, MinMax, ...; before DQC in 2DQuant, which then
+learns the bounds, smoothing factors and offsets around the refined codes: run after DQC instead,
+GPTQ undoes what DQC's per-channel offsets had learned to compensate, and measured worse):
 
 - ``u`` is what the weight multiplies in the quantized model: the quantized input
   (:meth:`QuantLinear.quantized_input`) plus the linear's input offset where it has one
-  (:mod:`calib.input_shift`, whose bias fold ``b + W_q c`` is then rewritten for the new codes), so
-  ``H`` is measured on the quantized model (one pass over the calibration patches; every linear's
-  statistics come from the same pass, with its upstream layers rounded to nearest);
-- the new weight is written as its fake-quantized values (on the grid, so the quantizer maps it to
-  itself), and the artifact stores the refined weights and biases (:mod:`calib.artifact`).
+  (:mod:`calib.input_shift`; its bias fold ``b + W_q c`` follows the new codes by itself), so ``H`` is
+  measured on the quantized model (one pass over the calibration patches; every linear's statistics
+  come from the same pass, with its upstream layers rounded to nearest);
+- the folds stay parametrized: the refined weight is written back through them (each fold's inverse
+  on its ``original``), so the folded weight the quantizer sees rounds to the codes GPTQ chose;
+- the float weights change (not the folds: the model in float mode is no longer the checkpoint's),
+  so DQC needs the checkpoint as a separate teacher, and the artifact stores the refined float
+  weights (:mod:`calib.artifact`), written into the checkpoint's model before anything else.
 
 Options: ``damp`` (fraction of the mean diagonal of ``H`` added to it, GPTQ's 1%), ``act_order``
 (columns in order of decreasing ``H_ii``, the "act-order" heuristic). Each linear's relative output
@@ -124,37 +129,65 @@ def relative_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch
 
 @torch.no_grad()
 def refine_weights(model: nn.Module, forward_loop: Callable[[nn.Module], None], damp: float = DEFAULT_DAMP,
-                   act_order: bool = True, progress: bool = True) -> list[LayerResult]:
-    """GPTQ on every calibrated weight quantizer's linear of a baked quantized ``model``, in place.
+                   act_order: bool = True, progress: bool = True) -> tuple[list[LayerResult], dict[str, torch.Tensor]]:
+    """GPTQ on every calibrated weight quantizer's linear of ``model`` (folds parametrized or none), in place.
 
-    Each refined linear's weight becomes its GPTQ grid values and, with an input offset, its bias is
-    moved by ``(Q - W_q) c`` so that the offset's fold stays exact. Convolutions are left as they are.
+    Returns the per-linear errors and the refined float weights by parameter name (``<linear>.weight``,
+    the tensor under the folds: what the checkpoint's model must hold). Convolutions are left as
+    they are. A baked model with input offsets is refused: its bias fold is a plain tensor that would
+    not follow the new codes.
     """
     linears = refinable_linears(model)
     if not linears:
         raise ValueError("GPTQ: the model has no linear with a calibrated weight quantizer")
-    parametrized = [name for name, m in linears.items() if hasattr(m, "parametrizations")]
-    if parametrized:
-        raise ValueError(f"GPTQ needs a baked model (bake_transforms): {parametrized[0]} still has folds")
+    baked = [name for name, m in linears.items() if m.input_offset is not None and not _parametrized(m, "bias")]
+    if baked:
+        raise ValueError(f"GPTQ runs before bake_transforms: {baked[0]} has a baked input offset")
     hessians = input_second_moments(linears, forward_loop, model)
-    results = []
+    results, refined = [], {}
     for name, linear in tqdm(linears.items(), desc="GPTQ", unit="linear", disable=not progress):
         quantizer = linear.weight_quantizer
         weight, hessian = linear.weight.detach(), hessians[name]
 
         def on_grid(column: torch.Tensor) -> torch.Tensor:
-            lower, upper = quantizer.lower, quantizer.upper
-            return grid.fake_quantize(column, lower, upper, quantizer.bits, quantizer.symmetric)
+            return grid.fake_quantize(column, quantizer.lower, quantizer.upper, quantizer.bits, quantizer.symmetric)
 
-        rounded = quantizer(weight)
-        refined = gptq_codes(weight, hessian, on_grid, damp, act_order)
-        results.append(LayerResult(name, relative_error(weight, rounded, hessian),
-                                   relative_error(weight, refined, hessian)))
-        if linear.input_offset is not None:
-            linear.bias.add_((refined - rounded) @ linear.input_offset)
-        linear.weight.copy_(refined)
+        codes = gptq_codes(weight, hessian, on_grid, damp, act_order)
+        results.append(LayerResult(name, relative_error(weight, quantizer(weight), hessian),
+                                   relative_error(weight, codes, hessian)))
+        refined[f"{name}.weight"] = _write_weight(linear, codes)
     before = sum(r.rtn_error for r in results) / len(results)
     after = sum(r.gptq_error for r in results) / len(results)
     log.info("GPTQ: %d linears, mean relative output error %.3g (round to nearest) -> %.3g", len(results),
              before, after)
-    return results
+    return results, refined
+
+
+def _parametrized(module: nn.Module, name: str) -> bool:
+    return name in getattr(module, "parametrizations", {})
+
+
+def _write_weight(linear: QuantLinear, codes: torch.Tensor) -> torch.Tensor:
+    """Make ``linear.weight`` (after its folds) ``codes``; returns the tensor stored under the folds."""
+    if not _parametrized(linear, "weight"):
+        linear.weight.copy_(codes)
+        return linear.weight.detach()
+    chain = linear.parametrizations.weight
+    value = codes
+    for fold in reversed(list(chain)):
+        value = _unfold(fold, value)
+    chain.original.copy_(value)
+    return chain.original.detach()
+
+
+def _unfold(fold: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of one weight fold of :mod:`calib.smoothing` (exact up to float rounding)."""
+    from .smoothing import DivideRows, ScaleColumns
+
+    if isinstance(fold, ScaleColumns):
+        return t / torch.exp(fold.log_scale)
+    if isinstance(fold, DivideRows):
+        start, stop = fold.group.start, fold.group.stop
+        scale = torch.exp(fold.log_scale).view(-1, *([1] * (t.dim() - 1)))
+        return torch.cat([t[:start], t[start:stop] * scale, t[stop:]])
+    raise ValueError(f"GPTQ cannot write a weight through a {type(fold).__name__} fold")

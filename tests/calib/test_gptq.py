@@ -9,7 +9,7 @@ from calib.baselines import calibrate_minmax
 from calib.gptq import gptq_codes, refine_weights, relative_error
 from calib.input_shift import add_input_shifts, init_input_shifts
 from calib.observers import batch_forward_loop
-from calib.shift import bake_transforms, transforms_spec, transforms_state
+from calib.shift import add_shifts, bake_transforms, find_shift_sites, init_shifts
 from calib.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant
 from toolchain.models.swinir import SwinIR
 from toolchain.quant import QuantConfig, QuantLinear, grid, quantize_model
@@ -49,61 +49,65 @@ def test_uncorrelated_inputs_leave_nothing_to_compensate():
         gptq_codes(weight, hessian, quantize, damp=0.0)
 
 
-def _shifted_model(seed: int = 0):
-    """A tiny quantized SwinIR x2 with explicit input smoothing + input shifts on fc2, MinMax bounds, baked."""
+def _smoothed_model(seed: int = 0):
+    """A tiny quantized SwinIR x2 with every fold (norm, value and input smoothing, shifts, input shifts),
+    MinMax bounds; folds parametrized."""
     torch.manual_seed(seed)
     model = quantize_model(SwinIR(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8,
                                   mlp_ratio=2.0).eval(), CONFIG)
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     loop = batch_forward_loop(x, progress=False)
-    groups = find_smoothing_groups(model, x[:1], kinds=("input",))
+    sites = find_shift_sites(model, x[:1])
+    groups = find_smoothing_groups(model, x[:1], kinds=("norm", "value", "input"))
     add_smoothing(model, groups)
     init_smoothquant(model, loop)
-    add_input_shifts(model, [g.producer for g in groups])
+    add_input_shifts(model, [g.producer for g in groups if g.kind == "input"])
     init_input_shifts(model, loop)
+    add_shifts(model, sites)
     calibrate_minmax(model, loop)
+    init_shifts(model)
     return model, x, loop
 
 
-def test_refine_keeps_the_input_shift_fold_exact_and_lowers_the_error():
-    model, x, loop = _shifted_model()
-    bake_transforms(model)
-    shifted = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_offset is not None}
-    assert shifted
-    # bias - W_q c is the bias before the offset's fold; it must not change when the codes do
-    before = {n: (m.bias - m.weight_quantizer(m.weight) @ m.input_offset).detach().clone() for n, m in shifted.items()}
-    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    results = refine_weights(model, loop, progress=False)
-    assert len(results) == len(weights) == 2 * 4  # qkv, proj, fc1, fc2 in two blocks
-    for name, m in shifted.items():
-        torch.testing.assert_close(m.bias - m.weight @ m.input_offset, before[name], rtol=0, atol=1e-5)
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            assert torch.equal(m.weight_quantizer(m.weight), m.weight)  # codes on the grid
-    assert any(not torch.equal(weights[n], m.weight) for n, m in model.named_modules() if n in weights)
+def test_refine_writes_the_codes_through_the_folds():
+    model, x, loop = _smoothed_model()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert any(hasattr(m, "parametrizations") and "weight" in m.parametrizations for m in linears.values())
+    before = {n: m.weight.detach().clone() for n, m in linears.items()}
+    results, refined = refine_weights(model, loop, progress=False)
+    assert len(results) == len(linears) == 2 * 4  # qkv, proj, fc1, fc2 in two blocks
+    assert sorted(refined) == sorted(f"{n}.weight" for n in linears)
+    for name, m in linears.items():
+        folded = m.weight.detach()
+        step = m.weight_quantizer.step_and_zero_point()[0]
+        assert ((folded - m.weight_quantizer(folded)).abs() <= 1e-5 * step).all(), name  # grid points
+        stored = m.parametrizations.weight.original if hasattr(m, "parametrizations") and "weight" in \
+            m.parametrizations else m.weight
+        assert torch.equal(refined[f"{name}.weight"], stored.detach())
+    assert any(not torch.equal(before[n], m.weight) for n, m in linears.items())
     assert sum(r.gptq_error for r in results) < sum(r.rtn_error for r in results)
+    with torch.no_grad():
+        folded_out = model(x)
+        bake_transforms(model)  # every fold, input-shift biases included, follows the new codes exactly
+        assert torch.equal(model(x), folded_out)
 
 
-def test_refine_refuses_a_model_with_folds_left():
-    model, _, loop = _shifted_model()
-    with pytest.raises(ValueError, match="baked model"):
+def test_refine_refuses_a_baked_model_with_input_offsets():
+    model, _, loop = _smoothed_model()
+    bake_transforms(model)
+    with pytest.raises(ValueError, match="before bake_transforms"):
         refine_weights(model, loop, progress=False)
 
 
 def test_artifact_round_trip_is_bit_identical(tmp_path, save_checkpoint):
-    model, x, loop = _shifted_model()
-    torch.manual_seed(0)  # the same float weights as _shifted_model's
+    model, x, loop = _smoothed_model()
+    torch.manual_seed(0)  # the float weights of _smoothed_model
     checkpoint = save_checkpoint(SwinIR(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8,
                                         mlp_ratio=2.0).eval(), tmp_path / "tiny_x2.safetensors")
-    saved = (transforms_spec(model), transforms_state(model))
-    bake_transforms(model)
-    refine_weights(model, loop, progress=False)
-    refined = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    refined.update({f"{n}.bias": m.bias for n, m in model.named_modules()
-                    if isinstance(m, QuantLinear) and m.input_offset is not None})
+    _, refined = refine_weights(model, loop, progress=False)
     path = save_artifact(tmp_path / "g.safetensors", model, checkpoint=checkpoint, quant_config=CONFIG,
-                         method="minmax", transforms=saved, weights=refined)
-    assert load_artifact(path).meta["refined_weights"] == len(refined)
+                         method="minmax", weights=refined)
+    assert load_artifact(path).meta["refined_weights"] == len(refined) == 8
     loaded = load_quantized_model(checkpoint, path)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
