@@ -8,9 +8,12 @@ layer output ``W u`` is kept rather than the weights themselves. The grid stays 
 define (DOBI / DQC, per tensor or per channel): only which grid point each weight takes changes, so
 the deployed graph and the quantizer arithmetic are untouched.
 
-Here it runs once the bounds are set (after DOBI, MinMax, ...; before DQC in 2DQuant, which then
-learns the bounds, smoothing factors and offsets around the refined codes: run after DQC instead,
-GPTQ undoes what DQC's per-channel offsets had learned to compensate, and measured worse):
+Here it runs once the bounds are final (``2dq-calibrate --gptq`` with DOBI, MinMax or percentile).
+Not with DQC: measured on NGswin x2 with every transform (``benchmarks/beyond_2dquant.md``), GPTQ
+before DQC gave +0.05 dB at W4A4 and -2.8 dB at W3A3, GPTQ after DQC -0.10 dB at W4A4, while after
+DOBI alone it gives +0.7 / +1.1 dB. Likely causes (not isolated): DQC moves the weight grids under
+the compensated weights and re-rounds them; DQC's learned offsets and factors adapt to the codes
+they were trained with.
 
 - ``u`` is what the weight multiplies in the quantized model: the quantized input
   (:meth:`QuantLinear.quantized_input`) plus the linear's input offset where it has one
@@ -19,9 +22,9 @@ GPTQ undoes what DQC's per-channel offsets had learned to compensate, and measur
   come from the same pass, with its upstream layers rounded to nearest);
 - the folds stay parametrized: the refined weight is written back through them (each fold's inverse
   on its ``original``), so the folded weight the quantizer sees rounds to the codes GPTQ chose;
-- the float weights change (not the folds: the model in float mode is no longer the checkpoint's),
-  so DQC needs the checkpoint as a separate teacher, and the artifact stores the refined float
-  weights (:mod:`calib.artifact`), written into the checkpoint's model before anything else.
+- the float weights change (the model in float mode is no longer the checkpoint's), so the
+  artifact stores the refined float weights (:mod:`calib.artifact`), written into the checkpoint's
+  model before anything else.
 
 Options: ``damp`` (fraction of the mean diagonal of ``H`` added to it, GPTQ's 1%), ``act_order``
 (columns in order of decreasing ``H_ii``, the "act-order" heuristic). Each linear's relative output

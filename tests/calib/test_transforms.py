@@ -174,36 +174,39 @@ def test_input_shifts_train_export_a_sub_and_ort_matches(tmp_path, capsys, tiny_
 
 
 def test_gptq_with_every_transform_exports_and_ort_matches(tmp_path, capsys, tiny_checkpoint, calib_images):
-    """``--gptq`` in 2DQuant with every transform: refined weights in the artifact, lint-clean graph, ORT exact."""
+    """DOBI + every transform + ``--gptq``: refined weights in the artifact, lint-clean graph, ORT exact."""
     ort = pytest.importorskip("onnxruntime")
     from export.onnx_export import ExportOptions, export_onnx
     from toolchain.quant import QuantLinear
 
-    every = ["--granularity", "per-channel", "--smooth", "all", "--shifts", "--input-shifts", "--gptq"]
-    dobi, after, full_out = dobi_then_2dquant(tmp_path, capsys, tiny_checkpoint, calib_images, every)
+    every = ["--granularity", "per-channel", "--smooth", "all", "--shifts", "--input-shifts"]
+    plain_out, out = tmp_path / "plain.safetensors", tmp_path / "gptq.safetensors"
+    assert run(capsys, *base_args(tiny_checkpoint, calib_images, plain_out), *every)[0] == 0
+    code, stdout, _ = run(capsys, *base_args(tiny_checkpoint, calib_images, out), *every, "--gptq")
+    assert code == 0, stdout
+    plain, after = load_artifact(plain_out), load_artifact(out)
     facts = after.meta["method_options"]["gptq"]
     assert facts["linears"] == 16 and facts["order"] == "act"  # qkv, proj, fc1, fc2 of 4 blocks
     assert facts["mean_relative_error"]["gptq"] < facts["mean_relative_error"]["round_to_nearest"]
     refined = [k for k in after.bounds if k.startswith("weights/")]
     assert after.meta["refined_weights"] == len(refined) == 16  # the float weights under the folds
-    dqc = after.meta["method_options"]["dqc"]
-    assert dqc["result"]["iterations"] == 3  # GPTQ ran between DOBI and DQC
-    assert dobi.bounds.keys() == after.bounds.keys()  # DOBI + GPTQ and 2DQuant + GPTQ: the same contents
-    folds = [k for k in after.bounds if k.startswith(TRANSFORMS_PREFIX)]
-    assert len(after.bounds) == 2 * after.meta["quantizers"] + len(folds) + len(refined)
+    # the same bounds and folds as without GPTQ: it only chooses among each grid's points
+    assert all(torch.equal(plain.bounds[k], v) for k, v in after.bounds.items() if not k.startswith("weights/"))
+    assert len(plain.bounds) == len(after.bounds) - len(refined)
 
-    # DOBI + GPTQ: the baked weights are GPTQ's grid points (DQC then moves the grids under them)
-    for module in load_quantized_model(tiny_checkpoint, tmp_path / "dobi.safetensors").modules():
-        if isinstance(module, QuantLinear):
+    model = load_quantized_model(tiny_checkpoint, out)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):  # the baked weights are GPTQ's grid points
             step = module.weight_quantizer.step_and_zero_point()[0]
             assert ((module.weight - module.weight_quantizer(module.weight)).abs() <= 1e-5 * step).all()
-    model = load_quantized_model(tiny_checkpoint, full_out)
     onnx_path = tmp_path / "gptq.onnx"
-    assert not export_onnx(tiny_checkpoint, full_out, onnx_path, ExportOptions(tile=16)).violations
+    assert not export_onnx(tiny_checkpoint, out, onnx_path, ExportOptions(tile=16)).violations
     assert _ort_psnr(ort, onnx_path, model) >= ORT_MIN_PSNR
 
 
-def test_gptq_damp_must_be_positive(tmp_path, capsys, tiny_checkpoint, calib_images):
+@pytest.mark.parametrize("options, message", [(["--gptq-damp", "0"], "--gptq-damp"),
+                                              (["--method", "2dquant"], "does not go with --method 2dquant")])
+def test_gptq_usage_errors(tmp_path, capsys, tiny_checkpoint, calib_images, options, message):
     code, _, err = run(capsys, *base_args(tiny_checkpoint, calib_images, tmp_path / "x.safetensors"),
-                       "--gptq", "--gptq-damp", "0")
-    assert code == 2 and "--gptq-damp" in err
+                       "--gptq", *options)
+    assert code == 2 and message in err
