@@ -5,7 +5,8 @@ fake-quant model on the test sets; results go to a JSON file after every cell (a
 cells already there, so a killed run resumes; a DQC run killed mid-cell continues from its
 checkpoint), and ``--markdown`` renders the table with the paper's Table 3 rows (SwinIR-light)
 beside it for context. Artifacts live in ``--work``; one lost there (a new machine) is made again
-for the row's remaining sets and must hold the same bounds as the first run (:func:`reconcile`).
+for the row's remaining sets and must hold the same bounds as the first run (:func:`reconcile`),
+which it does on the same CPU model and thread count (each calibration records its CPU).
 
     python benchmarks/ptq_grid.py --weights ../shared/models/NGswin/NGswin_x{scale}.pth --scales 2,3 \\
         --methods minmax,percentile,dobi --bits 4,3,2 --sets Set5,Set14 \\
@@ -65,9 +66,28 @@ def calibrate(args: argparse.Namespace, scale: int, method: str, bits: int, data
            *chosen, "--bits", str(bits), "--out", str(artifact), "--no-progress", "-q",
            *threads, *shlex.split(args.calib_extra), *resume]
     seconds = round(_run(cmd), 1)
-    run = {"seconds": seconds, "cmd": shlex.join(cmd), "bounds_sha256": bounds_digest(artifact)}
+    run = {"seconds": seconds, "cmd": shlex.join(cmd), "bounds_sha256": bounds_digest(artifact), "cpu": cpu_model()}
     data["calibrations"][key] = reconcile(key, recorded, run)
     return artifact
+
+
+def cpu_model() -> str:
+    """The CPU model and the kernel level PyTorch uses on it, e.g. ``AMD EPYC (AVX512)``.
+
+    Recorded per calibration: float results are bit-reproducible only on the same CPU kernels, and
+    DQC's trajectory carries a last-bit difference on to different bounds.
+    """
+    import torch
+
+    name = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def bounds_digest(artifact: Path) -> str:
@@ -89,7 +109,7 @@ def reconcile(key: str, recorded: dict | None, run: dict) -> dict:
     """The calibration record of ``key`` after a run of it: the first run's record, with a remake noted.
 
     The cells already in the results came from the first artifact, so a remade one must hold the
-    same bounds (calibration is seeded and deterministic on one machine and thread count): a
+    same bounds (calibration is seeded and deterministic on one CPU model and thread count): a
     different hash stops the grid rather than mixing two artifacts in one row. A record from before
     hashes were kept cannot be checked; the remake is noted beside it with a warning.
     """
@@ -97,9 +117,11 @@ def reconcile(key: str, recorded: dict | None, run: dict) -> dict:
         return run
     first = recorded.get("bounds_sha256")
     if first is not None and first != run["bounds_sha256"]:
-        raise SystemExit(f"{key}: the remade artifact's bounds (SHA-256 {run['bounds_sha256']}) differ from the "
-                         f"first run's ({first}), whose cells are already in the results: remove that row's cells "
-                         "to measure it again, or calibrate on the machine and thread count of the first run")
+        cpus = (f" on another CPU ({run.get('cpu')}; the first run: {recorded['cpu']})"
+                if recorded.get("cpu", run.get("cpu")) != run.get("cpu") else "")
+        raise SystemExit(f"{key}: the remade artifact's bounds (SHA-256 {run['bounds_sha256']}){cpus} differ from "
+                         f"the first run's ({first}), whose cells are already in the results: remove that row's "
+                         "cells to measure it again, or calibrate on the CPU and thread count of the first run")
     if first is None:
         print(f"warning: {key} was remade; its first run kept no bounds hash, so the row's earlier cells "
               "cannot be shown to come from the same bounds (re-evaluate one of them to check)", file=sys.stderr)
@@ -258,7 +280,7 @@ def main() -> None:
         args.markdown.write_text(text)
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    data["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
+    data["machine"] = {"platform": platform.platform(), "processor": cpu_model(),
                        "cpus": os.cpu_count(), "python": platform.python_version(), "threads": args.threads}
     done = {(c["scale"], c["method"], c["bits"], c["set"]) for c in data["cells"]}
     for set_name in args.sets.split(","):

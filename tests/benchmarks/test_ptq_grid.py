@@ -51,6 +51,20 @@ def test_reconcile_keeps_the_first_run_and_refuses_other_bounds():
         ptq_grid.reconcile("k", first, {"seconds": 9.0, "cmd": "a", "bounds_sha256": "h2"})
 
 
+def test_reconcile_names_the_cpus_when_a_remake_on_another_one_differs():
+    first = {"seconds": 10.0, "cmd": "a", "bounds_sha256": "h1", "cpu": "Intel Xeon (AVX512)"}
+    with pytest.raises(SystemExit, match=r"on another CPU \(AMD EPYC \(AVX2\); the first run: Intel Xeon"):
+        ptq_grid.reconcile("k", first, {"seconds": 9.0, "cmd": "a", "bounds_sha256": "h2", "cpu": "AMD EPYC (AVX2)"})
+    with pytest.raises(SystemExit) as same_cpu:
+        ptq_grid.reconcile("k", first, {"seconds": 9.0, "cmd": "a", "bounds_sha256": "h2", "cpu": first["cpu"]})
+    assert "another CPU" not in str(same_cpu.value)
+
+
+def test_cpu_model_names_the_kernel_level():
+    name = ptq_grid.cpu_model()
+    assert name.endswith(f"({torch.backends.cpu.get_cpu_capability()})") and len(name) > len("()") + 3
+
+
 def test_reconcile_notes_a_remake_of_a_record_without_hash(capsys):
     legacy = {"seconds": 10.0, "cmd": "a"}
     remade = {"seconds": 8.0, "cmd": "a", "bounds_sha256": "h"}
@@ -91,7 +105,7 @@ def test_a_lost_artifact_is_remade_with_the_same_bounds(tmp_path, datasets_dir):
     assert record["remade"]["cmd"].endswith("--resume")
     assert record["seconds"] == first["seconds"] and record["remade"]["bounds_sha256"] == first["bounds_sha256"]
     artifact.unlink()
-    checkpoint.unlink()  # everything lost, as on a new machine: calibrated from scratch, same bounds
+    checkpoint.unlink()  # everything lost, as on a new VM of the same CPU: calibrated from scratch, same bounds
     ptq_grid.calibrate(args, 4, "2dquant", 4, data)
     again = data["calibrations"]["x4_2dquant_w4a4"]["remade"]
     assert not again["cmd"].endswith("--resume") and again["bounds_sha256"] == first["bounds_sha256"]
