@@ -171,7 +171,7 @@ def merge(data: dict, other: dict, methods: set[str] | None = None) -> None:
     """Add ``other``'s cells (and their calibrations) to ``data``; a cell already in ``data`` wins.
 
     A calibration in both with another bounds hash (or none recorded) is kept as ``data``'s, with
-    ``other``'s noted under ``remade``.
+    ``other``'s noted under ``remade``. ``other``'s superseded rows (:func:`remake_table`) are added.
     """
     have = {(c["scale"], c["method"], c["bits"], c["set"]) for c in data["cells"]}
     for cell in other["cells"]:
@@ -179,6 +179,9 @@ def merge(data: dict, other: dict, methods: set[str] | None = None) -> None:
         if (methods is None or cell["method"] in methods) and key not in have:
             data["cells"].append(cell)
             have.add(key)
+    for entry in other.get("superseded", []):
+        if (methods is None or entry["cells"][0]["method"] in methods) and entry not in data.get("superseded", []):
+            data.setdefault("superseded", []).append(entry)
     for key, calibration in other["calibrations"].items():
         mine = data["calibrations"].setdefault(key, calibration)
         if mine is not calibration and "remade" not in mine and mine.get("bounds_sha256") != calibration.get(
@@ -234,7 +237,7 @@ def delta_table(data: dict, base: str) -> str:
     keys = sorted({(c["scale"], c["bits"], c["set"]) for c in data["cells"] if c["method"] == base},
                   key=lambda k: (k[0], -k[1], SETS.index(k[2]) if k[2] in SETS else 9))
     head = f"| scale | W/A | set | FP | {base} | " + " | ".join(f"{m} (Δ dB)" for m in methods) + " |"
-    out = [head, "|" + "---|" * (len(methods) + 5)]
+    out = [f"PSNR difference from {base}, per cell (dB):", "", head, "|" + "---|" * (len(methods) + 5)]
     for scale, bits, set_name in keys:
         ref = cells[(scale, base, bits, set_name)]
         fp = cells.get((scale, "FP", 32, set_name))
@@ -242,6 +245,26 @@ def delta_table(data: dict, base: str) -> str:
                   for m in methods]
         out.append(f"| x{scale} | W{bits}A{bits} | {set_name} | {'–' if fp is None else f'{fp:.2f}'} | {ref:.2f} | "
                    + " | ".join(deltas) + " |")
+    return "\n".join(out) + "\n"
+
+
+def remake_table(data: dict) -> str:
+    """The rows measured twice: the first run's cells (``data["superseded"]``) beside the remake's.
+
+    A row whose artifact was lost and could not be remade bit for bit (another CPU) is measured again
+    on the new artifact; its first cells move to ``superseded`` (``{"key", "reason", "calibration",
+    "cells"}``) and this table shows both runs, the spread of one cell between two calibrations.
+    """
+    now = {(c["scale"], c["method"], c["bits"], c["set"]): c["psnr"] for c in data["cells"]}
+    out = ["Rows calibrated twice (the first artifact lost; the remake did not reproduce it bit for bit), "
+           "PSNR dB; the table above has the remake:", "",
+           "| scale | W/A | method | set | first run | remake | remake - first |", "|---|---|---|---|---|---|---|"]
+    for entry in data.get("superseded", []):
+        for cell in sorted(entry["cells"], key=lambda c: SETS.index(c["set"]) if c["set"] in SETS else 9):
+            again = now.get((cell["scale"], cell["method"], cell["bits"], cell["set"]))
+            if again is not None:
+                out.append(f"| x{cell['scale']} | W{cell['bits']}A{cell['bits']} | {cell['method']} | {cell['set']} | "
+                           f"{cell['psnr']:.2f} | {again:.2f} | {again - cell['psnr']:+.2f} |")
     return "\n".join(out) + "\n"
 
 
@@ -277,6 +300,8 @@ def main() -> None:
         text = markdown(data)
         if args.delta_vs:
             text += "\n" + delta_table(data, args.delta_vs)
+        if data.get("superseded"):
+            text += "\n" + remake_table(data)
         args.markdown.write_text(text)
         return
     args.work.mkdir(parents=True, exist_ok=True)

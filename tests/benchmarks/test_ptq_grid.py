@@ -35,11 +35,28 @@ def test_delta_table_rows_and_missing_cells():
                       _cell(2, "2dquant", 4, "Set14", 28.0), _cell(2, "2dquant+pc", 4, "Set5", 33.25),
                       _cell(3, "2dquant", 3, "Set5", 21.0)], "calibrations": {}}
     lines = ptq_grid.delta_table(data, "2dquant").splitlines()
-    assert lines[0] == "| scale | W/A | set | FP | 2dquant | 2dquant+pc (Δ dB) |"
-    assert lines[1].count("---") == 6
-    assert lines[2:] == ["| x2 | W4A4 | Set5 | 38.00 | 30.50 | +2.75 |",
+    assert lines[:3] == ["PSNR difference from 2dquant, per cell (dB):", "",
+                         "| scale | W/A | set | FP | 2dquant | 2dquant+pc (Δ dB) |"]
+    assert lines[3].count("---") == 6
+    assert lines[4:] == ["| x2 | W4A4 | Set5 | 38.00 | 30.50 | +2.75 |",
                          "| x2 | W4A4 | Set14 | – | 28.00 | – |",
                          "| x3 | W3A3 | Set5 | – | 21.00 | – |"]
+
+
+def test_remake_table_pairs_the_first_run_with_the_remake_and_merge_carries_it():
+    first = [_cell(2, "2dquant+pc", 3, "Set14", 28.5), _cell(2, "2dquant+pc", 3, "Set5", 31.0)]
+    data = {"cells": [_cell(2, "2dquant+pc", 3, "Set5", 32.75), _cell(2, "2dquant+pc", 3, "Set14", 28.0),
+                      _cell(2, "2dquant+pc", 3, "B100", 27.0)], "calibrations": {}}
+    other = {"cells": [], "calibrations": {},
+             "superseded": [{"key": "x2_2dquant+pc_w3a3", "reason": "r", "calibration": {}, "cells": first}]}
+    ptq_grid.merge(data, other, {"dobi"})
+    assert "superseded" not in data  # filtered out with its method
+    ptq_grid.merge(data, other)
+    ptq_grid.merge(data, other)  # not twice
+    assert len(data["superseded"]) == 1
+    lines = ptq_grid.remake_table(data).splitlines()
+    assert lines[4:] == ["| x2 | W3A3 | 2dquant+pc | Set5 | 31.00 | 32.75 | +1.75 |",
+                         "| x2 | W3A3 | 2dquant+pc | Set14 | 28.50 | 28.00 | -0.50 |"]
 
 
 def test_reconcile_keeps_the_first_run_and_refuses_other_bounds():
