@@ -103,6 +103,16 @@ def package_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "numpy": np.__version__, "2dq": ours}
 
 
+def model_description(model: nn.Module) -> dict[str, Any]:
+    """``{"arch", "config"}`` of a model: its spandrel architecture and hyper-parameters (JSON-ready)."""
+    from toolchain.models.info import INFO_ATTRIBUTE
+
+    info = model.__dict__.get(INFO_ATTRIBUTE)
+    if info is None:
+        return {"arch": type(model).__name__, "config": {}}
+    return {"arch": info.arch, "config": info.hyperparameters}
+
+
 def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, quant_config: QuantConfig,
                   method: str, method_options: Optional[Mapping[str, Any]] = None,
                   calibration: Optional[Mapping[str, Any]] = None,
@@ -132,7 +142,7 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
         "format_version": FORMAT_VERSION,
         "checkpoint": Path(checkpoint).name,
         "checkpoint_sha256": checkpoint_sha256 or sha256_file(checkpoint),
-        "model": {"arch": getattr(model, "arch", type(model).__name__), "config": getattr(model, "config", {})},
+        "model": model_description(model),
         "quant_config": quant_config.to_dict(),
         "method": method,
         "method_options": dict(method_options or {}),
@@ -221,7 +231,7 @@ def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
                             f"has SHA-256 {digest}")
     model = load_model(weights_path, device=device)
     want = meta["model"]
-    got = {"arch": getattr(model, "arch", type(model).__name__), "config": getattr(model, "config", {})}
+    got = model_description(model)
     if json.loads(json.dumps(got)) != want:
         raise ArtifactError(f"{artifact_path} describes model {want}, but {weights_path} builds {got}")
     refined = {k[len(WEIGHTS_PREFIX):]: v for k, v in artifact.bounds.items() if k.startswith(WEIGHTS_PREFIX)}

@@ -35,6 +35,7 @@ from .dobi import DEFAULT_CANDIDATES, MODES, calibrate_dobi
 from .gptq import DEFAULT_DAMP
 from .observers import DEFAULT_BINS, batch_forward_loop
 from .transforms import add_transform_arguments, attach_transforms, finish_transforms
+from toolchain.models import info_of
 
 log = logging.getLogger("2dq-calibrate")
 
@@ -271,7 +272,7 @@ def _main(args: argparse.Namespace) -> int:
     images = list_images(args.calib_images)
     if not images:
         raise ValueError(f"--calib-images {args.calib_images}: no image files found")
-    lr, _ = sample_patches(images, args.patches, args.patch_size, model.scale, args.seed)
+    lr, _ = sample_patches(images, args.patches, args.patch_size, info_of(model).scale, args.seed)
     log.info("%d LR patches %dx%d from %d images in %s (seed %d)", lr.shape[0], args.patch_size,
              args.patch_size, len(images), args.calib_images, args.seed)
     ctx = CalibrationContext(model, Path(args.weights), lr, images, args, args.device, not args.no_progress)
@@ -284,7 +285,7 @@ def _main(args: argparse.Namespace) -> int:
     if ctx.gptq_facts is not None:
         options["gptq"] = ctx.gptq_facts
     calibration = {"data": str(Path(args.calib_images).resolve()), **describe_images(args.calib_images, images),
-                   "patches": args.patches, "patch_size": args.patch_size, "scale": model.scale,
+                   "patches": args.patches, "patch_size": args.patch_size, "scale": info_of(model).scale,
                    "seed": args.seed, "augment": True, "batch_size": args.batch_size}
     from .distributed import is_main_process
 
@@ -299,7 +300,7 @@ def _main(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         widths = ", ".join([f"W{config.w_bits}A{config.a_bits}", *config.bits_overrides])
-        print(f"{args.method}: calibrated {model.arch} x{model.scale} ({widths}, {config.weight_granularity}, "
+        print(f"{args.method}: calibrated {info_of(model).arch} x{info_of(model).scale} ({widths}, {config.weight_granularity}, "
               f"{config.target}) in {summary['seconds']:.1f} s")
         print(f"wrote {summary['artifact']} and {summary['sidecar']}")
     return 0

@@ -6,7 +6,7 @@ model)::
 
     loss = L1(student(x), teacher(x)) + feature_weight * sum_g D(F_g^student, F_g^teacher)
 
-over the outputs ``F_g`` of ``model.residual_groups()`` (the four RSTBs of SwinIR-light), with
+over the outputs ``F_g`` of the model's repeated stages (:mod:`calib.feature_taps`: the four RSTBs of SwinIR-light), with
 ``D`` the MSE of per-sample L2-normalized features, per channel (:func:`feature_distance`).
 Adam (lr 1e-2, betas (0.9, 0.99)); after every step ``grid.order_bounds_`` keeps each quantizer's
 bounds ordered. See :func:`distill` for the loop (checkpoints, resume, validation, ranks).
@@ -31,6 +31,7 @@ from .shift import load_transforms_state, transform_parameters, transforms_state
 from toolchain.quant.grid import order_bounds_
 
 from . import distributed
+from .feature_taps import feature_modules
 from .dqc_loss import FeatureTap, Teacher, Validation, distillation_loss, feature_distance
 from .dqc_state import (TrainingState, global_indices, load_checkpoint, run_hash, save_checkpoint, tensor_digest,
                         weights_fingerprint)
@@ -62,6 +63,7 @@ class DQCConfig:
     - ``checkpoint_every`` / ``val_every``: steps between checkpoints / validations (0: never;
       a checkpoint is always written at the end when a path is given).
     - ``accumulation``: micro-batches per rank per step (memory; the gradient is their mean).
+    - ``feature_taps``: module-path pattern of the feature term ("" = the repeated stages).
     """
 
     iters: int = 40
@@ -74,6 +76,9 @@ class DQCConfig:
     checkpoint_every: int = 10
     val_every: int = 10
     accumulation: int = 1
+    #: fnmatch pattern on module paths whose outputs the feature term compares; "" = the rule of
+    #: :mod:`calib.feature_taps` (the model's repeated top-level stages)
+    feature_taps: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -152,14 +157,15 @@ def distill(
     """Train the bounds of ``model``'s quantizers (initialized, e.g. by DOBI) by distillation; in place.
 
     Args:
-        model: quantized model with ``residual_groups()``; every quantizer must have bounds.
+        model: quantized model; every quantizer must have bounds. Its feature taps are
+            :func:`calib.feature_taps.feature_modules` (``config.feature_taps`` a pattern, or the rule).
         train_data: ``train_data[i]`` is an LR patch ``(3, h, w)`` in [0, 1] (or ``(lr, hr)`` / a dict
             with ``"lr"``); iteration ``t`` uses items ``global_indices(seed, t, batch, len(train_data))``.
         config: :class:`DQCConfig`.
         val_batch: ``(n, 3, h, w)`` fixed validation patches (held-out images). Evaluated at step 0 and
             every ``val_every`` steps; the model ends with the bounds of the lowest validation loss
             (DOBI's own bounds if no step beats them). Without it the final bounds are kept.
-        teacher: float model with the same ``residual_groups()`` layout; default: ``model`` itself
+        teacher: float model with the same module paths; default: ``model`` itself
             with its quantizers disabled (no second copy of the weights).
         checkpoint_path: where checkpoints go (rank 0 writes; atomic). An existing file is an error
             unless ``resume``; ``resume`` without a file is an error.
@@ -203,13 +209,16 @@ def distill(
         distributed.broadcast_(bounds, context)
         reference = Teacher(model, teacher)
         with contextlib.ExitStack() as stack:
-            tap = stack.enter_context(FeatureTap(model.residual_groups()))
-            teacher_tap = tap if teacher is None else stack.enter_context(FeatureTap(reference.groups()))
+            taps = feature_modules(model, config.feature_taps)
+            tap = stack.enter_context(FeatureTap([m for _, m in taps]))
+            teacher_tap = tap if teacher is None else stack.enter_context(
+                FeatureTap(reference.groups([p for p, _ in taps])))
             val = None
             if val_batch is not None and config.val_every:
                 val = Validation(val_batch.to(device), config.batch // context.world, reference, teacher_tap)
             digest = run_hash({
-                "dqc": {k: v for k, v in config.to_dict().items() if k not in ("checkpoint_every", "accumulation")},
+                "dqc": {k: v for k, v in config.to_dict().items()
+                        if k not in ("checkpoint_every", "accumulation") and not (k == "feature_taps" and not v)},
                 "weights": weights_fingerprint(model),
                 "quantizers": [[n, q.kind, q.bits, q.symmetric, list(q.bounds_shape)] for n, q in found.items()],
                 "initial_bounds": tensor_digest(trainable_state(model)),

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import distributed
 from .dqc import SCHEDULES, DQCConfig, distill
+from toolchain.models import info_of
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ def add_dqc_arguments(parser: Parser, *, common: bool = False) -> None:
                         help="Adam learning rate of the bounds (default: %(default)s, as the paper)")
     parser.add_argument("--feature-weight", type=float, default=defaults.feature_weight,
                         help="weight lambda of the residual-group feature term (default: %(default)s, as the paper)")
+    parser.add_argument("--feature-taps", default="", metavar="PATTERN",
+                        help="module-path pattern (fnmatch) of the outputs the feature term compares (default: the "
+                        "model's repeated top-level stages, e.g. SwinIR's residual groups)")
     parser.add_argument("--dqc-schedule", choices=SCHEDULES, default=defaults.schedule,
                         help="learning-rate schedule over the DQC steps (default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
@@ -100,7 +104,7 @@ def dqc_config_from_args(args: argparse.Namespace, world: int = 1) -> DQCConfig:
         return DQCConfig(iters=args.dqc_iters, batch=args.dqc_batch, lr=args.dqc_lr,
                          feature_weight=args.feature_weight, schedule=args.dqc_schedule, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, val_every=args.val_every,
-                         accumulation=args.dqc_accumulation)
+                         accumulation=args.dqc_accumulation, feature_taps=args.feature_taps)
     except ValueError as err:
         raise ValueError(f"DQC options: {err}") from None
 
@@ -153,12 +157,12 @@ def run_dqc(args: argparse.Namespace, model: nn.Module, teacher: Optional[nn.Mod
         config = dqc_config_from_args(args, context.world)
         checkpoint = Path(checkpoint_path) if checkpoint_path is not None else checkpoint_path_from_args(args)
         train_files, val_files = split_train_val(list(images), args.val_fraction, args.seed)
-        train = PatchDataset(train_files, patch, model.scale, seed=args.seed + 1, length=config.iters * config.batch)
-        data = {"train_images": len(train.paths), "patch_size": patch, "scale": model.scale, "seed": args.seed,
+        train = PatchDataset(train_files, patch, info_of(model).scale, seed=args.seed + 1, length=config.iters * config.batch)
+        data = {"train_images": len(train.paths), "patch_size": patch, "scale": info_of(model).scale, "seed": args.seed,
                 "files": sorted(Path(p).name for p in train_files + val_files)}
         val_batch = None
         if config.val_every:
-            val_batch, val_images = validation_batch(val_files, patch, model.scale, args.seed, args.val_patches)
+            val_batch, val_images = validation_batch(val_files, patch, info_of(model).scale, args.seed, args.val_patches)
             data.update(val_images=val_images, val_fraction=args.val_fraction, val_patches=args.val_patches)
         log.info("DQC: %d steps of %d LR patches %dx%d from %d training images (%s), on %d process(es)",
                  config.iters, config.batch, patch, patch, len(train.paths),

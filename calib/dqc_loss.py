@@ -54,7 +54,7 @@ def distillation_loss(
 class FeatureTap:
     """Forward hooks collecting the outputs of ``modules`` in call order; removed on exit.
 
-    >>> with FeatureTap(model.residual_groups()) as tap:      # doctest: +SKIP
+    >>> with FeatureTap([m for _, m in feature_modules(model)]) as tap:      # doctest: +SKIP
     ...     model(x); features = tap.take()
     """
 
@@ -75,8 +75,10 @@ class FeatureTap:
         self._outputs.clear()
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            output = output[0]  # a stage returning (features, extras): NGswin's (output, merged)
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"residual group {type(module).__name__} returned {type(output).__name__}, "
+            raise TypeError(f"feature tap {type(module).__name__} returned {type(output).__name__}, "
                             f"DQC distils tensor outputs only")
         self._outputs.append(output)
 
@@ -95,8 +97,13 @@ class Teacher:
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
         self.student, self.model = student, teacher
 
-    def groups(self) -> list[nn.Module]:
-        return (self.model or self.student).residual_groups()
+    def groups(self, paths: Sequence[str]) -> list[nn.Module]:
+        """The teacher's modules at the student's feature-tap ``paths``."""
+        modules = dict((self.model or self.student).named_modules())
+        missing = [p for p in paths if p not in modules]
+        if missing:
+            raise ValueError(f"the teacher has no module {missing[0]} (a feature tap of the student)")
+        return [modules[p] for p in paths]
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

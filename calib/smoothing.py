@@ -38,7 +38,7 @@ partitions keep these per channel, so a linear reading a LayerNorm's output (thr
 tokens) matches it, and an attention's v matches a slice of the qkv output. Then a forward with
 random factors confirms that the fold leaves the float output unchanged (a LayerNorm output that
 also feeds a residual stream fails this and is dropped). The example input must need no padding
-inside the model (a multiple of ``model.input_multiple``).
+inside the model (:func:`toolchain.models.example_input`).
 
 Order: find groups (and shift sites) -> :func:`add_smoothing` -> :func:`init_smoothquant` (float
 statistics) -> shifts -> DOBI -> DQC -> :func:`bake_transforms` -> export.

@@ -28,6 +28,7 @@ from .input_shift import add_input_shifts, init_input_shifts
 from .shift import KINDS as SHIFT_KINDS
 from .shift import add_shifts, find_shift_sites, init_shifts, shift_sites
 from .smoothing import DEFAULT_ALPHA, GROUP_KINDS, add_smoothing, find_smoothing_groups, init_smoothquant
+from toolchain.models import info_of
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def finish_transforms(model: nn.Module) -> None:
 
 def _example(model: nn.Module, lr: torch.Tensor) -> torch.Tensor:
     """One calibration patch cropped to the model's input multiple (detection needs no padding inside)."""
-    multiple = int(getattr(model, "input_multiple", 1))
+    multiple = info_of(model).multiple_of
     height, width = (size - size % multiple for size in lr.shape[-2:])
     if height == 0 or width == 0:
         raise UsageError(f"--patch-size {lr.shape[-1]} is smaller than the model's input multiple {multiple}: "

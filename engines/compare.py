@@ -31,6 +31,7 @@ from tqdm import tqdm
 from toolchain.backends import Upscaler, to_batch
 from toolchain.data.io import to_uint8
 from toolchain.inference import TileSpec, pad_symmetric, round_up, tile_starts
+from toolchain.models import info_of
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,8 @@ def verify_engine(runner: Any, weights: str | os.PathLike, calib: str | os.PathL
     from toolchain.backends import TiledUpscaler, TorchUpscaler
 
     model = load_quantized_model(weights, calib, device=device)
-    if int(model.scale) != int(runner.scale):
-        raise ValueError(f"the engine upscales x{runner.scale}, the model of {weights} x{model.scale}")
+    if info_of(model).scale != int(runner.scale):
+        raise ValueError(f"the engine upscales x{runner.scale}, the model of {weights} x{info_of(model).scale}")
     reference = TorchUpscaler(model, device, TileSpec(runner.tile, overlap, batch))
     engine = TiledUpscaler(runner, overlap=overlap, batch=batch)
     return compare_upscalers(engine, reference, images, progress)

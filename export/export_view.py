@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolchain.quant import QuantConv2d, QuantLinear, QuantMatMul, Quantizer, grid
+from toolchain.quant.routing import opaque
 
 from .qdq_ops import dequantize, quantize_dequantize
 
@@ -156,7 +157,8 @@ class ExportLinear(nn.Module):
         if self.pad:
             x = F.pad(x, (0, self.pad))
         weight = self.float_weight if self.weight is None else self.weight()
-        y = torch.matmul(x, weight)
+        with opaque():  # this MatMul is the linear's own, not a call of the module that holds it
+            y = torch.matmul(x, weight)
         return y if self.bias is None else y + self.bias
 
 
@@ -168,12 +170,12 @@ class ExportMatMul(nn.Module):
         self.a = _activation(layer.a_quantizer)
         self.b = _activation(layer.b_quantizer)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, product=torch.matmul) -> torch.Tensor:
         if self.a is not None:
             a = self.a(a)
         if self.b is not None:
             b = self.b(b)
-        return a @ b
+        return product(a, b)
 
 
 class ExportConv2d(nn.Module):

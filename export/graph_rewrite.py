@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import re
 import logging
 
 import ml_dtypes
@@ -81,10 +82,17 @@ def name_nodes_by_module(graph: ir.Graph, root: str = "model.") -> None:
             path = [scope for scope in ast.literal_eval(scopes)[:-1] if scope][-1:]
         except (ValueError, SyntaxError):
             continue
-        module = path[0].removeprefix(root) if path and path[0] != root.rstrip(".") else ""
+        module = _clean_scope(path[0]).removeprefix(root) if path and path[0] != root.rstrip(".") else ""
         base = f"{module}/{node.op_type}" if module else node.op_type
         node.name = base if not seen[base] else f"{base}_{seen[base]}"
         seen[base] += 1
+
+
+def _clean_scope(scope: str) -> str:
+    """A module path as the model names it: routed modules (:mod:`toolchain.quant.routing`) have an
+    instance ``forward``, which the exporter reaches as ``__dict__['_modules']['x'].forward.__self__``."""
+    scope = re.sub(r"__dict__\['_modules'\]\['([^']+)'\]", r"\1", scope)
+    return scope.replace(".forward.__self__", "")
 
 
 def _never_fold_qdq(node: ir.Node) -> bool | None:

@@ -40,6 +40,7 @@ from toolchain.quant.config import TARGETS
 from .export_view import INT4_BLOCKS, build_export_view
 from .graph_rewrite import count_ops, simplify
 from .qdq_ops import translations
+from toolchain.models import info_of
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +172,10 @@ def to_onnx(model: nn.Module, options: ExportOptions, provenance: Provenance) ->
     from .lint import lint_model
 
     options = options.resolved(provenance.quant_config.get("target", "trt-int8"))
-    multiple = int(getattr(model, "input_multiple", 1))
-    if options.tile % multiple:
-        raise ValueError(f"tile {options.tile} is not a multiple of the model's input multiple {multiple}")
+    multiple = info_of(model).multiple_of
+    if options.tile % multiple or options.tile < info_of(model).minimum:
+        raise ValueError(f"tile {options.tile} is not a multiple of the model's input multiple {multiple} of at least "
+                         f"its minimum {info_of(model).minimum}")
     float_dtype = FLOAT_DTYPES[options.float_dtype]
     int4_block = options.int4_block if options.target == "trt-int4" else 0
     view = build_export_view(model, float_dtype, int4_block)
@@ -230,12 +232,12 @@ def _metadata(model: nn.Module, options: ExportOptions, provenance: Provenance, 
         "artifact_sha256": provenance.artifact_sha256,
         "quant_config": json.dumps(provenance.quant_config, sort_keys=True),
         "tile": str(options.tile),
-        "scale": str(int(model.scale)),
-        "multiple": str(int(getattr(model, "input_multiple", 1))),
+        "scale": str(info_of(model).scale),
+        "multiple": str(info_of(model).multiple_of),
         "target": options.target,
         "float_dtype": options.float_dtype,
-        "arch": str(getattr(model, "arch", type(model).__name__)),
-        "model_config": json.dumps(getattr(model, "config", {}), sort_keys=True),
+        "arch": info_of(model).arch,
+        "model_config": json.dumps(info_of(model).hyperparameters, sort_keys=True),
         "opset": str(options.opset),
     }
     if int4_block:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .inference import TileSpec, tiled_upscale, upscale_padded
+from .models.info import info_of
 
 BACKENDS = ("torch", "ort", "trt", "bicubic")
 
@@ -62,8 +63,8 @@ class TorchUpscaler:
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
         self.model = self.model.to(self.device).eval()
-        self.scale = int(self.model.scale)
-        self.multiple = int(self.model.input_multiple)
+        self.scale = info_of(self.model).scale
+        self.multiple = info_of(self.model).multiple_of
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

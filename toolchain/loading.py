@@ -1,14 +1,10 @@
-"""Reading checkpoints safely and building the model they belong to.
+"""Reading checkpoints safely and building the model they belong to, through spandrel.
 
 Only plain tensor files are read: ``.safetensors``, or PyTorch files through
-``torch.load(weights_only=True)``, which refuses pickles that would construct arbitrary objects.
-The architecture is found by asking each module of :func:`toolchain.models.architectures`
-whether the tensors are its own; its configuration is inferred from tensor shapes.
-
-Only learnable tensors are taken from a checkpoint. Buffers it stores (attention masks, relative
-position indices, ...) are dropped and recomputed by the model: they are derived data, and a stale
-or tampered one would silently change the output. An architecture module may list such stored
-names in ``STORED_BUFFERS`` (last component of the key); the model's own buffers are dropped too.
+``torch.load(weights_only=True)``, which refuses pickles that would construct arbitrary objects
+(spandrel's own loader is not used for reading for that reason). The architecture is then detected
+and its hyper-parameters inferred by spandrel (:func:`toolchain.models.registry`: spandrel's
+architectures plus NGswin), which loads the tensors strictly into the official architecture code.
 """
 from __future__ import annotations
 
@@ -17,10 +13,11 @@ import os
 import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch import nn
+
+from .models.info import info_of
 
 log = logging.getLogger(__name__)
 
@@ -93,91 +90,47 @@ def _torch_load(path: Path) -> object:
         ) from err
 
 
-def architecture_of(state_dict: Mapping[str, torch.Tensor], where: str = "checkpoint") -> ModuleType:
-    """The first architecture module whose ``matches`` accepts these tensors."""
-    from .models import architectures
-
-    modules = architectures()
-    for module in modules:
-        if module.matches(state_dict):
-            return module
-    names = ", ".join(module.ARCH for module in modules)
-    first = ", ".join(list(state_dict)[:3])
-    raise CheckpointError(f"{where}: its tensors ({first}, ...) match no known architecture ({names})")
-
-
-def load_model(
-    path: str | os.PathLike, *, device: torch.device | str = "cpu", **overrides
-) -> nn.Module:
+def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
     """The model a checkpoint belongs to, with its weights, in eval mode, float32, on ``device``.
 
-    ``overrides`` replace entries of the inferred configuration (e.g. ``img_range=255.0``); they
-    must name keys of that configuration.
+    Any checkpoint spandrel identifies (SwinIR, DAT, HAT, SRFormer, Swin2SR, OmniSR, ...; official
+    layouts, ``params`` / ``params_ema``; ``.pth`` / ``.safetensors``) and NGswin. The model carries
+    its :class:`~toolchain.models.ModelInfo` (:func:`toolchain.models.info_of`).
 
     Raises:
-        CheckpointError: unreadable file, unknown architecture, or learnable tensors missing,
-            unexpected or of the wrong shape (all named).
-        ValueError: an override that is not a configuration key.
+        CheckpointError: unreadable file, an architecture spandrel cannot identify (one line naming
+            the file and the supported architectures), or tensors that do not fit it.
 
-    >>> model = load_model("SwinIR-light_x4.pth")              # doctest: +SKIP
-    >>> model.arch, model.scale, model.config["embed_dim"]     # doctest: +SKIP
-    ('swinir', 4, 60)
+    >>> model = load_model("DAT_light_x4.pth")                   # doctest: +SKIP
+    >>> info_of(model).arch, info_of(model).scale                 # doctest: +SKIP
+    ('DAT', 4)
     """
     state_dict = read_state_dict(path)
-    module = architecture_of(state_dict, str(path))
+    model = load_state_dict_model(state_dict, str(path))
+    log.info("loaded %s x%d from %s", info_of(model).arch, info_of(model).scale, path)
+    return model.to(device=device)
+
+
+def load_state_dict_model(state_dict: Mapping[str, torch.Tensor], where: str = "state dict") -> nn.Module:
+    """:func:`load_model` for tensors already in memory (e.g. ``model.state_dict()`` of a spandrel class)."""
+    from spandrel import UnsupportedModelError, canonicalize_state_dict
+
+    from .models import registry, supported_architectures, with_info
+
+    state_dict = canonicalize_state_dict(dict(state_dict))
     try:
-        config = module.config_from_state_dict(state_dict)
-    except ValueError as err:
-        raise CheckpointError(f"{path}: looks like {module.ARCH} but cannot be configured: {err}") from err
-    unknown = sorted(set(overrides) - set(config))
-    if unknown:
-        raise ValueError(f"unknown override(s) {unknown} for {module.ARCH}; known: {sorted(config)}")
-    config.update(overrides)
-    model = module.build(**config)
-    dropped = load_learnable(model, state_dict, getattr(module, "STORED_BUFFERS", ()), str(path))
-    log.info("loaded %s %s from %s (%d stored buffers recomputed)", module.ARCH, config, path, dropped)
-    return model.to(device=device, dtype=torch.float32).eval()
-
-
-def load_learnable(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], stored_buffers: Iterable[str] = (),
-    where: str = "checkpoint",
-) -> int:
-    """Copy the learnable tensors of ``state_dict`` into ``model``; returns how many were dropped.
-
-    Entries that are not parameters of the model but are its buffers, or whose last key component
-    is in ``stored_buffers``, are dropped. Every other difference is an error.
-    """
-    params = dict(model.named_parameters())
-    buffers = {name for name, _ in model.named_buffers()}
-    stored_buffers = set(stored_buffers)
-    learnable = {
-        k: v for k, v in state_dict.items()
-        if k in params or (k not in buffers and k.rsplit(".", 1)[-1] not in stored_buffers)
-    }
-    missing = sorted(set(params) - set(learnable))
-    unexpected = sorted(set(learnable) - set(params))
-    wrong: dict[str, list[str]] = {}
-    for name in sorted(set(params) & set(learnable)):
-        got, want = learnable[name], params[name]
-        if got.shape != want.shape or not got.is_floating_point():
-            kind = f"checkpoint {list(got.shape)} {got.dtype}, model {list(want.shape)}"
-            wrong.setdefault(kind, []).append(name)
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {compact_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {compact_names(unexpected)}")
-    for kind, names in wrong.items():
-        problems.append(f"wrong shape/dtype ({kind}) {len(names)}: {compact_names(names)}")
-    if problems:
-        arch = getattr(model, "arch", type(model).__name__)
-        raise CheckpointError(f"{where}: tensors do not fit {arch} {getattr(model, 'config', '')}: "
-                              + "; ".join(problems))
-    with torch.no_grad():
-        for name, tensor in learnable.items():
-            params[name].copy_(tensor)
-    return len(state_dict) - len(learnable)
+        descriptor = registry().load(state_dict)
+    except UnsupportedModelError:
+        first = ", ".join(list(state_dict)[:3])
+        raise CheckpointError(f"{where}: spandrel cannot identify this checkpoint (tensors {first}, ...); "
+                              f"supported architectures: {', '.join(supported_architectures())}") from None
+    except Exception as err:  # a detected architecture whose tensors do not fit: spandrel raises many types
+        raise CheckpointError(f"{where}: looks like a known architecture but does not load: "
+                              f"{type(err).__name__}: {str(err)[:500]}") from err
+    if not hasattr(descriptor, "scale") or descriptor.purpose not in ("SR", "Restoration"):
+        raise CheckpointError(f"{where}: a {descriptor.architecture.id} model for {descriptor.purpose}, "
+                              "not an image-to-image super-resolution model")
+    return with_info(descriptor)
 
 
 def compact_names(names: Iterable[str]) -> str:

@@ -34,6 +34,7 @@ from toolchain.cli.common import UsageError, add_logging_arguments, run_cli
 from toolchain.files import atomic_path, sha256_file
 
 from .html import GENERATOR, page, paragraph
+from toolchain.models import info_of
 
 log = logging.getLogger("2dq-report")
 
@@ -142,7 +143,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     entries = make_entries([load_artifact(path) for path in [args.calib, *args.compare]])
     fp_model = load_model(args.weights, device=args.device)
     models = [load_quantized_model(args.weights, e.artifact.path, device=args.device) for e in entries]
-    scale, arch, config = fp_model.scale, fp_model.arch, fp_model.config
+    info = info_of(fp_model)
+    scale, arch, config = info.scale, info.arch, info.hyperparameters
     for name in sets:  # a missing set or scale fails now, not after the calibration pass
         benchmark_pairs(args.data, name, scale)
 

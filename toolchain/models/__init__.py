@@ -1,26 +1,33 @@
-"""SR transformer architectures known to 2dq.
+"""The SR models 2dq quantizes: every architecture spandrel loads, plus NGswin registered beside them.
 
-Each architecture module exposes the same small protocol, used by :func:`toolchain.load_model`:
-
-- ``ARCH``: its name (``"swinir"``, ``"ngswin"``);
-- ``matches(state_dict) -> bool``: whether a checkpoint's learnable tensors belong to it;
-- ``config_from_state_dict(state_dict) -> dict``: constructor arguments inferred from tensor shapes;
-- ``build(**config) -> nn.Module``: the model (float, eval-ready);
-- optionally ``STORED_BUFFERS``: key endings that official checkpoints store but the model
-  recomputes (the loader drops them instead of calling them unexpected).
-
-Every model built here has ``scale`` (int), ``input_multiple`` (the LR size multiple its evaluation
-protocol pads to, by symmetric mirror padding), ``config`` (its JSON-serializable constructor
-arguments), ``arch`` (the name above), ``residual_groups()`` (the modules whose outputs DQC distils)
-and a forward mapping ``(N, 3, H, W)`` in [0, 1] to ``(N, 3, scale*H, scale*W)``.
+Models arrive from outside and are read, never re-implemented: :func:`registry` is a copy of
+spandrel's ``MAIN_REGISTRY`` (SwinIR, DAT, HAT, SRFormer, Swin2SR, OmniSR, ...) extended with
+:class:`~toolchain.models.ngswin.NGswinArch` through spandrel's own ``ArchSupport`` (spandrel has no
+NGswin; its code here follows the official checkpoints' names). What a tool needs to know of a model
+(scale, input size rules, channels) comes from the spandrel descriptor (:mod:`.info`).
 """
 from __future__ import annotations
 
-from types import ModuleType
+import functools
+
+from spandrel import MAIN_REGISTRY, ArchRegistry, ArchSupport
+
+from .info import ModelInfo, example_input, info_of, with_info
 
 
-def architectures() -> tuple[ModuleType, ...]:
-    """The architecture modules, in the order checkpoints are matched against them."""
-    from . import ngswin, swinir
+@functools.lru_cache(maxsize=1)
+def registry() -> ArchRegistry:
+    """spandrel's architectures and NGswin (a copy: spandrel's global registry is left as it is)."""
+    from .ngswin import NGswinArch
 
-    return (swinir, ngswin)
+    extended = MAIN_REGISTRY.copy()
+    extended.add(ArchSupport.from_architecture(NGswinArch()))
+    return extended
+
+
+def supported_architectures() -> list[str]:
+    """The ids of every architecture :func:`registry` detects, in detection order."""
+    return [str(support.architecture.id) for support in registry().architectures("detection")]
+
+
+__all__ = ["ModelInfo", "example_input", "info_of", "registry", "supported_architectures", "with_info"]

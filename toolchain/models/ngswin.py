@@ -7,7 +7,7 @@ the official ``NGswin_x2.pth`` / ``NGswin_x3.pth`` load strictly; the code itsel
 
 Data flow for an LR image ``(N, 3, H, W)`` in [0, 1] (``w`` window size, ``D`` embed dim):
 
-1. zero-pad right/bottom to a multiple of ``input_multiple = 2**(stages-1) * w`` (32), then
+1. zero-pad right/bottom to a multiple of ``pad_multiple = 2**(stages-1) * w`` (32), then
    ``(x - mean) / std`` with the training set statistics of the scale;
 2. ``shallow_extract``: 3x3 conv -> ``c0`` ``(N, H, W, D)``;
 3. encoder stages ``encoder_layer{i}`` at ``H / 2**(i-1)``: stage ``i > 1`` reads the concatenation of
@@ -22,32 +22,31 @@ Data flow for an LR image ``(N, 3, H, W)`` in [0, 1] (``w`` window size, ``D`` e
 
 Each N-gram Swin block (:mod:`.ngswin_blocks`) adds a per-window N-gram context to the window tokens,
 runs scaled-cosine window attention (``attn``; the N-gram context has its own, ``ngram_attn``) and an
-MLP, with post-norm residuals. Both attention products are ``MatMul`` modules: ``matmul_qk`` takes the
+MLP, with post-norm residuals. Both attention products are plain ``@``: the scores take the
 L2-normalized queries ``(B_, heads, N, d)`` and the L2-normalized, transposed keys ``(B_, heads, d, N)``
-(the per-head logit scale multiplies the cosines afterwards); ``matmul_pv`` takes the softmax
+(the per-head logit scale multiplies the cosines afterwards); the context takes the softmax
 probabilities ``(B_, heads, N, N)`` and the values ``(B_, heads, N, d)``.
 
-``residual_groups()`` (what DQC distils): the last block of each stage, ``encoder_layer1..3`` and
-``decoder_layer1``. Their outputs ``(N, h, w, D)`` are the stage features the network passes on
-(``e_1..e_3`` to the bottleneck, the decoder output to the final norm): four groups, as SwinIR-light's
-four residual groups.
-
-The official evaluation pads the LR image *symmetrically* to a multiple of 32 before the forward; the
-forward's own zero padding is then a no-op. Without that, zero padding costs about 0.6 dB (Set5 x2).
+spandrel has no NGswin; :class:`NGswinArch` is its ``Architecture`` (key detection, hyper-parameters
+from tensor shapes), registered beside spandrel's own by :func:`toolchain.models.registry`. Its
+descriptor's ``size_requirements`` (multiple of 32, minimum the N-gram context needs) carry the
+official evaluation protocol: the LR image is padded *symmetrically* to a multiple of 32 before the
+forward, whose own zero padding is then a no-op. Without that, zero padding costs about 0.6 dB (Set5 x2).
 """
 from __future__ import annotations
 
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from spandrel import Architecture, ImageModelDescriptor, ModelTiling, SizeRequirements, StateDict
 from torch import nn
 
 from .ngswin_blocks import NGramSwinBlock, shifted_window_mask
 
-ARCH = "ngswin"
 
 # Normalization statistics of the official training data, by scale.
 _MEAN = (0.4485, 0.4375, 0.4045)
@@ -144,8 +143,6 @@ class SCDPBottleneck(nn.Module):
 class NGswin(nn.Module):
     """NGswin (see the module docstring). ``(N, 3, H, W)`` in [0, 1] -> ``(N, 3, scale*H, scale*W)``."""
 
-    arch = ARCH
-
     def __init__(self, scale: int, embed_dim: int = 64, depths: tuple[int, ...] = (6, 4, 4),
                  num_heads: tuple[int, ...] = (6, 4, 4), dec_depth: int = 6, dec_num_heads: int = 6,
                  window_size: int = 8, ngrams: tuple[int, ...] = (2, 2, 2, 2), mlp_ratio: float = 2.0,
@@ -158,13 +155,13 @@ class NGswin(nn.Module):
                              f"(encoders + decoder): depths={depths}, num_heads={num_heads}, ngrams={ngrams}")
         self.scale = scale
         self.window_size = window_size
-        self.input_multiple = 2 ** (len(depths) - 1) * window_size
+        self.pad_multiple = 2 ** (len(depths) - 1) * window_size
         # Stage i works at 1/2**i of the padded size; its N-gram context needs ngrams[i] windows per side.
         self.min_padded_size = max([n * window_size * 2 ** i for i, n in enumerate(ngrams[:-1])]
-                                   + [ngrams[-1] * window_size, self.input_multiple])
-        self.config = dict(scale=scale, embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
-                           dec_depth=dec_depth, dec_num_heads=dec_num_heads, window_size=window_size,
-                           ngrams=list(ngrams), mlp_ratio=mlp_ratio, in_chans=in_chans)
+                                   + [ngrams[-1] * window_size, self.pad_multiple])
+        self.hyperparameters = dict(scale=scale, embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
+                                    dec_depth=dec_depth, dec_num_heads=dec_num_heads, window_size=window_size,
+                                    ngrams=list(ngrams), mlp_ratio=mlp_ratio, in_chans=in_chans)
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD[scale]).view(1, 3, 1, 1), persistent=False)
 
@@ -186,13 +183,9 @@ class NGswin(nn.Module):
     def _encoders(self) -> list[NGramStage]:
         return [getattr(self, f"encoder_layer{i + 1}") for i in range(self.encoder_stages)]
 
-    def residual_groups(self) -> list[nn.Module]:
-        """The last block of each encoder stage and of the decoder: their outputs are the stage features."""
-        return [stage.blocks[-1] for stage in [*self._encoders(), self.decoder_layer1]]
-
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         _, _, height, width = lr.shape
-        unit = self.input_multiple
+        unit = self.pad_multiple
         # Zero padding in [0, 1] space, before normalization, as the official forward does.
         x = F.pad(lr, (0, -width % unit, 0, -height % unit))
         if min(x.shape[2:]) < self.min_padded_size:
@@ -213,13 +206,17 @@ class NGswin(nn.Module):
         return sr[:, :, :height * self.scale, :width * self.scale]
 
 
-def matches(state_dict: dict[str, torch.Tensor]) -> bool:
+_DETECT_KEYS = ("shallow_extract.conv1.weight", "bottleneck.pointwise.weight", "to_target.before_shuffle.weight",
+                "encoder_layer1.blocks.0.attn.qkv.weight", "decoder_layer1.blocks.0.attn.qkv.weight")
+
+
+def matches(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """Whether the checkpoint holds NGswin's learnable tensors (N-gram context, SCDP bottleneck)."""
-    return ("shallow_extract.conv1.weight" in state_dict and "bottleneck.pointwise.weight" in state_dict
+    return (all(key in state_dict for key in _DETECT_KEYS)
             and any(".ngram_window_partition.ngram_context." in key for key in state_dict))
 
 
-def _stage_shape(state_dict: dict[str, torch.Tensor], prefix: str) -> tuple[int, int, int]:
+def _stage_shape(state_dict: Mapping[str, torch.Tensor], prefix: str) -> tuple[int, int, int]:
     """(depth, heads, ngram) of the stage whose keys start with ``prefix``."""
     pattern = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.")
     blocks = {int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
@@ -232,12 +229,12 @@ def _stage_shape(state_dict: dict[str, torch.Tensor], prefix: str) -> tuple[int,
     return max(blocks) + 1, heads, (math.isqrt(gram_table.shape[0]) + 1) // 2
 
 
-def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict:
-    """Constructor arguments of :func:`build` read from the checkpoint's tensor shapes.
+def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Constructor arguments of :class:`NGswin` read from the checkpoint's tensor shapes.
 
-    >>> sd = torch.load("NGswin_x2.pth", map_location="cpu", weights_only=True)  # doctest: +SKIP
-    >>> config_from_state_dict(sd)["scale"]  # doctest: +SKIP
-    2
+    >>> from toolchain.loading import read_state_dict
+    >>> config_from_state_dict(read_state_dict("NGswin_x2.pth"))["depths"]  # doctest: +SKIP
+    [6, 4, 4]
     """
     if not matches(state_dict):
         raise ValueError("state dict is not an NGswin checkpoint "
@@ -260,14 +257,20 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict:
                 mlp_ratio=hidden / embed_dim, in_chans=in_chans)
 
 
-def build(**config) -> NGswin:
-    """The float NGswin model for ``config`` (as from :func:`config_from_state_dict`), in eval mode.
+class NGswinArch(Architecture[NGswin]):
+    """spandrel ``Architecture`` of NGswin: detection by its keys, hyper-parameters from shapes."""
 
-    >>> model = build(**config_from_state_dict(sd))  # doctest: +SKIP
-    >>> model.load_state_dict(sd, strict=True)  # doctest: +SKIP
-    """
-    config = dict(config)
-    for key in ("depths", "num_heads", "ngrams"):
-        if key in config:
+    def __init__(self) -> None:
+        super().__init__(id="NGswin", name="NGswin", detect=matches)
+
+    def load(self, state_dict: StateDict) -> ImageModelDescriptor[NGswin]:
+        config = config_from_state_dict(state_dict)
+        for key in ("depths", "num_heads", "ngrams"):
             config[key] = tuple(config[key])
-    return NGswin(**config).eval()
+        model = NGswin(**config)
+        return ImageModelDescriptor(
+            model, state_dict, architecture=self, purpose="SR", tags=[f"{config['embed_dim']}dim"],
+            supports_half=False, supports_bfloat16=True, scale=config["scale"], input_channels=config["in_chans"],
+            output_channels=config["in_chans"],
+            size_requirements=SizeRequirements(minimum=model.min_padded_size, multiple_of=model.pad_multiple),
+            tiling=ModelTiling.SUPPORTED)

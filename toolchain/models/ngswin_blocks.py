@@ -4,14 +4,15 @@ Feature maps are channels-last ``(B, H, W, C)`` throughout; windows are ``(B * n
 window index ordered (batch, window row, window column) and ``N = window_size**2`` tokens in raster
 order. Module and parameter names follow the official checkpoints (see :mod:`.ngswin`).
 
-Both attention products are :class:`~toolchain.models.common.MatMul` modules, in the main window
-attention and in the N-gram context alike (both are :class:`CosineWindowAttention`):
+Both attention products are plain ``@`` in the model's code, in the main window attention and in the
+N-gram context alike (both are :class:`CosineWindowAttention`); quantizer placement finds them by
+tracing (:mod:`toolchain.quant.placement`):
 
-- ``matmul_qk(q_unit, k_unit_t)``: ``q_unit`` ``(B_, heads, N, d)`` is the query divided by its L2 norm
+- scores ``q_unit @ k_unit_t``: ``q_unit`` ``(B_, heads, N, d)`` is the query divided by its L2 norm
   over the head channels, ``k_unit_t`` ``(B_, heads, d, N)`` the L2-normalized key, transposed. The
   product is the cosine similarity in [-1, 1]; the learned per-head logit scale multiplies it
   *after* the matmul, then the relative position bias (and shifted-window mask) are added.
-- ``matmul_pv(probs, v)``: the softmax probabilities ``(B_, heads, N, N)`` and the raw values
+- context ``probs @ v``: the softmax probabilities ``(B_, heads, N, N)`` and the raw values
   ``(B_, heads, N, d)``.
 """
 from __future__ import annotations
@@ -21,8 +22,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .common import MatMul
 
 # The official logit scale is clamped at log(1 / 0.01) before exponentiation (Swin-V2 rule).
 _MAX_LOGIT_SCALE = math.log(100.0)
@@ -74,16 +73,14 @@ class CosineWindowAttention(nn.Module):
                              persistent=False)
         self.qkv = nn.Linear(dim, 3 * inner)
         self.proj = nn.Linear(inner, dim)
-        self.matmul_qk = MatMul()
         self.softmax = nn.Softmax(dim=-1)
-        self.matmul_pv = MatMul()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, tokens, _ = x.shape
         q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         q_unit = F.normalize(q, dim=-1)
         k_unit = F.normalize(k, dim=-1)
-        logits = self.matmul_qk(q_unit, k_unit.transpose(-2, -1))  # (B_, heads, N, N) cosines
+        logits = q_unit @ k_unit.transpose(-2, -1)  # (B_, heads, N, N) cosines
         logits = logits * torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()
         bias = self.relative_position_bias_table[self.relative_position_index]  # (N, N, heads)
         logits = logits + bias.permute(2, 0, 1)
@@ -92,7 +89,7 @@ class CosineWindowAttention(nn.Module):
             logits = logits.view(batch // windows, windows, self.num_heads, tokens, tokens)
             logits = logits + mask[None, :, None]
             logits = logits.view(batch, self.num_heads, tokens, tokens)
-        out = self.matmul_pv(self.softmax(logits), v)  # (B_, heads, N, d)
+        out = self.softmax(logits) @ v  # (B_, heads, N, d)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 

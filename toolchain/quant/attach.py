@@ -1,38 +1,19 @@
-"""Attach quantizers to a float model from the outside, by module type and position only.
+"""Attach quantizers to a float model from the outside, where :mod:`.placement` finds them.
 
-The model files know nothing of quantization (STYLE.md); :func:`quantize_model` finds what to
-quantize by looking at module types and at where modules sit among their siblings, so any model built
-from ``nn.Linear``, ``nn.GELU``, ``nn.Softmax`` and :class:`toolchain.models.common.MatMul` is
-handled the same way.
+The model's code is never edited or re-implemented: :func:`quantize_model` traces one float forward
+(:func:`toolchain.quant.placement.find_placement`), then
 
-Selection (``QuantConfig.quantize``):
+- ``"linear"``: replaces every ``nn.Linear`` called on image data by a :class:`QuantLinear`
+  (quantizers ``<path>.input``, ``<path>.weight``; the ``weight``/``bias`` Parameters keep their names);
+- ``"matmul"``: gives every module that multiplies two image-dependent tensors a child
+  ``matmul`` (an ``nn.ModuleDict`` keyed by call order) of :class:`QuantMatMul` modules (quantizers
+  ``<owner>.matmul.<i>.a`` / ``.b``) and routes its calls there (:mod:`.routing`);
+- ``"conv"``: replaces every ``nn.Conv2d`` called on image data by a :class:`QuantConv2d`.
 
-- ``"linear"``: every ``nn.Linear`` (exact type) whose parent module has a ``MatMul`` child (an
-  attention block: qkv, proj) or is an MLP (an ``nn.GELU`` child with a Linear registered before
-  and one after it: fc1, fc2). Quantizers ``<path>.input`` and ``<path>.weight``.
-- target ``"trt-int4"`` is weight-only (TensorRT's INT4): only the ``.weight`` quantizers attach.
-- ``"matmul"``: every ``MatMul``. Quantizers ``<path>.a`` and ``<path>.b`` (the left and right
-  operands of ``a @ b``).
-- ``"conv"``: every ``nn.Conv2d`` (exact type). Quantizers ``<path>.input`` and ``<path>.weight``.
-
-``include`` / ``exclude`` then filter these names (fnmatch). A selection, an include pattern or an
-exclude pattern that matches nothing is an error, as is a selected kind absent from the model.
-
-Roles (``Quantizer.role``), decided from the children of the selected module's parent, in their
-registration order (which is the order the model's ``__init__`` creates them in, and the models here
-create them in execution order):
-
-- weights: ``"weight"``; conv inputs: ``"conv_input"``.
-- a Linear registered after an ``nn.GELU`` sibling (fc2 of an MLP): input role ``"mlp_hidden"``
-  (GELU output, one-sided); any other selected Linear (qkv, proj, fc1): ``"linear_input"``.
-- a parent with an ``nn.Softmax`` child and exactly two ``MatMul`` children is an attention block:
-  the first MatMul registered is the score product ``q @ k^T`` (a: ``"attn_q"``, b: ``"attn_k"``),
-  the second is the context product ``probs @ v`` (a: ``"attn_probs"``, b: ``"attn_v"``). Any
-  other MatMul gets ``"matmul_a"`` / ``"matmul_b"`` and a logged warning. The tests check on the
-  real models, with forward hooks, that the ``attn_probs`` operand is the softmax output.
-- Cosine attention (NGswin): the model normalizes q and k before the score MatMul, so the operands,
-  hence ``attn_q`` / ``attn_k``, are the normalized vectors; the learned logit scale multiplies
-  the MatMul's output in float. Scaled dot-product attention: ``attn_q`` is q after the head scale.
+Target ``"trt-int4"`` is weight-only (TensorRT's INT4): only the ``.weight`` quantizers attach.
+``include`` / ``exclude`` then filter the names (fnmatch). A selection, an include or exclude
+pattern, or a bits override that matches nothing is an error, as is a selected kind absent from the
+model. Roles (``Quantizer.role``) come from the traced data flow (see :mod:`.placement`).
 
 Everything is in place: the original ``weight`` / ``bias`` Parameters stay under their names, and
 the bounds are the only new Parameters (:func:`bound_parameters`).
@@ -48,9 +29,10 @@ from typing import Iterator, Mapping, Optional
 import torch
 from torch import nn
 
-from ..models.common import MatMul
 from .config import QuantConfig
 from .modules import QuantConv2d, QuantLinear, QuantMatMul, Quantizer
+from .placement import SITES_ATTRIBUTE, Placement, find_placement
+from .routing import route
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +53,22 @@ class _Site:
     path: str
     parent: nn.Module
     child_name: str
-    module: nn.Module
+    module: Optional[nn.Module]  # None for a matmul site (a call, not a module)
     selection: str  # "linear" | "matmul" | "conv"
     slots: tuple[_Slot, ...]
+    op: str = "matmul"  # matmul sites: the call ("matmul", "bmm", "einsum:<equation>")
 
 
-def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+def quantize_model(model: nn.Module, config: QuantConfig, example: Optional[torch.Tensor] = None) -> nn.Module:
     """Attach the quantizers ``config`` selects to ``model`` (in place) and return it.
 
-    All quantizers start enabled and without bounds: running the model quantized before
-    calibration or :func:`load_bounds` raises; :func:`float_mode` runs it as the float model.
+    ``example`` ``(N, C, H, W)``: the input placement traces (default: :func:`toolchain.models.example_input`
+    for a model loaded by :func:`toolchain.load_model`). All quantizers start enabled and without
+    bounds: running the model quantized before calibration or :func:`load_bounds` raises;
+    :func:`float_mode` runs it as the float model.
 
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
-    >>> model = quantize_model(model, QuantConfig(quantize=("linear",)))
+    >>> model = quantize_model(model, QuantConfig(quantize=("linear",)), torch.rand(1, 4))
     >>> [(name, q.role) for name, q in quantizers(model).items()]
     [('0.input', 'linear_input'), ('0.weight', 'weight'), ('2.input', 'mlp_hidden'), ('2.weight', 'weight')]
     """
@@ -91,20 +76,40 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         raise TypeError(f"quantize_model expects a QuantConfig, got {type(config).__name__}")
     if any(isinstance(module, Quantizer) for module in model.modules()):
         raise ValueError(f"{type(model).__name__} already carries quantizers; quantize the float model once")
-    sites = _find_sites(model, config)
+    if example is None:
+        from ..models.info import example_input
+
+        example = example_input(model)
+    placement = find_placement(model, example)
+    sites = _find_sites(model, config, placement)
     for selection in config.quantize:
         if not any(site.selection == selection for site in sites):
-            raise ValueError(f"{config!r}: quantize={selection!r} finds no module of that kind in "
+            raise ValueError(f"{config!r}: quantize={selection!r} finds no {_KIND_WORDS[selection]} in "
                              f"{type(model).__name__}")
     keep = _filter_names([f"{site.path}.{slot.suffix}" for site in sites for slot in site.slots], config,
                          type(model).__name__)
+    routed = False
     for site in sites:
         made = {slot.suffix: _make_quantizer(site, slot, config, model) for slot in site.slots
                 if f"{site.path}.{slot.suffix}" in keep}
-        if made:
+        if not made:
+            continue
+        if site.selection == "matmul":
+            if SITES_ATTRIBUTE not in site.parent._modules:
+                site.parent.add_module(SITES_ATTRIBUTE, nn.ModuleDict())
+            getattr(site.parent, SITES_ATTRIBUTE)[site.child_name] = _wrap(site, made)
+            routed = True
+        else:
             setattr(site.parent, site.child_name, _wrap(site, made))
+    if routed:
+        route(model, placement.calls)
     log.info("attached %d quantizers to %s (%s)", len(keep), type(model).__name__, config)
     return model
+
+
+_KIND_WORDS = {"linear": "linear layer on the image's data path",
+               "matmul": "product of two image-dependent tensors (attention matmul)",
+               "conv": "convolution on the image's data path"}
 
 
 def quantizers(model: nn.Module) -> dict[str, Quantizer]:
@@ -188,55 +193,24 @@ def load_bounds(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
         quantizer.set_bounds(tensors[f"{name}.lower"], tensors[f"{name}.upper"])
 
 
-def _find_sites(model: nn.Module, config: QuantConfig) -> list[_Site]:
+def _find_sites(model: nn.Module, config: QuantConfig, placement: Placement) -> list[_Site]:
+    modules = dict(model.named_modules())
     sites = []
-    for path, parent in model.named_modules():
-        children = list(parent.named_children())
-        types = [child for _, child in children]
-        has_matmul = any(type(child) is MatMul for child in types)
-        has_gelu = _is_mlp(types)
-        matmul_roles = _matmul_roles(path, types) if "matmul" in config.quantize else {}
-        for index, (child_name, child) in enumerate(children):
-            child_path = f"{path}.{child_name}" if path else child_name
-            if "linear" in config.quantize and type(child) is nn.Linear and (has_matmul or has_gelu):
-                after_gelu = any(isinstance(sibling, nn.GELU) for sibling in types[:index])
-                input_role = "mlp_hidden" if after_gelu else "linear_input"
-                slots = (_Slot("input", "activation", input_role), _Slot("weight", "weight", "weight"))
-                sites.append(_Site(child_path, parent, child_name, child, "linear", slots))
-            elif "matmul" in config.quantize and type(child) is MatMul:
-                role_a, role_b = matmul_roles[id(child)]
-                slots = (_Slot("a", "activation", role_a), _Slot("b", "activation", role_b))
-                sites.append(_Site(child_path, parent, child_name, child, "matmul", slots))
-            elif "conv" in config.quantize and type(child) is nn.Conv2d:
-                slots = (_Slot("input", "activation", "conv_input"), _Slot("weight", "weight", "weight"))
-                sites.append(_Site(child_path, parent, child_name, child, "conv", slots))
+    for layer in placement.layers:
+        if layer.selection not in config.quantize:
+            continue
+        parent_path, _, child_name = layer.path.rpartition(".")
+        slots = (_Slot("input", "activation", layer.input_role), _Slot("weight", "weight", "weight"))
+        sites.append(_Site(layer.path, modules[parent_path], child_name, modules[layer.path], layer.selection, slots))
+    if "matmul" in config.quantize:
+        for matmul in placement.matmuls:
+            slots = (_Slot("a", "activation", matmul.role_a), _Slot("b", "activation", matmul.role_b))
+            sites.append(_Site(matmul.path, modules[matmul.owner], str(matmul.index), None, "matmul", slots,
+                               matmul.op))
     if config.weight_only:
         # TensorRT's INT4 is weight-only: activations (and so the attention operands) stay float
         sites = [replace(site, slots=tuple(s for s in site.slots if s.kind == "weight")) for site in sites]
     return sites
-
-
-def _is_mlp(children: list[nn.Module]) -> bool:
-    """An MLP: a GELU child with a Linear registered before it and one after it (fc1, act, fc2).
-
-    A projection that merely follows a GELU (NGswin's SCDP bottleneck: conv, GELU, Linear) is not
-    an MLP block and stays float, as in the paper's per-block scope.
-    """
-    gelus = [i for i, child in enumerate(children) if isinstance(child, nn.GELU)]
-    linears = [i for i, child in enumerate(children) if type(child) is nn.Linear]
-    return any(any(i < g for i in linears) and any(i > g for i in linears) for g in gelus)
-
-
-def _matmul_roles(path: str, children: list[nn.Module]) -> dict[int, tuple[str, str]]:
-    """Operand roles of the MatMul children of one module (see the module docstring)."""
-    matmuls = [child for child in children if type(child) is MatMul]
-    if not matmuls:
-        return {}
-    if len(matmuls) == 2 and any(isinstance(child, nn.Softmax) for child in children):
-        return {id(matmuls[0]): ("attn_q", "attn_k"), id(matmuls[1]): ("attn_probs", "attn_v")}
-    log.warning("%s: %d MatMul children without the (scores, softmax, context) pattern; "
-                "their operands get the generic roles matmul_a / matmul_b", path or "<root>", len(matmuls))
-    return {id(m): ("matmul_a", "matmul_b") for m in matmuls}
 
 
 def _filter_names(names: list[str], config: QuantConfig, model_name: str) -> set[str]:
@@ -276,6 +250,8 @@ def _make_quantizer(site: _Site, slot: _Slot, config: QuantConfig, model: nn.Mod
 def _reference_tensor(site: _Site, model: nn.Module) -> Optional[torch.Tensor]:
     """A parameter whose device and dtype the bounds take: the module's own, else the nearest one."""
     for module in (site.module, site.parent, model):
+        if module is None:
+            continue
         for parameter in module.parameters():
             return parameter
     return None
@@ -285,5 +261,5 @@ def _wrap(site: _Site, made: dict[str, Quantizer]) -> nn.Module:
     if site.selection == "linear":
         return QuantLinear(site.module, made.get("input"), made.get("weight"))
     if site.selection == "matmul":
-        return QuantMatMul(made.get("a"), made.get("b"))
+        return QuantMatMul(made.get("a"), made.get("b"), site.op)
     return QuantConv2d(site.module, made.get("input"), made.get("weight"))

@@ -1,8 +1,8 @@
 """Fake-quant modules: a :class:`Quantizer` and the layers that carry quantizers on their inputs.
 
-The layers replace ``nn.Linear``, ``nn.Conv2d`` and :class:`toolchain.models.common.MatMul` in place
-and keep the original ``weight`` / ``bias`` Parameters under the same names, so the model's
+The layers replace ``nn.Linear`` and ``nn.Conv2d`` in place and keep the original ``weight`` / ``bias`` Parameters under the same names, so the model's
 state-dict keys of the original weights do not change; the quantizers add only their bounds.
+:class:`QuantMatMul` serves one matmul call of a model's own code (:mod:`toolchain.quant.routing`).
 All arithmetic is :mod:`toolchain.quant.grid`'s. Use :func:`toolchain.quant.quantize_model` rather
 than building these by hand.
 """
@@ -183,20 +183,25 @@ class QuantLinear(nn.Module):
 
 
 class QuantMatMul(nn.Module):
-    """``a @ b`` with a quantizer on each operand (either may be ``None``).
+    """One product of two activations with a quantizer on each operand (either may be ``None``).
 
     For attention scores ``a`` is q ``(..., N, d)`` after the head scale and ``b`` is k^T
     ``(..., d, N)``; for the context ``a`` is the softmax probabilities ``(..., N, N)`` and ``b`` is
-    v ``(..., N, d)``.
+    v ``(..., N, d)``. ``op`` is the call the model made (``"matmul"``, ``"bmm"`` or
+    ``"einsum:<equation>"``); the router passes the product function with the operands.
     """
 
-    def __init__(self, a_quantizer: Optional[Quantizer], b_quantizer: Optional[Quantizer]) -> None:
+    def __init__(self, a_quantizer: Optional[Quantizer], b_quantizer: Optional[Quantizer], op: str = "matmul") -> None:
         super().__init__()
         self.a_quantizer = a_quantizer
         self.b_quantizer = b_quantizer
+        self.op = op
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _maybe(self.a_quantizer, a) @ _maybe(self.b_quantizer, b)
+    def forward(self, a: torch.Tensor, b: torch.Tensor, product: Callable = torch.matmul) -> torch.Tensor:
+        return product(_maybe(self.a_quantizer, a), _maybe(self.b_quantizer, b))
+
+    def extra_repr(self) -> str:
+        return f"op={self.op}"
 
 
 class QuantConv2d(nn.Conv2d):
