@@ -1,4 +1,4 @@
-"""Fixtures of the calibration tests: a tiny SwinIR (real architecture, random weights) and patches."""
+"""Fixtures of the calibration tests: a tiny SwinIR (spandrel's class, random weights) and patches."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -6,28 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from torch import nn
 
-from toolchain.models.swinir import SwinIR
-
-#: the golden tiny SwinIR configuration of ../shared/reference (embed 12, two groups of two blocks)
-TINY = dict(scale=4, embed_dim=12, depths=[2, 2], num_heads=[2, 2], window_size=8, mlp_ratio=2.0)
+from ..tiny_models import save_checkpoint as _save_checkpoint
+from ..tiny_models import tiny_swinir as _tiny_model
 
 
-def _tiny_swinir(seed: int = 0) -> SwinIR:
-    torch.manual_seed(seed)
-    return SwinIR(**TINY).eval()
+def _tiny_swinir(seed: int = 0) -> nn.Module:
+    return _tiny_model(scale=4, seed=seed)
 
 
 @pytest.fixture(scope="session")
-def tiny_swinir() -> Callable[[int], SwinIR]:
-    """Factory: ``tiny_swinir(seed)`` is a float SwinIR x4 (random weights from ``seed``), eval mode."""
+def tiny_swinir() -> Callable[[int], nn.Module]:
+    """Factory: ``tiny_swinir(seed)`` is spandrel's SwinIR x4, tiny (the golden configuration), random
+    weights from ``seed``, eval mode, carrying its descriptor facts."""
     return _tiny_swinir
-
-
-def _save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 @pytest.fixture(scope="session")

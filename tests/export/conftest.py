@@ -1,6 +1,6 @@
 """Fixtures of the export tests: tiny calibrated SwinIR models saved as checkpoint + artifact.
 
-A tiny SwinIR (real architecture, random weights: one residual group of a regular and a shifted
+A tiny SwinIR (spandrel's class, random weights: one residual group of a regular and a shifted
 block) is quantized with ``quantize_model``, calibrated with MinMax on seeded random images and
 saved through ``calib.artifact``, so every test exports through the same files a user has.
 """
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from calib.artifact import save_artifact
 from calib.baselines import calibrate_minmax
 from calib.observers import batch_forward_loop
-from toolchain.models.swinir import SwinIR
 from toolchain.quant import QuantConfig, quantize_model
 
-TINY = dict(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8, mlp_ratio=2.0)
+from ..tiny_models import save_checkpoint, tiny_swinir
+
+#: one residual group of a regular and a shifted block
+TINY = dict(depths=[2], num_heads=[2])
 #: LR tile of the test exports: 2x2 windows of 8, so the shifted block has a real mask
 TILE = 16
 
@@ -38,10 +38,8 @@ class Calibrated:
 def make_calibrated(folder: Path, config: QuantConfig, seed: int = 0) -> Calibrated:
     """Tiny SwinIR x2 from ``seed``, quantized by ``config``, MinMax-calibrated, saved under ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = SwinIR(**TINY).eval()
-    checkpoint = folder / "tiny_x2.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    model = tiny_swinir(scale=2, seed=seed, **TINY)
+    checkpoint = save_checkpoint(model, folder / "tiny_x2.safetensors")
     quantize_model(model, config)
     images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(seed + 1))
     calibrate_minmax(model, batch_forward_loop(images, batch_size=4, progress=False))

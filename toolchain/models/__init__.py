@@ -1,8 +1,8 @@
 """The SR models 2dq quantizes: every architecture spandrel loads, plus NGswin registered beside them.
 
 Models arrive from outside and are read, never re-implemented: :func:`registry` is a copy of
-spandrel's ``MAIN_REGISTRY`` (SwinIR, DAT, HAT, SRFormer, Swin2SR, OmniSR, ...) extended with
-:class:`~toolchain.models.ngswin.NGswinArch` through spandrel's own ``ArchSupport`` (spandrel has no
+spandrel's ``MAIN_REGISTRY`` (SwinIR, DAT, HAT, Swin2SR, OmniSR, ...) plus ``spandrel_extra_arches``
+(SRFormer, ...), extended with :class:`~toolchain.models.ngswin.NGswinArch` through spandrel's own ``ArchSupport`` (spandrel has no
 NGswin; its code here follows the official checkpoints' names). What a tool needs to know of a model
 (scale, input size rules, channels) comes from the spandrel descriptor (:mod:`.info`).
 """
@@ -20,7 +20,10 @@ def registry() -> ArchRegistry:
     """spandrel's architectures and NGswin (a copy: spandrel's global registry is left as it is)."""
     from .ngswin import NGswinArch
 
+    from spandrel_extra_arches import EXTRA_REGISTRY
+
     extended = MAIN_REGISTRY.copy()
+    extended.add(*EXTRA_REGISTRY.architectures("insertion"), ignore_duplicates=True)  # SRFormer, ...
     extended.add(ArchSupport.from_architecture(NGswinArch()))
     return extended
 

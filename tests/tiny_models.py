@@ -1,0 +1,64 @@
+"""Tiny SR transformers for the tests: spandrel's own classes with random weights, loaded as users load theirs.
+
+Each builder constructs the official architecture class (spandrel / spandrel_extra_arches) with a
+tiny configuration and a seed, then goes through :func:`toolchain.loading.load_state_dict_model`, so
+the model carries the descriptor facts (scale, size requirements) exactly as a loaded checkpoint
+does. ``SWINIR_TINY`` is the configuration of the golden outputs in ``../shared/reference/golden``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from toolchain.loading import load_state_dict_model
+
+#: the golden tiny SwinIR of ../shared/reference (embed 12, two groups of two blocks, window 8)
+SWINIR_TINY = dict(img_size=64, window_size=8, embed_dim=12, depths=[2, 2], num_heads=[2, 2], mlp_ratio=2.0,
+                   upsampler="pixelshuffledirect", img_range=1.0, resi_connection="1conv")
+
+
+def tiny_swinir(scale: int = 4, seed: int = 0, **overrides) -> nn.Module:
+    """spandrel's SwinIR, tiny (:data:`SWINIR_TINY` with ``overrides``), random weights from ``seed``."""
+    from spandrel.architectures.SwinIR import SwinIR
+
+    torch.manual_seed(seed)
+    return load_state_dict_model(SwinIR(upscale=scale, **{**SWINIR_TINY, **overrides}).state_dict(), "tiny SwinIR")
+
+
+def tiny_dat(scale: int = 2, seed: int = 0) -> nn.Module:
+    """spandrel's DAT, tiny (embed 32, two groups of two blocks, split 8x32), random weights."""
+    from spandrel.architectures.DAT import DAT
+
+    torch.manual_seed(seed)
+    net = DAT(upscale=scale, img_size=64, embed_dim=32, split_size=[8, 32], depth=[2, 2], num_heads=[2, 2],
+              expansion_factor=2.0, resi_connection="1conv", upsampler="pixelshuffledirect")
+    return load_state_dict_model(net.state_dict(), "tiny DAT")
+
+
+def tiny_hat(scale: int = 2, seed: int = 0) -> nn.Module:
+    """spandrel's HAT, tiny (embed 12, one group of two blocks, window 8), random weights."""
+    from spandrel.architectures.HAT import HAT
+
+    torch.manual_seed(seed)
+    net = HAT(upscale=scale, img_size=64, window_size=8, embed_dim=12, depths=[2], num_heads=[2], mlp_ratio=2.0,
+              compress_ratio=3, squeeze_factor=4, upsampler="pixelshuffle", num_feat=16)
+    return load_state_dict_model(net.state_dict(), "tiny HAT")
+
+
+def tiny_srformer(scale: int = 2, seed: int = 0) -> nn.Module:
+    """spandrel_extra_arches' SRFormer, tiny (embed 12, one group of two blocks, window 8), random weights."""
+    from spandrel_extra_arches.architectures.SRFormer import SRFormer
+
+    torch.manual_seed(seed)
+    net = SRFormer(upscale=scale, img_size=64, window_size=8, embed_dim=12, depths=[2], num_heads=[2], mlp_ratio=2.0,
+                   upsampler="pixelshuffledirect")
+    return load_state_dict_model(net.state_dict(), "tiny SRFormer")
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> Path:
+    """``model``'s state dict (buffers included, as official files hold them) as safetensors."""
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
