@@ -38,6 +38,7 @@ import torch
 from calib.dobi import calibrate_dobi, candidate_bounds, search_histogram
 from calib.observers import StreamingHistogram, batch_forward_loop, observe
 from toolchain import load_model
+from toolchain.models import info_of
 from toolchain.data.patches import list_images, sample_patches
 from toolchain.quant import QuantConfig, float_mode, quantize_model, quantizers
 from toolchain.quant.grid import fake_quantize
@@ -86,7 +87,7 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[Took
 def float_forward_only(args: argparse.Namespace) -> None:
     """The memory baseline: decode the images, sample the patches, run the float model over them."""
     model = load_model(args.weights)
-    lr, _ = sample_patches(list_images(args.images), args.patches, args.patch_size, model.scale, 0)
+    lr, _ = sample_patches(list_images(args.images), args.patches, args.patch_size, info_of(model).scale, 0)
     with torch.no_grad():
         batch_forward_loop(lr, args.batch_size, progress=False)(model)
 
@@ -143,19 +144,18 @@ def main() -> None:
     else:
         from safetensors.torch import save_file
 
-        from toolchain.models.swinir import SwinIR
+        from random_models import swinir_light
 
-        torch.manual_seed(0)
-        model = SwinIR.lightweight(args.random_swinir_light).eval()
+        model = swinir_light(args.random_swinir_light)
         weights = tmp / f"swinir_light_x{args.random_swinir_light}_random.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
         source = f"SwinIR-light x{args.random_swinir_light}, random weights (seed 0; no trained checkpoint here)"
     config = QuantConfig(w_bits=args.bits, a_bits=args.bits)
     quantize_model(model, config)
     images = list_images(args.images)
-    (lr, _), t_patches = timed(lambda: sample_patches(images, args.patches, args.patch_size, model.scale, 0))
+    (lr, _), t_patches = timed(lambda: sample_patches(images, args.patches, args.patch_size, info_of(model).scale, 0))
     loop = batch_forward_loop(lr, args.batch_size, progress=False)
-    print(f"model {model.arch} x{model.scale}, {len(quantizers(model))} quantizers, patches {tuple(lr.shape)}",
+    print(f"model {info_of(model).arch} x{info_of(model).scale}, {len(quantizers(model))} quantizers, patches {tuple(lr.shape)}",
           file=sys.stderr)
 
     # 1. model level
@@ -250,7 +250,7 @@ def main() -> None:
     lines += [
         "# DOBI speed: one streamed pass vs the plain 100-pass search",
         "",
-        f"Model: {model.arch} x{model.scale}, {source}; W{args.bits}A{args.bits} per tensor, "
+        f"Model: {info_of(model).arch} x{info_of(model).scale}, {source}; W{args.bits}A{args.bits} per tensor, "
         f"{len(act)} activation and {len(quantizers(model)) - len(act)} weight quantizers.",
         f"Data: {args.patches} LR patches {args.patch_size}x{args.patch_size} from `{args.images}` "
         f"({len(images)} images), seed 0, batches of {args.batch_size}; {total_elements / 1e9:.2f} G activation "

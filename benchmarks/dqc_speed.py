@@ -23,6 +23,7 @@ import torch
 from calib.dobi import calibrate_dobi
 from calib.dqc import DQCConfig, distill
 from calib.observers import batch_forward_loop
+from toolchain.models import info_of
 from toolchain.data.patches import PatchDataset, sample_patches, split_train_val
 from toolchain.quant import QuantConfig, bounds_state, load_bounds, quantize_model
 
@@ -32,11 +33,11 @@ def build_model(weights: str | None, scale: int) -> tuple[torch.nn.Module, str]:
         from toolchain import load_model
 
         model = load_model(weights)
-        return model, f"{model.arch} x{model.scale} ({Path(weights).name})"
-    from toolchain.models.swinir import SwinIR
+        return model, f"{info_of(model).arch} x{info_of(model).scale} ({Path(weights).name})"
+    from random_models import swinir_light
 
     torch.manual_seed(0)
-    return SwinIR.lightweight(scale).eval(), f"SwinIR-light x{scale} (official light config, random weights)"
+    return swinir_light(scale), f"SwinIR-light x{scale} (official light config, random weights)"
 
 
 def rss_mib() -> float:
@@ -79,10 +80,10 @@ def main() -> int:
     model, described = build_model(args.weights, args.scale)
     quantize_model(model, QuantConfig(w_bits=4, a_bits=4))
     train, val = split_train_val(args.images, 0.1, seed=0)
-    calib_lr, _ = sample_patches(train, 8, args.patch_size, model.scale, seed=0)
+    calib_lr, _ = sample_patches(train, 8, args.patch_size, info_of(model).scale, seed=0)
     calibrate_dobi(model, batch_forward_loop(calib_lr, 8, progress=False))
     dobi = bounds_state(model)
-    data = PatchDataset(train, args.patch_size, model.scale, seed=1, length=(args.iters + 8) * args.batch)
+    data = PatchDataset(train, args.patch_size, info_of(model).scale, seed=1, length=(args.iters + 8) * args.batch)
     config = DQCConfig(iters=args.iters, batch=args.batch, val_every=0, checkpoint_every=0)
     results = {"model": described, "w_bits": 4, "a_bits": 4, "batch": args.batch, "patch_size": args.patch_size,
                "iters": args.iters, "machine": f"{platform.processor() or platform.machine()}, "

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from toolchain.inference import TileSpec, tiled_upscale, upscale_padded
-from toolchain.models.swinir import SwinIR
+from random_models import swinir_light
+from toolchain.models import info_of
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -39,15 +40,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = SwinIR.lightweight(4).eval()
+    model = swinir_light(4)
     run = lambda x: model(x)  # noqa: E731
     rows = []
     with torch.inference_mode():
         for size in (64, 256):
             lr = torch.rand(1, 3, size, size)
-            whole = median_ms(lambda: upscale_padded(run, lr, 4, model.input_multiple), args.repeats)
+            whole = median_ms(lambda: upscale_padded(run, lr, 4, info_of(model).multiple_of), args.repeats)
             spec = TileSpec(args.tile, args.overlap, batch=4)
-            tiled = median_ms(lambda: tiled_upscale(run, lr, 4, spec, model.input_multiple), args.repeats)
+            tiled = median_ms(lambda: tiled_upscale(run, lr, 4, spec, info_of(model).multiple_of), args.repeats)
             rows.append((size, whole, tiled))
     lines = [
         "# FP forward time, SwinIR-light x4 (PyTorch, CPU)",

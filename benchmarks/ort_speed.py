@@ -42,7 +42,7 @@ from export.onnx_export import ExportOptions, Provenance, export_model
 from toolchain.backends import TiledUpscaler
 from toolchain.data.patches import sample_patches
 from toolchain.files import sha256_file
-from toolchain.models.swinir import SwinIR
+from random_models import swinir_light
 from toolchain.quant import QuantConfig, quantize_model
 
 TILE, IMAGE, OVERLAP, TILES_PER_CALL = 64, 256, 16, 4
@@ -94,9 +94,8 @@ def quantize_static_model(fp32: Path, out: Path, patches: torch.Tensor) -> None:
                     weight_type=QuantType.QInt8, per_channel=False)
 
 
-def make_model(seed: int) -> SwinIR:
-    torch.manual_seed(seed)
-    return SwinIR.lightweight(4).eval()
+def make_model(seed: int) -> torch.nn.Module:
+    return swinir_light(4, seed)
 
 
 def time_rounds(runs: dict[str, callable], rounds: int) -> dict[str, float]:

@@ -10,7 +10,7 @@ measures the PSNR of the quantized output against the float output for:
 - everything **but** each group: that group float, the rest on (what making it lossless would give).
 
 Groups are the quantizer role (``weight``, ``linear_input``, ``mlp_hidden``, ``attn_q``, ...), the
-site kind (the layer and slot, e.g. ``qkv.input``, ``fc2.weight``, ``matmul_qk.a``) and the stage
+site kind (the layer and slot, e.g. ``qkv.input``, ``fc2.weight``, ``matmul.0.a``) and the stage
 (the top-level module, e.g. NGswin's ``encoder_layer1`` or SwinIR's ``layers.0``).
 
     python benchmarks/quantizer_sensitivity.py --weights ../shared/models/NGswin/NGswin_x2.pth \\
@@ -33,6 +33,7 @@ from calib.artifact import load_quantized_model
 from calib.dqc_cli import validation_batch
 from toolchain.data.patches import list_images, split_train_val
 from toolchain.metrics import psnr
+from toolchain.models import info_of
 from toolchain.quant import quantizers
 
 log = logging.getLogger("quantizer_sensitivity")
@@ -46,12 +47,15 @@ def group_of(name: str, role: str, grouping: str) -> str:
 
     >>> group_of("encoder_layer1.blocks.0.mlp.fc1.input", "linear_input", "site")
     'fc1.input'
+    >>> group_of("layers.0.residual_group.blocks.1.attn.matmul.0.a", "attn_q", "site")
+    'matmul.0.a'
     """
     if grouping == "role":
         return role
     parts = name.split(".")
     if grouping == "site":
-        return ".".join(parts[-2:])
+        # a matmul site is named by its owner's call order: ``<owner>.matmul.<i>.a``
+        return ".".join(parts[-3:] if len(parts) > 2 and parts[-3] == "matmul" else parts[-2:])
     # the top-level module, with its index when it is a ModuleList (SwinIR's ``layers.0``)
     return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
 
@@ -149,7 +153,7 @@ def main() -> None:
             continue
         model = load_quantized_model(args.weights, path)
         lr = held_out_patches(args.calib_images, args.val_fraction, args.seed, args.patches, args.patch_size,
-                              model.scale)
+                              info_of(model).scale)
         start = time.perf_counter()
         rows = measure(model, lr, args.batch, progress=not args.no_progress)
         data["artifacts"][name] = {

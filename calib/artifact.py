@@ -56,6 +56,8 @@ SIDECAR_SUFFIX = ".json"
 _SIDECAR_KEYS = ("format_version", "checkpoint_sha256", "model", "quant_config", "method", "bounds_sha256")
 
 PathLike = Union[str, os.PathLike]
+#: set by :func:`load_quantized_model`: the hashes and config an export of the model records
+PROVENANCE_ATTRIBUTE = "_twodq_provenance"
 
 
 class ArtifactError(ValueError):
@@ -256,6 +258,10 @@ def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
         raise ArtifactError(f"{artifact_path}: its bounds do not fit the quantizers of {config}: {err}") from err
     if spec or folds:
         bake_transforms(model)
+    # what an export of this model records as its origin (export.api)
+    model.__dict__[PROVENANCE_ATTRIBUTE] = {"checkpoint_sha256": meta["checkpoint_sha256"],
+                                            "artifact_sha256": sha256_file(artifact_path),
+                                            "quant_config": meta["quant_config"]}
     return model.to(device).eval()
 
 

@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 #: ORT on the QDQ graph vs fake-quant (ARCHITECTURE.md s. 7)
 ORT_MIN_PSNR = 60.0
 ORT_MIN_IDENTICAL = 0.99
+#: the task check of the verification criterion (ARCHITECTURE.md s. 7): engine vs reference against HR
+TASK_PSNR_TOLERANCE = 0.02
+TASK_SSIM_TOLERANCE = 0.0005
+#: the engine may sit this far below the reference's own noise floor (s. 7)
+NOISE_FLOOR_MARGIN = 1.0
+DEFAULT_NOISE_SIGMA = 1e-6
 #: Polygraphy check: the 99th percentile of |engine - reference| below half a uint8 level
 POLYGRAPHY_QUANTILE = 0.99
 POLYGRAPHY_ATOL = 0.5 / 255
@@ -54,6 +60,8 @@ class ImageAgreement:
     squared_error: float = field(repr=False)
     identical: int = field(repr=False)
     values: int = field(repr=False)
+    #: with HR: PSNR-Y / SSIM-Y (crop = scale) of the engine's and the reference's outputs
+    task: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,13 +77,34 @@ class Agreement:
     def passes(self, min_psnr: float, min_identical: float) -> bool:
         return self.psnr_vs_reference >= min_psnr and self.identical_pixels >= min_identical
 
+    @property
+    def task(self) -> dict[str, float] | None:
+        """Mean PSNR-Y / SSIM-Y against HR of engine and reference over the images, and their differences
+        (None when the images had no HR)."""
+        rows = [i.task for i in self.images]
+        if not rows or any(r is None for r in rows):
+            return None
+        mean = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+        return {**mean, "psnr_difference": mean["engine_psnr"] - mean["reference_psnr"],
+                "ssim_difference": mean["engine_ssim"] - mean["reference_ssim"]}
+
+    def task_passes(self, psnr_tolerance: float = TASK_PSNR_TOLERANCE,
+                    ssim_tolerance: float = TASK_SSIM_TOLERANCE) -> bool:
+        task = self.task
+        if task is None:
+            raise ValueError("the task check needs HR images (benchmark_images)")
+        return abs(task["psnr_difference"]) <= psnr_tolerance and abs(task["ssim_difference"]) <= ssim_tolerance
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (an infinite PSNR, identical outputs, is written as the string ``"inf"``)."""
         images = [{"name": i.name, "psnr": _finite(i.psnr), "identical_pixels": i.identical_pixels,
-                   "max_abs_error": i.max_abs_error} for i in self.images]
-        return {"psnr_vs_reference": _finite(self.psnr_vs_reference), "identical_pixels": self.identical_pixels,
-                "max_abs_error": self.max_abs_error, "min_image_psnr": _finite(self.min_image_psnr),
-                "images": images}
+                   "max_abs_error": i.max_abs_error, **({"task": i.task} if i.task else {})} for i in self.images]
+        out = {"psnr_vs_reference": _finite(self.psnr_vs_reference), "identical_pixels": self.identical_pixels,
+               "max_abs_error": self.max_abs_error, "min_image_psnr": _finite(self.min_image_psnr),
+               "images": images}
+        if self.task is not None:
+            out["task"] = self.task
+        return out
 
 
 def _finite(value: float) -> float | str:
@@ -87,16 +116,26 @@ def _psnr(squared_error: float, values: int) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
-def compare_images(name: str, engine: np.ndarray, reference: np.ndarray) -> ImageAgreement:
-    """Agreement of two SR outputs ``(H, W, 3)`` float (not clamped)."""
+def compare_images(name: str, engine: np.ndarray, reference: np.ndarray, hr: np.ndarray | None = None,
+                   scale: int = 0) -> ImageAgreement:
+    """Agreement of two SR outputs ``(H, W, 3)`` float (not clamped); with ``hr`` (mod-cropped, float
+    [0, 1]) also both outputs' PSNR-Y / SSIM-Y against it (crop = ``scale``)."""
     if engine.shape != reference.shape:
         raise ValueError(f"{name}: engine output {engine.shape} and reference {reference.shape} differ in shape")
     a, b = engine.astype(np.float64), reference.astype(np.float64)
     squared = float(np.sum((np.clip(a, 0, 1) - np.clip(b, 0, 1)) ** 2))
-    identical = int(np.count_nonzero(to_uint8(engine) == to_uint8(reference)))
+    engine8, reference8 = to_uint8(engine), to_uint8(reference)
+    identical = int(np.count_nonzero(engine8 == reference8))
     values = int(engine.size)
+    task = None
+    if hr is not None:
+        from toolchain.metrics import psnr_y, ssim_y
+
+        hr8 = to_uint8(hr)
+        task = {"engine_psnr": psnr_y(engine8, hr8, scale), "reference_psnr": psnr_y(reference8, hr8, scale),
+                "engine_ssim": ssim_y(engine8, hr8, scale), "reference_ssim": ssim_y(reference8, hr8, scale)}
     return ImageAgreement(name, _psnr(squared, values), identical / values, float(np.max(np.abs(a - b))),
-                          squared, identical, values)
+                          squared, identical, values, task)
 
 
 def pool(images: Sequence[ImageAgreement]) -> Agreement:
@@ -109,12 +148,14 @@ def pool(images: Sequence[ImageAgreement]) -> Agreement:
                      max(i.max_abs_error for i in images), min(i.psnr for i in images), tuple(images))
 
 
-def compare_upscalers(engine: Upscaler, reference: Upscaler, images: Iterable[tuple[str, np.ndarray]],
+def compare_upscalers(engine: Upscaler, reference: Upscaler, images: Iterable[tuple],
                       progress: bool = False) -> Agreement:
-    """Upscale each ``(name, lr)`` (``(h, w, 3)`` float [0, 1]) with both and pool the agreement."""
+    """Upscale each ``(name, lr)`` or ``(name, lr, hr)`` (``(h, w, 3)`` float [0, 1]) with both and pool
+    the agreement (with HR: the task metrics too)."""
     results = []
-    for name, lr in tqdm(list(images), desc="compare", unit="img", disable=not progress, leave=False):
-        results.append(compare_images(name, engine.upscale(lr), reference.upscale(lr)))
+    for name, lr, *hr in tqdm(list(images), desc="compare", unit="img", disable=not progress, leave=False):
+        results.append(compare_images(name, engine.upscale(lr), reference.upscale(lr), hr[0] if hr else None,
+                                      int(engine.scale)))
         log.debug("%s: %.2f dB, %.4f identical", name, results[-1].psnr, results[-1].identical_pixels)
     return pool(results)
 
@@ -126,6 +167,65 @@ def benchmark_lr_images(data_root: str | os.PathLike, sets: Sequence[str], scale
 
     return [(f"{set_name}/{pair.name}", read_image(pair.lr_path))
             for set_name in sets for pair in benchmark_pairs(data_root, set_name, scale)]
+
+
+def benchmark_images(data_root: str | os.PathLike, sets: Sequence[str], scale: int
+                     ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``("<set>/<name>", lr, hr)`` for every pair of ``sets`` at ``scale`` (HR mod-cropped)."""
+    from toolchain.data.benchmark import benchmark_pairs, load_pair
+
+    return [(f"{set_name}/{pair.name}", *load_pair(pair))
+            for set_name in sets for pair in benchmark_pairs(data_root, set_name, scale)]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The verification criterion (ARCHITECTURE.md s. 7) applied to one engine.
+
+    Passes when the engine's PSNR against the fake-quant reference reaches
+    ``floor = min(fixed floor, noise floor - margin)`` and its task PSNR/SSIM against HR equal the
+    reference's within the tolerances.
+    """
+
+    agreement: Agreement
+    fixed_floor: float
+    noise_floor: float | None
+    margin: float
+    min_identical: float = 0.0
+
+    @property
+    def floor(self) -> float:
+        if self.noise_floor is None:
+            return self.fixed_floor
+        return min(self.fixed_floor, self.noise_floor - self.margin)
+
+    @property
+    def psnr_passes(self) -> bool:
+        return self.agreement.psnr_vs_reference >= self.floor and self.agreement.identical_pixels >= self.min_identical
+
+    @property
+    def task_passes(self) -> bool:
+        return self.agreement.task_passes()
+
+    @property
+    def passed(self) -> bool:
+        return self.psnr_passes and self.task_passes
+
+    def summary(self) -> str:
+        task = self.agreement.task
+        floor = (f"floor {self.floor:.2f} dB = min({self.fixed_floor:g}, noise floor {self.noise_floor:.2f} - "
+                 f"{self.margin:g})" if self.noise_floor is not None else f"floor {self.floor:g} dB")
+        return (f"engine vs reference {agreement_summary(self.agreement)}; {floor} -> "
+                f"{'ok' if self.psnr_passes else 'BELOW'}; task PSNR engine {task['engine_psnr']:.3f} / reference "
+                f"{task['reference_psnr']:.3f} dB ({task['psnr_difference']:+.3f}), SSIM {task['engine_ssim']:.4f} / "
+                f"{task['reference_ssim']:.4f} ({task['ssim_difference']:+.5f}) -> "
+                f"{'ok' if self.task_passes else 'DIFFERS'}; {'PASS' if self.passed else 'FAIL'}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.agreement.to_dict(), "fixed_floor": self.fixed_floor, "noise_floor": self.noise_floor,
+                "floor_margin": self.margin, "floor": self.floor, "min_identical": self.min_identical,
+                "psnr_passed": self.psnr_passes, "task_passed": self.task_passes,
+                "task_tolerance": {"psnr": TASK_PSNR_TOLERANCE, "ssim": TASK_SSIM_TOLERANCE}, "passed": self.passed}
 
 
 def cut_tiles(lr: np.ndarray, tile: int, multiple: int, overlap: int = 16) -> torch.Tensor:

@@ -203,10 +203,23 @@ class OrtTileRunner:
         names = [i.name for i in self.session.get_inputs()]
         if names != ["input"]:
             raise ValueError(f"{self.path}: expected one input named 'input', got {names}")
+        first = self.session.get_inputs()[0].shape[0]
+        #: tiles per call of a static-batch export (None: any number); shorter batches are padded
+        self.static_batch: Optional[int] = first if isinstance(first, int) else None
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         if tiles.dim() != 4 or tuple(tiles.shape[1:]) != (3, self.tile, self.tile):
             raise ValueError(f"{self.path}: expected tiles (N, 3, {self.tile}, {self.tile}), got {tuple(tiles.shape)}")
         batch = np.ascontiguousarray(tiles.detach().to("cpu", torch.float32).numpy())
-        (output,) = self.session.run(["output"], {"input": batch})
-        return torch.from_numpy(output)
+        if self.static_batch is None:
+            (output,) = self.session.run(["output"], {"input": batch})
+            return torch.from_numpy(output)
+        outputs = []
+        for start in range(0, batch.shape[0], self.static_batch):
+            chunk = batch[start:start + self.static_batch]
+            count = chunk.shape[0]
+            if count < self.static_batch:  # a static-batch graph: pad with zero tiles, drop their outputs
+                chunk = np.concatenate([chunk, np.zeros((self.static_batch - count, *chunk.shape[1:]), chunk.dtype)])
+            (output,) = self.session.run(["output"], {"input": chunk})
+            outputs.append(output[:count])
+        return torch.from_numpy(np.concatenate(outputs))

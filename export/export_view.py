@@ -29,6 +29,7 @@ is not modified.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Optional
@@ -36,6 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from toolchain.quant import QuantConv2d, QuantLinear, QuantMatMul, Quantizer, grid
 from toolchain.quant.routing import opaque
@@ -221,7 +223,34 @@ class ExportGraph(nn.Module):
         self.float_dtype = float_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(self.float_dtype)).to(torch.float32)
+        factories = contextlib.nullcontext() if self.float_dtype == torch.float32 else FloatFactories(self.float_dtype)
+        with factories:
+            return self.model(x.to(self.float_dtype)).to(torch.float32)
+
+
+class FloatFactories(TorchFunctionMode):
+    """Float tensors a model creates at run time without a dtype come out in ``dtype``.
+
+    Such tensors take torch's default dtype (float32): SwinIR, HAT and SRFormer build the
+    shifted-window mask of a tile other than their training size with ``torch.zeros``, which then
+    promotes the fp16 attention scores to float32. The cast is recorded in the traced graph (the
+    exporter re-runs the graph later, when no mode is active).
+    """
+
+    FACTORIES = frozenset({torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.arange,
+                           torch.linspace, torch.eye, torch.rand, torch.randn})
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if (func in self.FACTORIES and kwargs.get("dtype") is None and isinstance(result, torch.Tensor)
+                and result.dtype == torch.float32):
+            return result.to(self.dtype)
+        return result
 
 
 def build_export_view(model: nn.Module, float_dtype: torch.dtype = torch.float32, int4_block: int = 0) -> ExportGraph:

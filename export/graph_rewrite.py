@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import ast
 import collections
-import re
 import logging
+import re
+from typing import Optional
 
 import ml_dtypes
 import numpy as np
@@ -49,23 +50,40 @@ def count_ops(graph: ir.Graph) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
-def simplify(model: ir.Model) -> ir.Model:
-    """Apply the passes of the module docstring to ``model`` in place and return it."""
+def simplify(model: ir.Model, static_batch: Optional[int] = None) -> ir.Model:
+    """Apply the passes of the module docstring to ``model`` in place and return it.
+
+    ``static_batch``: the graph was traced for this many tiles per call (else its batch is dynamic)."""
     name_nodes_by_module(model.graph)
     common_passes.ClearMetadataAndDocStringPass()(model)
     for value in [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]:
         value.metadata_props.clear()
-    onnxscript.optimizer.optimize_ir(model, should_fold=_never_fold_qdq, input_size_limit=FOLD_SIZE_LIMIT,
-                                     output_size_limit=FOLD_SIZE_LIMIT)
+    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    quiet = _DropMessages("Skipping constant folding for op LayerNormalization with multiple outputs")
+    folding_log.addFilter(quiet)  # one line per LayerNorm of the model, about nothing we can act on
+    try:
+        onnxscript.optimizer.optimize_ir(model, should_fold=_never_fold_qdq, input_size_limit=FOLD_SIZE_LIMIT,
+                                         output_size_limit=FOLD_SIZE_LIMIT)
+    finally:
+        folding_log.removeFilter(quiet)
     removed = remove_zero_pads(model.graph) + remove_broadcast_expands(model.graph)
     drop_default_qdq_attributes(model.graph)
     packed = pack_int4_weights(model.graph)
-    name_batch_dim(model.graph)
+    name_batch_dim(model.graph, static_batch)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.TopologicalSortPass()(model)
     common_passes.NameFixPass()(model)
     log.debug("simplify: %d zero pads / redundant expands removed, %d weights packed as int4", removed, packed)
     return model
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
 
 
 def name_nodes_by_module(graph: ir.Graph, root: str = "model.") -> None:
@@ -177,12 +195,17 @@ def pack_int4_weights(graph: ir.Graph) -> int:
     return packed
 
 
-def name_batch_dim(graph: ir.Graph) -> None:
-    """Call the first dimension of the graph's inputs and outputs ``batch`` (it is symbolic)."""
+def name_batch_dim(graph: ir.Graph, static_batch: Optional[int] = None) -> None:
+    """Call the first dimension of the graph's inputs and outputs ``batch`` (it is symbolic), or check
+    that it is ``static_batch``."""
     for value in [*graph.inputs, *graph.outputs]:
         if value.shape is None or len(value.shape) == 0:
             continue
         dims = list(value.shape)
+        if static_batch is not None:
+            if dims[0] != static_batch:
+                raise ValueError(f"graph {value.name} has batch {dims[0]}; expected the static batch {static_batch}")
+            continue
         if isinstance(dims[0], int):
             raise ValueError(f"graph {value.name} has a fixed batch size {dims[0]}; expected a dynamic batch")
         dims[0] = ir.SymbolicDim(BATCH_DIM)

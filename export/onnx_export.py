@@ -37,6 +37,7 @@ from torch import nn
 from toolchain.files import atomic_path, sha256_file
 from toolchain.quant.config import TARGETS
 
+from .exact_sizes import exact_size_ints
 from .export_view import INT4_BLOCKS, build_export_view
 from .graph_rewrite import count_ops, simplify
 from .qdq_ops import translations
@@ -53,6 +54,8 @@ MAX_OPSET = 23
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 #: the batch sizes the exported graph is traced for (it runs any batch in this range)
 MAX_BATCH = 4096
+#: tiles per call when the model's code does not allow a dynamic batch (the verifier's default batch)
+DEFAULT_STATIC_BATCH = 4
 METADATA_PREFIX = "2dq."
 METADATA_KEYS = ("checkpoint_sha256", "artifact_sha256", "quant_config", "tile", "scale", "multiple",
                  "target", "float_dtype", "arch")
@@ -82,6 +85,8 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     int4_block: int = 64
     lint: bool = True
+    #: tiles per call of a static-batch graph (None: dynamic where the model allows it)
+    batch: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile <= 0:
@@ -92,6 +97,9 @@ class ExportOptions:
             raise ValueError(f"float dtype must be one of {tuple(FLOAT_DTYPES)}, got {self.float_dtype!r}")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ValueError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {self.opset}")
+        if self.batch is not None and (isinstance(self.batch, bool) or not isinstance(self.batch, int)
+                                       or not 1 <= self.batch <= MAX_BATCH):
+            raise ValueError(f"batch must be an integer in [1, {MAX_BATCH}] or None (dynamic), got {self.batch!r}")
         if self.int4_block not in INT4_BLOCKS:
             raise ValueError(f"int4 block must be one of {INT4_BLOCKS}, got {self.int4_block}")
 
@@ -179,13 +187,13 @@ def to_onnx(model: nn.Module, options: ExportOptions, provenance: Provenance) ->
     float_dtype = FLOAT_DTYPES[options.float_dtype]
     int4_block = options.int4_block if options.target == "trt-int4" else 0
     view = build_export_view(model, float_dtype, int4_block)
-    ir_model = _trace(view, options, float_dtype)
+    ir_model, static_batch = _trace(view, options, float_dtype)
     nodes_exported = ir_model.graph.num_nodes()
-    simplify(ir_model)
+    simplify(ir_model, static_batch)
     opset = ir_model.opset_imports.get("", options.opset)
     if opset != options.opset:
         raise RuntimeError(f"the exporter wrote opset {opset}, not the requested {options.opset}")
-    result_meta = _metadata(model, options, provenance, int4_block)
+    result_meta = _metadata(model, options, provenance, int4_block, static_batch)
     ir_model.metadata_props.update(result_meta)
     ir_model.producer_name = "2dq"
     ir_model.producer_version = _version()
@@ -205,28 +213,48 @@ def to_onnx(model: nn.Module, options: ExportOptions, provenance: Provenance) ->
     return proto, result
 
 
-def _trace(view: nn.Module, options: ExportOptions, float_dtype: torch.dtype) -> ir.Model:
-    # torch.export specializes a dimension of size 1, so the example batch is 2
-    example = torch.zeros(2, 3, options.tile, options.tile)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+def _trace(view: nn.Module, options: ExportOptions, float_dtype: torch.dtype) -> tuple[ir.Model, Optional[int]]:
+    """The exporter's graph and its static batch (None: the batch is dynamic).
+
+    ``torch.export`` runs first with a dynamic batch; a model whose own code fixes the batch while
+    tracing (DAT's ``windows2img`` computes ``int(N / windows)``) raises a constraint violation there,
+    and the graph is then traced for ``options.batch or DEFAULT_STATIC_BATCH`` tiles per call instead,
+    which engines pad to (the torch.onnx fallbacks would otherwise hand back a graph that claims a
+    dynamic batch and computes garbage for any other). ``options.batch`` forces a static batch.
+    """
+    static = options.batch
     captured = io.StringIO()
     try:
         # the exporter prints its progress and torch-internal deprecation warnings: not for our users
         with contextlib.redirect_stdout(captured), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            program = torch.onnx.export(
-                view, (example,), dynamo=True, opset_version=options.opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), optimize=False, verbose=False,
-                custom_translation_table=translations(options.opset, float_dtype))
+            program = None
+            if static is None:
+                # torch.export specializes a dimension of size 1, so the example batch is 2
+                batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+                try:
+                    program = torch.export.export(view, (torch.zeros(2, 3, options.tile, options.tile),),
+                                                  dynamic_shapes=({0: batch},), strict=False)
+                except torch._dynamo.exc.UserError as err:  # a constraint violation: the code fixes the batch
+                    static = DEFAULT_STATIC_BATCH
+                    log.warning("the model's code fixes the batch size while tracing (%s); exporting a static batch "
+                                "of %d tiles per call (engines pad shorter batches)", str(err).splitlines()[0][:200],
+                                static)
+            if program is None:
+                program = torch.export.export(view, (torch.zeros(static, 3, options.tile, options.tile),), strict=False)
+            onnx_program = torch.onnx.export(
+                program, opset_version=options.opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                optimize=False, verbose=False, custom_translation_table=translations(options.opset, float_dtype))
     except Exception as err:  # the exporter raises many error types; all mean the same here
         raise RuntimeError(f"torch.onnx.export failed at tile {options.tile}: {type(err).__name__}: "
                            f"{str(err)[:2000]}") from err
     finally:
         log.debug("exporter output:\n%s", captured.getvalue())
-    return program.model
+    return onnx_program.model, static
 
 
-def _metadata(model: nn.Module, options: ExportOptions, provenance: Provenance, int4_block: int) -> dict[str, str]:
+def _metadata(model: nn.Module, options: ExportOptions, provenance: Provenance, int4_block: int,
+              static_batch: Optional[int] = None) -> dict[str, str]:
     values = {
         "checkpoint_sha256": provenance.checkpoint_sha256,
         "artifact_sha256": provenance.artifact_sha256,
@@ -242,6 +270,7 @@ def _metadata(model: nn.Module, options: ExportOptions, provenance: Provenance, 
     }
     if int4_block:
         values["int4_block"] = str(int4_block)
+    values["batch"] = "dynamic" if static_batch is None else str(static_batch)
     return {METADATA_PREFIX + key: value for key, value in values.items()}
 
 

@@ -1,6 +1,10 @@
 """Pieces of ``train_swinir.py``: model configs, aligned patch sampling on the device, the learning
 rate schedule, validation, checkpoints, fine-tuning init and export.
 
+The model is spandrel's SwinIR class (the official architecture code, :func:`build_model`), so the
+state dict, buffers included, has the official layout and the exported file loads with
+``toolchain.load_model`` like a released checkpoint.
+
 Training pairs follow BasicSR's pre-made LR folders: each training image is mod-cropped to the
 scale and degraded once, whole, with the project's MATLAB bicubic (:func:`bicubic_degrade`); aligned
 LR/HR patches are then cut from the two uint8 images. This is the degradation the test sets went
@@ -25,9 +29,9 @@ from tqdm import tqdm
 from toolchain.data import bicubic_degrade, mod_crop, to_uint8
 from toolchain.files import atomic_path
 from toolchain.inference import upscale_padded
-from toolchain.loading import CheckpointError, compact_names, read_state_dict
+from toolchain.loading import CheckpointError, compact_names, load_state_dict_model, read_state_dict
 from toolchain.metrics import psnr_y
-from toolchain.models import swinir
+from toolchain.models import info_of
 
 log = logging.getLogger("train_swinir")
 
@@ -36,7 +40,14 @@ CONFIGS = {
     "light": {"embed_dim": 60, "depths": [6, 6, 6, 6], "num_heads": [6, 6, 6, 6]},
     "tiny": {"embed_dim": 12, "depths": [2, 2], "num_heads": [2, 2]},
 }
-CHECKPOINT_FORMAT = "2dq-train-swinir-v1"
+#: what every configuration shares: the released lightweight SwinIR (official defaults elsewhere,
+#: including stochastic depth 0.1 in training)
+LIGHTWEIGHT = {"img_size": 64, "in_chans": 3, "window_size": 8, "mlp_ratio": 2.0, "img_range": 1.0,
+               "upsampler": "pixelshuffledirect", "resi_connection": "1conv", "drop_path_rate": 0.1}
+#: buffers the architecture computes from its configuration (official files store them too)
+STORED_BUFFERS = ("relative_position_index", "attn_mask")
+# v2: spandrel's SwinIR (buffers in the state dict) and the global RNG state (stochastic depth)
+CHECKPOINT_FORMAT = "2dq-train-swinir-v2"
 #: Adam as in the official SwinIR training options (KAIR): default betas, no weight decay
 ADAM_BETAS = (0.9, 0.999)
 #: the cosine schedule ends at this fraction of the peak learning rate
@@ -46,10 +57,27 @@ Pair = tuple[np.ndarray, np.ndarray]  # (HR uint8 (sH, sW, 3), LR uint8 (H, W, 3
 
 
 def model_config(name: str, scale: int) -> dict:
-    """Full :class:`SwinIR` constructor arguments of a named configuration at ``scale``."""
+    """Constructor arguments of spandrel's ``SwinIR`` for a named configuration at ``scale`` (JSON-ready)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown model config {name!r}; known: {sorted(CONFIGS)}")
-    return swinir.SwinIR(scale=scale, **CONFIGS[name]).config
+    return {**LIGHTWEIGHT, **CONFIGS[name], "upscale": scale}
+
+
+def build_model(config: dict) -> nn.Module:
+    """spandrel's SwinIR with ``config``, freshly initialized (global torch RNG), float32, eval mode.
+
+    It goes through :func:`toolchain.loading.load_state_dict_model`, so it is the model
+    ``toolchain.load_model`` makes of its own checkpoint, carrying the same ``ModelInfo`` (scale,
+    input size rule); the hyper-parameters spandrel infers back must be ``config``.
+    """
+    from spandrel.architectures.SwinIR import SwinIR
+
+    model = load_state_dict_model(SwinIR(**config).state_dict(), "SwinIR " + json.dumps(config))
+    inferred = info_of(model).hyperparameters
+    differs = {k: (v, inferred.get(k)) for k, v in config.items() if inferred.get(k) != v}
+    if differs:
+        raise ValueError(f"spandrel reads this SwinIR back with other settings (config, inferred): {differs}")
+    return model
 
 
 def make_pairs(images: Sequence[np.ndarray], scale: int, progress: bool = False) -> list[Pair]:
@@ -134,7 +162,7 @@ def validate(model: nn.Module, pairs: Sequence[Pair], scale: int, device: torch.
     scores = []
     for hr, lr in pairs:
         x = torch.from_numpy(lr).to(device).permute(2, 0, 1)[None].float() / 255.0
-        sr = upscale_padded(model, x, scale, model.input_multiple)
+        sr = upscale_padded(model, x, scale, info_of(model).multiple_of)  # as the evaluator pads
         scores.append(psnr_y(to_uint8(sr[0].permute(1, 2, 0).float().cpu().numpy()), hr, crop_border=scale))
     model.train(was_training)
     return float(np.mean(scores))
@@ -157,7 +185,7 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def init_from(model: swinir.SwinIR, path: str | os.PathLike) -> list[str]:
+def init_from(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Copy every learnable tensor of checkpoint ``path`` except the upsampler's into ``model``.
 
     For fine-tuning x2 from x4: only ``upsample.*`` depends on the scale. Returns the keys left
@@ -165,7 +193,7 @@ def init_from(model: swinir.SwinIR, path: str | os.PathLike) -> list[str]:
     """
     state = read_state_dict(path)
     kept = {k: v for k, v in state.items()
-            if not k.startswith("upsample.") and k.rsplit(".", 1)[-1] not in swinir.STORED_BUFFERS}
+            if not k.startswith("upsample.") and k.rsplit(".", 1)[-1] not in STORED_BUFFERS}
     params = dict(model.named_parameters())
     wanted = {k for k in params if not k.startswith("upsample.")}
     problems = []
@@ -177,20 +205,30 @@ def init_from(model: swinir.SwinIR, path: str | os.PathLike) -> list[str]:
     if shapes:
         problems.append(f"wrong shape {compact_names(shapes)}")
     if problems:
-        raise CheckpointError(f"--init {path}: does not fit {model.config}: " + "; ".join(problems))
+        raise CheckpointError(f"--init {path}: does not fit {_described(model)}: " + "; ".join(problems))
     with torch.no_grad():
         for key in wanted:
             params[key].copy_(kept[key])
     return sorted(set(params) - wanted)
 
 
+def _described(model: nn.Module) -> str:
+    hyper = getattr(model, "hyperparameters", {})
+    return "SwinIR " + json.dumps({k: hyper[k] for k in ("embed_dim", "depths", "num_heads", "upscale") if k in hyper})
+
+
 def export_weights(model: nn.Module, path: Path, metadata: dict) -> Path:
-    """Write the learnable tensors (official SwinIR key names, float32) as ``.safetensors``, atomically."""
+    """Write the whole state dict as ``.safetensors``, atomically: the official SwinIR layout (weights
+    float32, plus the ``relative_position_index`` / ``attn_mask`` buffers, by which spandrel identifies
+    SwinIR)."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    if set(tensors) != {k for k, _ in model.named_parameters()}:
-        raise RuntimeError("the model's state dict holds more than its parameters")
+    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in model.state_dict().items()}
+    parameters = {k for k, _ in model.named_parameters()}
+    extra = {k for k in tensors if k.rsplit(".", 1)[-1] not in STORED_BUFFERS} - parameters
+    if extra:
+        raise RuntimeError(f"the model's state dict holds more than its parameters and buffers: {sorted(extra)[:3]}")
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
     return path

@@ -1,6 +1,7 @@
 """Train the project's reference SwinIR-light checkpoints (a project tool, not part of the user CLI).
 
-SwinIR-light as released (official parameter names), L1 loss, Adam (lr 2e-4 as the paper), random
+SwinIR-light as released (spandrel's copy of the official architecture code, so the official state-dict
+layout), L1 loss, Adam (lr 2e-4 as the paper), random
 64x64 LR patches with flips/rotations from ``../shared/datasets/train`` (a held-out split validates;
 the test sets never enter), LR made with the project's MATLAB bicubic. The paper halves the rate at
 milestones over 500k iterations; a GPU budget of ~25 minutes allows a few percent of that, for
@@ -10,7 +11,7 @@ Runs are resumable and chainable across short device calls: ``--time-limit-min``
 (checkpoint written) before a wall-clock limit counted from the start of the process, SIGTERM
 does the same, and ``--resume`` continues from ``OUT/last.pt`` (or starts fresh if there is none,
 so every chunk runs the same command). At the end (or with ``--export``) the weights are written
-as ``OUT/swinir_<config>_x<scale>.safetensors`` with the official keys, readable by
+as ``OUT/swinir_<config>_x<scale>.safetensors`` with the official keys (buffers included), readable by
 ``toolchain.load_model``. See ``models/README.md`` for the GPU recipe.
 
     python scripts/train_swinir.py --data runs/train_x4.npz --out runs/swinir_light_x4 \\
@@ -37,7 +38,6 @@ import train_lib as lib
 from pack_train_data import load_images
 from toolchain.cli.common import UsageError, add_logging_arguments, run_cli
 from toolchain.data import split_train_val
-from toolchain.models import swinir
 
 log = logging.getLogger("train_swinir")
 EXIT_SIGTERM = 128 + signal.SIGTERM
@@ -89,13 +89,25 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device}: CUDA is not available here")
 
 
-def _export(model, out: Path, run: dict, iteration: int, val_psnr: float | None) -> Path:
+def _export(model, config: dict, out: Path, run: dict, iteration: int, val_psnr: float | None) -> Path:
     path = out / f"swinir_{run['config']}_x{run['scale']}.safetensors"
-    meta = {"arch": swinir.ARCH, "config": model.config, "iterations": iteration, "val_psnr_y": val_psnr,
+    meta = {"arch": "SwinIR", "config": config, "iterations": iteration, "val_psnr_y": val_psnr,
             "data_sha256": run["data_sha256"], "run": run, "trained_by": "scripts/train_swinir.py"}
     lib.export_weights(model, path, meta)
     log.info("exported %s (iteration %d, validation PSNR-Y %s)", path, iteration, val_psnr)
     return path
+
+
+def _model_rng(device: torch.device) -> dict:
+    """The global RNG states that stochastic depth draws from (saved so that a resume is exact)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+
+def _set_model_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -107,9 +119,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.export:
         if state is None:
             raise UsageError(f"--export: no checkpoint {ckpt_path}")
-        model = swinir.build(**state["model_config"])
+        model = lib.build_model(state["model_config"])
         model.load_state_dict(state["model"])
-        print(_export(model, out, state["run"], state["iteration"], state.get("val_psnr_y")))
+        print(_export(model, state["model_config"], out, state["run"], state["iteration"], state.get("val_psnr_y")))
         return 0
     if ckpt_path.exists() and not args.resume:
         raise UsageError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
@@ -125,7 +137,7 @@ def _main(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     config = lib.model_config(args.config, args.scale)
-    model = swinir.build(**config).to(device)
+    model = lib.build_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=lib.ADAM_BETAS)
     generator = torch.Generator().manual_seed(args.seed)
     iteration, val_psnr = 0, None
@@ -138,6 +150,7 @@ def _main(args: argparse.Namespace) -> int:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["sampler_rng"])
+        _set_model_rng(state, device)
         iteration, val_psnr = state["iteration"], state.get("val_psnr_y")
         if args.iters < iteration:
             raise UsageError(f"--iters {args.iters} is below the checkpoint's iteration {iteration}")
@@ -163,7 +176,7 @@ def _main(args: argparse.Namespace) -> int:
         lib.save_checkpoint(ckpt_path, {
             "format": lib.CHECKPOINT_FORMAT, "iteration": iteration, "iters": args.iters, "run": run,
             "model_config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "sampler_rng": generator.get_state(), "val_psnr_y": val_psnr,
+            "sampler_rng": generator.get_state(), "val_psnr_y": val_psnr, **_model_rng(device),
         })
         return time.monotonic() - began
 
@@ -223,7 +236,7 @@ def _main(args: argparse.Namespace) -> int:
     checkpoint()
     journal.write(event="stop", iter=iteration, reason=stop_reason, elapsed_s=time.monotonic() - start)
     if iteration == args.iters:
-        _export(model, out, run, iteration, val_psnr)
+        _export(model, config, out, run, iteration, val_psnr)
     else:
         log.info("stopped (%s) at iteration %d of %d; continue with --resume", stop_reason, iteration, args.iters)
     print(json.dumps({"iteration": iteration, "iters": args.iters, "stopped": stop_reason, "val_psnr_y": val_psnr}))

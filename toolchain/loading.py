@@ -130,6 +130,14 @@ def load_state_dict_model(state_dict: Mapping[str, torch.Tensor], where: str = "
     if not hasattr(descriptor, "scale") or descriptor.purpose not in ("SR", "Restoration"):
         raise CheckpointError(f"{where}: a {descriptor.architecture.id} model for {descriptor.purpose}, "
                               "not an image-to-image super-resolution model")
+    # load_state_dict casts silently: an integer tensor where the model holds floats (or the reverse)
+    # is a damaged file, not weights
+    held = descriptor.model.state_dict()
+    wrong = [f"{k} (checkpoint {v.dtype}, model {held[k].dtype})" for k, v in state_dict.items()
+             if k in held and v.is_floating_point() != held[k].is_floating_point()]
+    if wrong:
+        raise CheckpointError(f"{where}: tensors of the wrong kind (integer for float or the reverse): "
+                              f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''} ({len(wrong)} in all)")
     return with_info(descriptor)
 
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from calib.dqc_cli import CHECKPOINT_SUFFIX
-from toolchain.models.swinir import SwinIR
+
+from ..tiny_models import save_checkpoint, tiny_swinir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import ptq_grid  # noqa: E402
@@ -100,9 +101,7 @@ def test_merge_notes_a_calibration_made_again_elsewhere():
 
 def test_a_lost_artifact_is_remade_with_the_same_bounds(tmp_path, datasets_dir):
     """The real ``2dq-calibrate`` (DOBI, then 2 DQC steps) on a tiny SwinIR, twice: the remake matches."""
-    torch.manual_seed(0)
-    model = SwinIR(scale=4, embed_dim=12, depths=[2], num_heads=[2], window_size=8, mlp_ratio=2.0)
-    save_file(model.state_dict(), str(tmp_path / "tiny_x4.safetensors"))
+    save_checkpoint(tiny_swinir(scale=4, seed=0, depths=[2], num_heads=[2]), tmp_path / "tiny_x4.safetensors")
     args = argparse.Namespace(
         weights=str(tmp_path / "tiny_x{scale}.safetensors"), calib_images=datasets_dir / "train" / "DIV2K_valid_256",
         work=tmp_path / "work", threads=1,

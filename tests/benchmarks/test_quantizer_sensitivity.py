@@ -10,16 +10,16 @@ import torch
 from calib.baselines import calibrate_minmax
 from calib.observers import batch_forward_loop
 from toolchain.metrics import psnr
-from toolchain.models.swinir import SwinIR
 from toolchain.quant import QuantConfig, float_mode, quantize_model, quantizers
+
+from ..tiny_models import tiny_swinir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import quantizer_sensitivity as sensitivity  # noqa: E402
 
 
 def _model() -> tuple[torch.nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    model = SwinIR(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=4, mlp_ratio=2.0).eval()
+    model = tiny_swinir(scale=2, seed=0, depths=[2], num_heads=[2], window_size=4)
     quantize_model(model, QuantConfig(w_bits=4, a_bits=4))
     lr = torch.rand(3, 3, 8, 8)
     calibrate_minmax(model, batch_forward_loop(lr, progress=False))
@@ -55,6 +55,7 @@ def test_groups_partition_the_quantizers_and_all_is_the_deployed_model():
 
 def test_group_of_names():
     assert sensitivity.group_of("layers.0.residual_group.blocks.1.attn.qkv.input", "linear_input", "site") == "qkv.input"
-    assert sensitivity.group_of("layers.0.residual_group.blocks.1.attn.matmul_qk.a", "attn_q", "stage") == "layers.0"
+    assert sensitivity.group_of("layers.0.residual_group.blocks.1.attn.matmul.0.a", "attn_q", "stage") == "layers.0"
+    assert sensitivity.group_of("layers.0.residual_group.blocks.1.attn.matmul.0.a", "attn_q", "site") == "matmul.0.a"
     assert sensitivity.group_of("encoder_layer1.blocks.0.mlp.fc1.input", "linear_input", "stage") == "encoder_layer1"
     assert sensitivity.group_of("x.fc2.weight", "weight", "role") == "weight"

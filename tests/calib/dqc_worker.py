@@ -1,7 +1,7 @@
 """A real DQC run on the tiny SwinIR, as a script, for the subprocess tests (kill/resume, torchrun).
 
-Builds the tiny SwinIR (embed 12, depths [2, 2], heads [2, 2], window 8, x2) with seeded random
-weights, attaches W4A4 quantizers, runs DOBI on 8 training patches, then
+Builds the tiny SwinIR x2 (spandrel's class, ``tests/tiny_models.py``: embed 12, depths [2, 2],
+heads [2, 2], window 8) with seeded random weights, attaches W4A4 quantizers, runs DOBI on 8 training patches, then
 :func:`calib.dqc_cli.run_dqc` with the DQC options given on the command line, and writes every
 rank's final bounds to ``--bounds-out`` (``{rank}`` in the name is replaced by the rank).
 
@@ -10,10 +10,12 @@ rank's final bounds to ``--bounds-out`` (``{rank}`` in the name is replaced by t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -23,18 +25,23 @@ from calib.dobi import calibrate_dobi
 from calib.dqc_cli import add_dqc_arguments, run_dqc
 from calib.observers import batch_forward_loop
 from toolchain.data.patches import sample_patches
-from toolchain.models.swinir import SwinIR
+from toolchain.models import info_of
 from toolchain.quant import QuantConfig, bounds_state, quantize_model
 
-TINY = dict(scale=2, embed_dim=12, depths=[2, 2], num_heads=[2, 2], window_size=8)
+
+def _tiny_models():
+    """``tests/tiny_models.py``, loaded by path: this file also runs as a script, outside any package."""
+    spec = importlib.util.spec_from_file_location("tiny_models", Path(__file__).resolve().parents[1] / "tiny_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_quantized_model(calib_images, patch_size: int = 16, seed: int = 0) -> torch.nn.Module:
     """The tiny SwinIR x2 with fixed random weights, W4A4 quantizers, DOBI bounds from 8 patches."""
-    torch.manual_seed(seed)
-    model = SwinIR(**TINY).eval()
+    model = _tiny_models().tiny_swinir(scale=2, seed=seed)
     quantize_model(model, QuantConfig(w_bits=4, a_bits=4))
-    lr, _ = sample_patches(calib_images, 8, patch_size, model.scale, seed=seed)
+    lr, _ = sample_patches(calib_images, 8, patch_size, info_of(model).scale, seed=seed)
     calibrate_dobi(model, batch_forward_loop(lr, 8, progress=False))
     return model
 

@@ -19,6 +19,7 @@ from calib.baselines import calibrate_minmax
 from calib.observers import batch_forward_loop
 from toolchain import load_model
 from toolchain.files import sha256_file
+from toolchain.models import info_of
 from toolchain.quant import QuantConfig, bounds_state, quantize_model
 
 CONFIG = QuantConfig(w_bits=4, a_bits=4)
@@ -58,7 +59,8 @@ def test_round_trip(tmp_path, tiny_checkpoint, lr):
     meta = artifact.meta
     assert meta["format_version"] == 1
     assert meta["checkpoint_sha256"] == sha256_file(tiny_checkpoint)
-    assert meta["model"] == {"arch": "swinir", "config": model.config}
+    assert meta["model"] == {"arch": "SwinIR", "config": info_of(model).hyperparameters}
+    assert meta["model"]["config"]["embed_dim"] == 12 and meta["model"]["config"]["depths"] == [2, 2]
     assert artifact.quant_config == CONFIG
     assert meta["method"] == "minmax" and meta["calibration"] == {"patches": 2, "seed": 0}
     assert set(meta["versions"]) == {"torch", "numpy", "2dq"} and meta["created"]

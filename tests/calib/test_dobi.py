@@ -234,7 +234,8 @@ def test_calibrate_dobi_sets_every_quantizer(tiny_swinir):
     lower, upper = search_bounds(model.layers[0].residual_group.blocks[0].attn.qkv.weight, 4, "both")
     assert float(q.lower.detach()) == float(lower) and float(q.upper.detach()) == float(upper)
     # one-sided roles get the upper search: lower stays at the minimum
-    probs = found["layers.0.residual_group.blocks.0.attn.matmul_pv.a"]
+    probs = found["layers.0.residual_group.blocks.0.attn.matmul.1.a"]
+    assert probs.role == "attn_probs"
     assert results[probs.name].mode == "upper" and float(probs.lower.detach()) >= 0.0
     out = model(lr)
     assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()

@@ -25,8 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300
 #: bounds after 4 steps, two half-batch gradients vs one whole-batch gradient: the float32 sums differ
 #: in the last bits, and Adam's first steps (about sign(grad) * lr) carry that into the bounds; measured
-#: up to 2e-5 on this model, against steps of 1e-2. 1e-4 is 1% of one step.
-WHOLE_BATCH_ATOL = 1e-4
+#: up to 2e-5 on the project's former SwinIR copy, and on spandrel's tiny SwinIR (other random weights)
+#: up to 1.05e-4 (one bound, attn.matmul.0.a.lower of layers.0 block 1; all others <= 5.2e-5), against
+#: steps of 1e-2. 2e-4 is 2% of one step.
+WHOLE_BATCH_ATOL = 2e-4
 
 
 def _run(command: list[str]) -> dict:

@@ -11,8 +11,9 @@ from calib.input_shift import add_input_shifts, init_input_shifts
 from calib.observers import batch_forward_loop
 from calib.shift import add_shifts, bake_transforms, find_shift_sites, init_shifts
 from calib.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant
-from toolchain.models.swinir import SwinIR
 from toolchain.quant import QuantConfig, QuantLinear, grid, quantize_model
+
+from ..tiny_models import tiny_swinir
 
 CONFIG = QuantConfig(w_bits=4, a_bits=4, weight_granularity="per-channel")
 
@@ -52,9 +53,7 @@ def test_uncorrelated_inputs_leave_nothing_to_compensate():
 def _smoothed_model(seed: int = 0):
     """A tiny quantized SwinIR x2 with every fold (norm, value and input smoothing, shifts, input shifts),
     MinMax bounds; folds parametrized."""
-    torch.manual_seed(seed)
-    model = quantize_model(SwinIR(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8,
-                                  mlp_ratio=2.0).eval(), CONFIG)
+    model = quantize_model(tiny_swinir(scale=2, seed=seed, depths=[2], num_heads=[2]), CONFIG)
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     loop = batch_forward_loop(x, progress=False)
     sites = find_shift_sites(model, x[:1])
@@ -101,9 +100,8 @@ def test_refine_refuses_a_baked_model_with_input_offsets():
 
 def test_artifact_round_trip_is_bit_identical(tmp_path, save_checkpoint):
     model, x, loop = _smoothed_model()
-    torch.manual_seed(0)  # the float weights of _smoothed_model
-    checkpoint = save_checkpoint(SwinIR(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8,
-                                        mlp_ratio=2.0).eval(), tmp_path / "tiny_x2.safetensors")
+    checkpoint = save_checkpoint(tiny_swinir(scale=2, seed=0, depths=[2], num_heads=[2]),  # _smoothed_model's weights
+                                 tmp_path / "tiny_x2.safetensors")
     _, refined = refine_weights(model, loop, progress=False)
     path = save_artifact(tmp_path / "g.safetensors", model, checkpoint=checkpoint, quant_config=CONFIG,
                          method="minmax", weights=refined)

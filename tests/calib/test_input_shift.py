@@ -9,14 +9,13 @@ from calib.input_shift import add_input_shifts, init_input_shifts, input_shift_p
 from calib.observers import batch_forward_loop
 from calib.shift import transform_parameters, transforms_spec, transforms_state, restore_transforms
 from calib.smoothing import add_smoothing, bake_transforms, find_smoothing_groups, init_smoothquant
-from toolchain.models.swinir import SwinIR
 from toolchain.quant import QuantConfig, float_mode, quantize_model
+
+from ..tiny_models import tiny_swinir
 
 
 def tiny(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return quantize_model(SwinIR(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8,
-                                 mlp_ratio=2.0).eval(), QuantConfig())
+    return quantize_model(tiny_swinir(scale=2, seed=seed, depths=[2], num_heads=[2]), QuantConfig())
 
 
 @pytest.fixture()

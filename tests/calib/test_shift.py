@@ -25,9 +25,11 @@ from calib.shift import (
     transforms_state,
 )
 from calib.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant, smoothing_parameters
+from toolchain.loading import load_state_dict_model
 from toolchain.models import ngswin
-from toolchain.models.swinir import SwinIR
 from toolchain.quant import QuantConfig, bounds_state, float_mode, load_bounds, quantize_model, quantizers, grid
+
+from ..tiny_models import tiny_swinir as _tiny_swinir
 
 #: float model with random offsets vs without: max |difference| / output range
 FLOAT_FOLD_RTOL = 1e-5
@@ -35,14 +37,13 @@ FLOAT_FOLD_RTOL = 1e-5
 GRID_TOL_STEPS = 1e-4
 #: ONNX Runtime vs the fake-quant model (ARCHITECTURE.md section 7)
 ORT_MIN_PSNR = 60.0
-SWINIR = dict(scale=2, embed_dim=12, depths=[2, 2], num_heads=[2, 2], window_size=8, mlp_ratio=2.0)
-NGSWIN = dict(scale=2, embed_dim=16, depths=[2, 1], num_heads=[2, 4], dec_depth=2, dec_num_heads=2,
-              window_size=4, ngrams=[2, 3, 2], mlp_ratio=1.5, in_chans=3)
+NGSWIN = dict(scale=2, embed_dim=16, depths=(2, 1), num_heads=(2, 4), dec_depth=2, dec_num_heads=2,
+              window_size=4, ngrams=(2, 3, 2), mlp_ratio=1.5, in_chans=3)
 
 
 def tiny_swinir(config: QuantConfig = QuantConfig(), seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = SwinIR(**SWINIR).eval()
+    """spandrel's tiny SwinIR x2 (embed 12, depths [2, 2], heads [2, 2], window 8), LayerNorms perturbed."""
+    model = _tiny_swinir(scale=2, seed=seed)
     with torch.no_grad():  # trained-looking LayerNorms with off-centre outputs
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
@@ -76,16 +77,16 @@ def test_swinir_sites():
     assert sites[f"{b}.norm2.norm_output"].bias_folds == (f"{b}.mlp.fc1",)
     # qkv output channels are [q | k | v]
     assert sites[f"{b}.attn.qkv.attn_key"] == ShiftSite(
-        "attn_key", f"{b}.attn.qkv", 12, 24, f"{b}.attn.matmul_qk.b", (f"{b}.attn.matmul_qk.b",), ())
+        "attn_key", f"{b}.attn.qkv", 12, 24, f"{b}.attn.matmul.0.b", (f"{b}.attn.matmul.0.b",), ())
     assert sites[f"{b}.attn.qkv.attn_value"] == ShiftSite(
-        "attn_value", f"{b}.attn.qkv", 24, 36, f"{b}.attn.matmul_pv.b",
-        (f"{b}.attn.matmul_pv.b", f"{b}.attn.proj.input"), (f"{b}.attn.proj",))
+        "attn_value", f"{b}.attn.qkv", 24, 36, f"{b}.attn.matmul.1.b",
+        (f"{b}.attn.matmul.1.b", f"{b}.attn.proj.input"), (f"{b}.attn.proj",))
 
 
 def test_ngswin_sites_values_only():
     # post-norm blocks: no LayerNorm feeds a linear; cosine attention: k is normalized before q.k
     torch.manual_seed(0)
-    model = quantize_model(ngswin.build(**NGSWIN), QuantConfig())
+    model = quantize_model(load_state_dict_model(ngswin.NGswin(**NGSWIN).state_dict(), "tiny NGswin"), QuantConfig())
     sites = find_shift_sites(model, torch.rand(1, 3, 32, 32))
     attentions = [p for p, m in model.named_modules() if type(m).__name__ == "CosineWindowAttention"]
     assert len(attentions) == 10  # 5 blocks x (window attention + N-gram context attention)

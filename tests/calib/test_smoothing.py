@@ -17,27 +17,28 @@ from calib.smoothing import (
     smoothing_groups,
     smoothing_parameters,
 )
+from toolchain.loading import load_state_dict_model
 from toolchain.models import ngswin
-from toolchain.models.swinir import SwinIR
 from toolchain.quant import QuantConfig, float_mode, quantize_model
+
+from ..tiny_models import tiny_swinir as _tiny_swinir
 
 #: float model with random smoothing factors in [1/e, e] vs without: max |difference| / output range
 FLOAT_FOLD_RTOL = 1e-5
-SWINIR = dict(scale=2, embed_dim=12, depths=[2, 2], num_heads=[2, 2], window_size=8, mlp_ratio=2.0)
-NGSWIN = dict(scale=2, embed_dim=16, depths=[2, 1], num_heads=[2, 4], dec_depth=2, dec_num_heads=2,
-              window_size=4, ngrams=[2, 3, 2], mlp_ratio=1.5, in_chans=3)
+NGSWIN = dict(scale=2, embed_dim=16, depths=(2, 1), num_heads=(2, 4), dec_depth=2, dec_num_heads=2,
+              window_size=4, ngrams=(2, 3, 2), mlp_ratio=1.5, in_chans=3)
 
 
 def tiny_swinir(config: QuantConfig = QuantConfig()) -> nn.Module:
-    torch.manual_seed(0)
-    model = SwinIR(**SWINIR).eval()
+    """spandrel's tiny SwinIR x2 (embed 12, depths [2, 2], heads [2, 2], window 8), norms perturbed."""
+    model = _tiny_swinir(scale=2, seed=0)
     _perturb_norms(model)
     return quantize_model(model, config)
 
 
 def tiny_ngswin(config: QuantConfig = QuantConfig()) -> nn.Module:
     torch.manual_seed(0)
-    model = ngswin.build(**NGSWIN)
+    model = load_state_dict_model(ngswin.NGswin(**NGSWIN).state_dict(), "tiny NGswin")
     _perturb_norms(model)
     return quantize_model(model, config)
 
@@ -90,15 +91,21 @@ def test_swinir_groups_norm1_qkv_norm2_fc1_and_values_of_every_block():
         [g for g in expected if g.kind == "norm"]
 
 
-def test_ngswin_has_value_groups_only():
-    # NGswin adds norm1(attention) and norm2(MLP) to the residual stream: qkv and fc1 read the stream
+def test_ngswin_blocks_have_value_groups_only():
+    # NGswin adds norm1(attention) and norm2(MLP) to the residual stream: qkv and fc1 read the stream, so its
+    # blocks give value groups only; the one norm fold is patch merging's LayerNorm -> reduction (a quantized
+    # linear since generic placement, which finds it on the data path)
     model = tiny_ngswin()
     groups = find_smoothing_groups(model, torch.rand(1, 3, 32, 32))
     attentions = [p for p, m in model.named_modules() if type(m).__name__ == "CosineWindowAttention"]
     assert len(attentions) == 10  # 5 blocks x (window attention + N-gram context attention)
     inner = {a: model.get_submodule(f"{a}.proj").in_features for a in attentions}
-    assert groups == [SmoothingGroup("value", f"{a}.qkv", 2 * inner[a], 3 * inner[a], (f"{a}.proj",))
-                      for a in attentions]
+    assert [g for g in groups if g.kind == "value"] == [
+        SmoothingGroup("value", f"{a}.qkv", 2 * inner[a], 3 * inner[a], (f"{a}.proj",)) for a in attentions]
+    mergings = [p for p, m in model.named_modules() if type(m).__name__ == "PatchMerging"]
+    assert mergings == ["encoder_layer1.downsample"]  # depths (2, 1): one merge between the two encoder stages
+    assert [g for g in groups if g.kind != "value"] == [
+        SmoothingGroup("norm", f"{p}.norm", 0, 64, (f"{p}.reduction",)) for p in mergings]  # 4 x embed 16
 
 
 class _Branch(nn.Module):
@@ -118,8 +125,9 @@ class _Branch(nn.Module):
 @pytest.mark.parametrize("post", [False, True])
 def test_verification_drops_a_norm_that_also_feeds_the_residual(post):
     torch.manual_seed(0)
-    model = quantize_model(_Branch(post), QuantConfig(quantize=("linear",)))
-    groups = find_smoothing_groups(model, torch.randn(1, 10, 6))
+    example = torch.randn(1, 10, 6)
+    model = quantize_model(_Branch(post), QuantConfig(quantize=("linear",)), example)
+    groups = find_smoothing_groups(model, example)
     assert groups == ([] if post else [SmoothingGroup("norm", "norm", 0, 6, ("mlp.0",))])
 
 
@@ -238,7 +246,8 @@ def test_input_groups_cover_exactly_the_linears_no_fold_reaches():
     folded = find_smoothing_groups(model, x)
     both = find_smoothing_groups(model, x, kinds=("value", "input"))
     inputs = [g for g in both if g.kind == "input"]
-    assert [g for g in both if g.kind == "value"] == folded
+    assert [g for g in both if g.kind == "value"] == [g for g in folded if g.kind == "value"]
+    assert any(g.kind == "norm" for g in folded)  # patch merging: a linear a norm fold reaches, not an input group
     covered = {p for g in folded for p in g.linears}
     quantized = {p for p, m in model.named_modules()
                  if type(m).__name__ == "QuantLinear" and m.input_quantizer is not None}

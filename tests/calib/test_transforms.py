@@ -14,9 +14,9 @@ from calib.observers import batch_forward_loop
 from calib.shift import add_shifts, find_shift_sites, init_shifts, transform_parameters
 from calib.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant
 from calib.dobi import calibrate_dobi
-from toolchain.models.swinir import SwinIR
 from toolchain.quant import QuantConfig, quantize_model
 
+from ..tiny_models import tiny_swinir
 from .test_cli_calibrate import base_args, run
 
 #: ORT output vs fake-quant output (ARCHITECTURE.md section 7)
@@ -48,7 +48,8 @@ def test_cli_writes_transforms_and_the_loaded_model_is_baked(tmp_path, capsys, t
     assert kinds == {"norm", "value", "input"}  # SwinIR: norm1/norm2 folds, v folds, fc2 (after GELU) explicit
     assert {s["kind"] for s in spec["shifts"]} >= {"norm_output", "attn_value"}
     options = artifact.meta["method_options"]["transforms"]
-    assert options["smoothing"]["groups"]["norm"] == 8  # 4 blocks x (norm1, norm2) and options["smoothing"]["alpha"] == 0.5
+    assert options["smoothing"]["groups"]["norm"] == 8  # 4 blocks x (norm1, norm2)
+    assert options["smoothing"]["alpha"] == 0.5
     folds = [k for k in artifact.bounds if k.startswith(TRANSFORMS_PREFIX)]
     assert len(folds) == len(spec["smoothing"]) + len(spec["shifts"])
     assert artifact.meta["quantizers"] * 2 == len(artifact.bounds) - len(folds)
@@ -90,9 +91,7 @@ def test_2dquant_trains_factors_and_offsets_with_the_bounds(tmp_path, capsys, ti
 
 
 def test_dqc_resume_state_carries_the_transforms():
-    torch.manual_seed(0)
-    model = quantize_model(SwinIR(scale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8,
-                                  mlp_ratio=2.0).eval(), QuantConfig())
+    model = quantize_model(tiny_swinir(scale=2, seed=0, depths=[2], num_heads=[2]), QuantConfig())
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     loop = batch_forward_loop(x, progress=False)
     sites = find_shift_sites(model, x[:1])

@@ -16,6 +16,7 @@ from engines.cli_build import main as build_main
 from engines.ort_engine import OrtTileRunner, build_ort_engine, op_counts
 from toolchain.files import sha256_file
 from toolchain.metrics import psnr
+from toolchain.models import info_of
 from toolchain.quant import grid, quantizers
 
 #: whole-model agreement of the engine with the fake-quant model (ARCHITECTURE.md s. 7); float
@@ -77,7 +78,9 @@ def test_build_fuses_qdq_into_integer_kernels(built):
     meta = {p.key: p.value for p in engine.metadata_props}
     assert meta["2dq.engine.source_sha256"] == sha256_file(made.onnx) and meta["2dq.engine.level"] == "extended"
     runner = OrtTileRunner(made.engine, threads=2)
-    assert (runner.tile, runner.scale, runner.multiple) == (16, 2, 8)
+    # spandrel's SwinIR pads to its window itself: its LR sides need no multiple (1)
+    assert (runner.tile, runner.scale, runner.multiple) == (16, 2, 1)
+    assert (runner.scale, runner.multiple) == (info_of(made.model).scale, info_of(made.model).multiple_of)
 
 
 def test_bias_adds_move_into_the_integer_kernels(built, tile_batch, tmp_path):

@@ -80,8 +80,8 @@ def test_int4_only_as_blocked_weight_of_trt_int4(model):
 
 
 def test_activation_scales_per_tensor(model):
-    quant = node(model, f"{BLOCK}.attn.matmul_qk.a/QuantizeLinear")
-    dequant = node(model, f"{BLOCK}.attn.matmul_qk.a/DequantizeLinear")
+    quant = node(model, f"{BLOCK}.attn.matmul.0.a/QuantizeLinear")
+    dequant = node(model, f"{BLOCK}.attn.matmul.0.a/DequantizeLinear")
     scale = quant.input[1]
     value = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == scale)
     quant.input[1] = dequant.input[1] = add_initializer(model, "scale_vec", np.full(10, value, np.float32))
@@ -113,13 +113,13 @@ def test_qdq_pairs(model):
     dequant = node(model, f"{BLOCK}.mlp.fc2.input/DequantizeLinear")
     dequant.input[1] = add_initializer(model, "other_scale", np.array(0.5, np.float32))
     caught(model, "qdq-pair", quant.name)  # dequantizes with another scale
-    clip = node(model, f"{BLOCK}.attn.matmul_pv.b/Clip")
-    reader = node(model, f"{BLOCK}.attn.matmul_pv.b/DequantizeLinear")
+    clip = node(model, f"{BLOCK}.attn.matmul.1.b/Clip")
+    reader = node(model, f"{BLOCK}.attn.matmul.1.b/DequantizeLinear")
     reader.input[0] = clip.output[0]
     caught(model, "qdq-pair", reader.name)  # reads a Clip, not a QuantizeLinear
 
 
-@pytest.mark.parametrize("matmul, operand", [("attn.qkv", 0), ("attn.matmul_qk", 1), ("attn.matmul_pv", 0)])
+@pytest.mark.parametrize("matmul, operand", [("attn.qkv", 0), ("attn.matmul.0", 1), ("attn.matmul.1", 0)])
 def test_matmul_needs_qdq_on_both_inputs(model, matmul, operand):
     mm = node(model, f"{BLOCK}.{matmul}/MatMul")
     dequant = next(n for n in model.graph.node if n.output[0] == mm.input[operand])

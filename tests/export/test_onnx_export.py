@@ -18,6 +18,7 @@ from export.export_view import build_export_view
 from export.lint import lint_model
 from export.onnx_export import METADATA_KEYS, ExportLintError, ExportOptions, export_onnx, read_metadata
 from toolchain import load_model
+from toolchain.models import info_of
 from toolchain.files import sha256_file
 from toolchain.quant import grid, quantizers
 
@@ -61,14 +62,24 @@ def test_graph_contract_and_metadata(w4a4, export_tile):
     assert meta["checkpoint_sha256"] == sha256_file(made.checkpoint)
     assert meta["artifact_sha256"] == sha256_file(made.artifact)
     assert json.loads(meta["quant_config"]) == load_artifact(made.artifact).meta["quant_config"]
-    assert (meta["tile"], meta["scale"], meta["multiple"]) == (str(export_tile), "2", "8")
-    assert (meta["target"], meta["float_dtype"], meta["arch"]) == ("trt-int8", "fp32", "swinir")
+    # spandrel's SwinIR pads to its window itself: LR sides need no multiple (1), only its minimum
+    assert (meta["tile"], meta["scale"], meta["multiple"]) == (str(export_tile), "2", "1")
+    assert (meta["target"], meta["float_dtype"], meta["arch"]) == ("trt-int8", "fp32", "SwinIR")
+    info = info_of(made.model)
+    assert (meta["scale"], meta["multiple"], meta["arch"]) == (str(info.scale), str(info.multiple_of), info.arch)
+    assert json.loads(meta["model_config"]) == info.hyperparameters
     assert next(o.version for o in model.opset_import if o.domain == "") == 21
     assert lint_model(model) == [] and result.violations == []
     # simplification: masks, biases and shape arithmetic are folded away
     assert result.nodes < result.nodes_exported / 2
     ops = {n.op_type for n in model.graph.node}
-    assert not ops & {"Shape", "Gather", "GatherND", "ConstantOfShape", "Expand", "Pad", "Identity", "Cast"}
+    assert not ops & {"Shape", "GatherND", "ConstantOfShape", "Expand", "Pad", "Identity", "Cast"}
+    # the only Gathers left are data ops: spandrel's SwinIR picks q, k, v as qkv[0], qkv[1], qkv[2]
+    consts = constants(model)
+    gathers = [n for n in model.graph.node if n.op_type == "Gather"]
+    assert sorted(consts[n.input[1]].item() for n in gathers) == [0, 0, 1, 1, 2, 2]  # two blocks
+    for gather in gathers:
+        assert ".attn/" in gather.name and gather.input[0] not in consts and consts[gather.input[1]].shape == ()
 
 
 def test_activation_grids_are_the_quantizers_grids(w4a4):
@@ -217,7 +228,7 @@ def test_refuses_artifact_of_another_checkpoint(calibrated, tmp_path, export_til
 def test_bad_options_are_refused(calibrated, tmp_path):
     made = calibrated(w_bits=4, a_bits=4)
     out = tmp_path / "never.onnx"
-    with pytest.raises(ValueError, match="multiple of the model's input multiple 8"):
+    with pytest.raises(ValueError, match="tile 12 .* at least its minimum 16"):  # spandrel's SwinIR: 16 minimum
         export_onnx(made.checkpoint, made.artifact, out, ExportOptions(tile=12))
     with pytest.raises(ValueError, match="opset"):
         ExportOptions(opset=17)
@@ -272,12 +283,14 @@ def test_ngswin_exports_through_the_same_path(tmp_path):
 
     from calib.baselines import calibrate_minmax
     from export.onnx_export import Provenance, to_onnx
+    from toolchain.loading import load_state_dict_model
     from toolchain.models.ngswin import NGswin
     from toolchain.quant import QuantConfig, quantize_model
 
     torch.manual_seed(0)
-    model = NGswin(scale=2, embed_dim=16, depths=(1, 1, 1), num_heads=(1, 1, 1), dec_depth=1, dec_num_heads=1,
-                   window_size=4).eval()
+    net = NGswin(scale=2, embed_dim=16, depths=(1, 1, 1), num_heads=(1, 1, 1), dec_depth=1, dec_num_heads=1,
+                 window_size=4)
+    model = load_state_dict_model(net.state_dict(), "tiny NGswin")  # as a user loads it: with its ModelInfo
     config = QuantConfig(w_bits=4, a_bits=4)
     quantize_model(model, config)
     calibrate_minmax(model, lambda m: m(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))))

@@ -1,6 +1,7 @@
 """The SwinIR training tool on CPU with a tiny model: the data pack round trip, aligned device-side
 patches, the schedule, loss going down, exact resume (after --stop-after and after SIGTERM), the
-time limit, fine-tuning init, and an export with exactly the official SwinIR-light keys."""
+time limit, fine-tuning init, and an export with exactly the official SwinIR-light layout (spandrel's
+SwinIR class: every key, shape and dtype of the released files, buffers included)."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from toolchain import CheckpointError, load_model
 from toolchain.data import read_image, to_uint8, write_image
-from toolchain.models import swinir
+from toolchain.models import info_of
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
@@ -239,33 +240,39 @@ def test_time_limit_stops_cleanly(tmp_path: Path, image_dir: Path) -> None:
     assert all(torch.equal(p, state["model"][k]) for k, p in model.named_parameters())
 
 
-def test_export_has_exactly_the_official_light_keys(tmp_path: Path, image_dir: Path, shared_dir: Path) -> None:
+def test_export_has_exactly_the_official_light_layout(tmp_path: Path, image_dir: Path, shared_dir: Path) -> None:
     args = ["--config", "light", "--iters", "1", "--batch", "1", "--val-every", "0"]
     assert train_swinir.main(["--data", str(image_dir), "--out", str(tmp_path), *TINY, *args]) == 0
     path = tmp_path / "swinir_light_x4.safetensors"
     reference = json.loads((shared_dir / "reference/swinir_light_state_dict.json").read_text())["x4"]
-    learnable = {k: v["shape"] for k, v in reference.items() if k.rsplit(".", 1)[-1] not in swinir.STORED_BUFFERS}
     tensors = exported(tmp_path, path.name)
-    assert {k: list(v.shape) for k, v in tensors.items()} == learnable
-    assert all(v.dtype == torch.float32 for v in tensors.values())
+    assert len(tensors) == len(reference) == 366
+    assert {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()} == {
+        k: (v["shape"], v["dtype"]) for k, v in reference.items()}
     model = load_model(path)
-    assert model.arch == "swinir" and model.config == lib.model_config("light", 4)
+    info = info_of(model)
+    assert (info.arch, info.scale) == ("SwinIR", 4)
+    config = lib.model_config("light", 4)
+    assert {k: info.hyperparameters[k] for k in config} == config
+    assert sum(p.numel() for p in model.parameters()) == 929_628  # SwinIR-light x4 as released
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
 
 
 def test_init_copies_all_but_the_upsampler(tmp_path: Path, image_dir: Path, uninterrupted: Path) -> None:
     x4 = uninterrupted / "swinir_tiny_x4.safetensors"
-    model = swinir.build(**lib.model_config("tiny", 2))
+    model = lib.build_model(lib.model_config("tiny", 2))
     fresh = lib.init_from(model, x4)
     assert fresh == ["upsample.0.bias", "upsample.0.weight"]
     source = exported(uninterrupted)
     for key, param in model.named_parameters():
         assert torch.equal(param, source[key]) != key.startswith("upsample.")
     with pytest.raises(CheckpointError, match="does not fit"):
-        lib.init_from(swinir.build(**lib.model_config("light", 2)), x4)
+        lib.init_from(lib.build_model(lib.model_config("light", 2)), x4)
     out = tmp_path / "x2"
     assert train(out, image_dir, "--scale", "2", "--init", str(x4), "--iters", "2", "--val-every", "2") == 0
     assert log_records(out)[0]["init"] == str(x4)
-    assert load_model(out / "swinir_tiny_x2.safetensors").scale == 2
+    assert info_of(load_model(out / "swinir_tiny_x2.safetensors")).scale == 2
 
 
 def test_refuses_to_overwrite_or_resume_with_other_settings(tmp_path: Path, image_dir: Path, uninterrupted: Path,

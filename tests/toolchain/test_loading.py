@@ -1,4 +1,8 @@
-"""Checkpoint loading: formats, inferred configuration, dropped buffers, and refusals."""
+"""Checkpoint loading through spandrel: layouts and formats, refusals, and errors that name the file.
+
+The checkpoints are real files written here from spandrel's own SwinIR class (the tiny configuration
+of ``tests/tiny_models.py``, with perturbed norms so that a norm loaded wrong would show).
+"""
 from __future__ import annotations
 
 import pickle
@@ -6,12 +10,16 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import save_file
+from spandrel.architectures.SwinIR import SwinIR
 
 from toolchain import CheckpointError, load_model, read_state_dict
-from toolchain.loading import compact_names
-from toolchain.models.swinir import SwinIR
+from toolchain.loading import compact_names, load_state_dict_model
+from toolchain.models import info_of, supported_architectures
 
-TINY = dict(scale=2, embed_dim=12, depths=[2, 2], num_heads=[2, 2])
+from ..tiny_models import SWINIR_TINY
+
+SCALE = 2
+BUFFERS = ("relative_position_index", "attn_mask")
 
 
 class WritesMarker:
@@ -24,15 +32,19 @@ class WritesMarker:
         return (open, (self.marker, "w"))
 
 
-@pytest.fixture(scope="module")
-def tiny_model() -> SwinIR:
-    torch.manual_seed(0)
-    model = SwinIR(**TINY).eval()
-    with torch.no_grad():  # non-trivial norms, so a norm loaded wrong would show
-        for name, param in model.named_parameters():
+def tiny_net(seed: int = 0) -> SwinIR:
+    torch.manual_seed(seed)
+    net = SwinIR(upscale=SCALE, **SWINIR_TINY).eval()
+    with torch.no_grad():
+        for name, param in net.named_parameters():
             if "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
-    return model
+    return net
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> SwinIR:
+    return tiny_net()
 
 
 @pytest.fixture(scope="module")
@@ -59,80 +71,74 @@ def test_round_trip(tmp_path, tiny_model, lr_image, layout):
     else:
         path = save_pth(tmp_path / "model.pth", state_dict if layout == "bare" else {layout: state_dict})
     model = load_model(path)
-    assert isinstance(model, SwinIR) and not model.training
-    assert model.config == tiny_model.config
+    assert type(model) is SwinIR and not model.training  # spandrel's own class, nothing wrapped around it
+    info = info_of(model)
+    assert (info.arch, info.scale, info.input_channels, info.output_channels) == ("SwinIR", SCALE, 3, 3)
+    for key in ("embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "upsampler", "img_range",
+                "resi_connection", "img_size"):
+        assert info.hyperparameters[key] == SWINIR_TINY[key], key
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    loaded = model.state_dict()
+    assert loaded.keys() == state_dict.keys() and all(torch.equal(loaded[k], state_dict[k]) for k in state_dict)
     assert torch.equal(output(model, lr_image), output(tiny_model, lr_image))
 
 
 def test_params_ema_is_preferred(tmp_path, tiny_model, lr_image):
-    other = SwinIR(**TINY).state_dict()
+    other = tiny_net(seed=1).state_dict()
     path = save_pth(tmp_path / "both.pth", {"params": other, "params_ema": tiny_model.state_dict()})
     assert torch.equal(output(load_model(path), lr_image), output(tiny_model, lr_image))
+    path = save_pth(tmp_path / "params_only.pth", {"params": other, "epoch": 3})  # other keys beside it: ignored
+    assert not torch.equal(output(load_model(path), lr_image), output(tiny_model, lr_image))
 
 
-def test_half_precision_checkpoint_loads_as_float32(tmp_path, tiny_model):
-    path = save_pth(tmp_path / "half.pth", {k: v.half() for k, v in tiny_model.state_dict().items()})
+def test_half_precision_checkpoint_loads_as_float32(tmp_path, tiny_model, lr_image):
+    path = save_pth(tmp_path / "half.pth", {k: v.half() if v.is_floating_point() else v
+                                            for k, v in tiny_model.state_dict().items()})
     model = load_model(path, device="cpu")
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    torch.testing.assert_close(output(model, lr_image), output(tiny_model, lr_image), atol=2e-2, rtol=0)
 
 
-def test_stored_buffers_are_dropped_and_recomputed(tmp_path, tiny_model, lr_image):
-    """Official files carry attn_mask / relative_position_index; garbage there changes nothing."""
-    state_dict = dict(tiny_model.state_dict())
-    for layer in range(2):
-        for block in range(2):
-            prefix = f"layers.{layer}.residual_group.blocks.{block}."
-            state_dict[prefix + "attn.relative_position_index"] = torch.randint(0, 225, (64, 64))
-            if block == 1:
-                state_dict[prefix + "attn_mask"] = torch.randn(64, 64, 64) * 100
-    path = save_pth(tmp_path / "with_buffers.pth", {"params": state_dict})
-    model = load_model(path)
+def test_in_memory_state_dict_loads_like_a_file(tiny_model, lr_image):
+    model = load_state_dict_model(tiny_model.state_dict())
+    assert info_of(model).arch == "SwinIR" and info_of(model).scale == SCALE
     assert torch.equal(output(model, lr_image), output(tiny_model, lr_image))
-    assert torch.equal(
-        model.layers[0].residual_group.blocks[0].attn.relative_position_index,
-        tiny_model.layers[0].residual_group.blocks[0].attn.relative_position_index,
-    )
+    with pytest.raises(TypeError, match="load_model"):
+        info_of(tiny_model)  # a bare spandrel module carries no description
 
 
-def test_overrides_win_over_inferred_config(tmp_path, tiny_model):
-    path = save_pth(tmp_path / "model.pth", tiny_model.state_dict())
-    assert load_model(path, img_range=255.0).config["img_range"] == 255.0
-    with pytest.raises(CheckpointError, match=r"upsample\.0\.weight") as caught:
-        load_model(path, scale=3)
-    assert "checkpoint [12, 12, 3, 3]" in str(caught.value)
-    with pytest.raises(CheckpointError, match=r"relative_position_bias_table \(4\)"):
-        load_model(path, window_size=4)
-    with pytest.raises(ValueError, match=r"unknown override\(s\) \['upscale'\]"):
-        load_model(path, upscale=2)
-
-
-def test_missing_unexpected_and_misshaped_tensors_are_all_named(tmp_path, tiny_model):
+def test_detected_but_misshaped_tensors_are_refused_naming_the_file(tmp_path, tiny_model):
     state_dict = dict(tiny_model.state_dict())
-    for layer in range(2):
-        del state_dict[f"layers.{layer}.residual_group.blocks.1.mlp.fc2.bias"]
-    del state_dict["conv_after_body.bias"]
-    state_dict["extra.weight"] = torch.zeros(3)
     state_dict["norm.weight"] = torch.zeros(13)
-    path = save_pth(tmp_path / "damaged.pth", state_dict)
+    path = save_pth(tmp_path / "misshaped.pth", state_dict)
+    with pytest.raises(CheckpointError, match="looks like a known architecture but does not load") as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert str(path) in message and "norm.weight" in message and "[13]" in message
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path, tiny_model):
+    state_dict = dict(tiny_model.state_dict())
+    del state_dict["layers.1.residual_group.blocks.1.mlp.fc2.bias"]
+    state_dict["extra.weight"] = torch.zeros(3)
+    path = save_pth(tmp_path / "damaged.pth", {"params": state_dict})
     with pytest.raises(CheckpointError) as caught:
         load_model(path)
     message = str(caught.value)
     assert str(path) in message
-    assert "missing 3: " in message and "layers.{0-1}.residual_group.blocks.1.mlp.fc2.bias (2)" in message
-    assert "conv_after_body.bias" in message
-    assert "unexpected 1: extra.weight" in message
-    assert "checkpoint [13] torch.float32, model [12]" in message and "norm.weight" in message
+    assert "layers.1.residual_group.blocks.1.mlp.fc2.bias" in message and "extra.weight" in message
 
 
 def test_integer_tensor_in_place_of_a_weight_is_refused(tmp_path, tiny_model):
     state_dict = dict(tiny_model.state_dict())
     state_dict["norm.bias"] = torch.zeros(12, dtype=torch.int64)
-    with pytest.raises(CheckpointError, match=r"torch\.int64.*norm\.bias"):
-        load_model(save_pth(tmp_path / "int.pth", state_dict))
+    path = save_pth(tmp_path / "int.pth", state_dict)
+    with pytest.raises(CheckpointError, match=r"torch\.int64.*norm\.bias|norm\.bias.*torch\.int64") as caught:
+        load_model(path)
+    assert str(path) in str(caught.value)
 
 
-def test_malicious_pickle_is_refused_without_running_it(tmp_path, tiny_model):
+def test_malicious_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "marker"
     nested = save_pth(tmp_path / "nested.pth", {"params": {"conv_first.weight": WritesMarker(marker)}})
     legacy = tmp_path / "legacy.pth"
@@ -141,6 +147,7 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path, tiny_model):
         with pytest.raises(CheckpointError, match="not a plain tensor checkpoint") as caught:
             load_model(path)
         assert str(path) in str(caught.value)
+        assert "weights_only=False" not in str(caught.value)  # never suggest the unsafe retry
     assert not marker.exists()
 
 
@@ -183,18 +190,36 @@ def test_unreadable_files_name_the_path(tmp_path, tiny_model, kind, pattern):
     with pytest.raises(CheckpointError, match=pattern) as caught:
         read_state_dict(path)
     assert str(path) in str(caught.value)
-
-
-def test_unknown_architecture_is_refused(tmp_path):
-    path = save_pth(tmp_path / "other.pth", {"body.0.weight": torch.zeros(4, 3, 3, 3)})
-    with pytest.raises(CheckpointError, match=r"body\.0\.weight, \.\.\.\) match no known architecture \(swinir"):
+    with pytest.raises(CheckpointError, match=pattern):  # load_model reads through the same checks
         load_model(path)
 
 
+@pytest.mark.parametrize("kind", ["foreign", "swinir_without_buffers"])
+def test_unidentified_checkpoint_is_one_line_naming_the_file_and_the_architectures(tmp_path, tiny_model, kind):
+    """spandrel identifies SwinIR by keys that include its stored ``relative_position_index`` buffers, as
+    the official files hold them; a file of the learnable tensors alone is not identified."""
+    if kind == "foreign":
+        state_dict = {"body.0.weight": torch.zeros(4, 3, 3, 3)}
+    else:
+        state_dict = {k: v for k, v in tiny_model.state_dict().items() if not k.endswith(BUFFERS)}
+    path = save_pth(tmp_path / "other.pth", state_dict)
+    with pytest.raises(CheckpointError, match="spandrel cannot identify this checkpoint") as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(str(path))
+    assert next(iter(state_dict)) in message
+    listed = message.split("supported architectures: ", 1)[1].split(", ")
+    assert listed == supported_architectures()
+    assert {"SwinIR", "DAT", "HAT", "SRFormer", "NGswin"} <= set(listed)
+
+
 def test_swinir_names_without_an_upsampler_are_refused(tmp_path, tiny_model):
+    """Detected as SwinIR, configured as a 1x restoration model whose conv_last is absent: refused."""
     state_dict = {k: v for k, v in tiny_model.state_dict().items() if not k.startswith("upsample")}
-    with pytest.raises(CheckpointError, match="looks like swinir but cannot be configured: no upsampler"):
-        load_model(save_pth(tmp_path / "headless.pth", state_dict))
+    path = save_pth(tmp_path / "headless.pth", state_dict)
+    with pytest.raises(CheckpointError, match="conv_last.weight") as caught:
+        load_model(path)
+    assert str(path) in str(caught.value)
 
 
 def test_compact_names_groups_numbered_names():

@@ -177,8 +177,11 @@ def load_bounds(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     missing = sorted(expected - set(tensors))
     unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
-        raise ValueError(f"bounds do not fit {type(model).__name__}: missing {missing[:5]} "
-                         f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
+        first = (f"no bounds for {missing[0].rpartition('.')[0]}, a quantizer the placement of "
+                 f"{type(model).__name__} has" if missing else
+                 f"bounds for {unexpected[0].rpartition('.')[0]}, which the placement of {type(model).__name__} lacks")
+        raise ValueError(f"bounds do not fit {type(model).__name__}: {first} (missing {len(missing)}: "
+                         f"{missing[:3]}, unexpected {len(unexpected)}: {unexpected[:3]})")
     for name, quantizer in found.items():
         lower, upper = tensors[f"{name}.lower"], tensors[f"{name}.upper"]
         for label, value in (("lower", lower), ("upper", upper)):

@@ -259,6 +259,10 @@ def _placement(model: nn.Module, recorder: _Recorder) -> Placement:
         if taken is not None:
             raise ValueError(f"placement: {owner or '<root>'} ({type(modules[owner]).__name__}) already has an "
                              f"attribute {SITES_ATTRIBUTE!r}; its matmul sites cannot be named")
+    generic = [s.path for s in matmuls if s.role_a == "matmul_a"]
+    if generic:  # DOBI picks its search mode by role: say where the attention pattern was not seen
+        log.warning("placement: %d products outside the attention pattern (no softmax before or after) get the "
+                    "generic roles matmul_a / matmul_b: %s", len(generic), ", ".join(generic[:5]))
     log.info("placement: %d linears, %d convs, %d matmuls (%d constant layers, %d constant products)",
              sum(s.selection == "linear" for s in layers), sum(s.selection == "conv" for s in layers),
              len(matmuls), len(constants), constant_matmuls)

@@ -28,8 +28,9 @@ from toolchain.backends import make_upscaler
 from toolchain.data.imresize import bicubic_degrade
 from toolchain.data.io import read_image, to_uint8, write_image
 from toolchain.evaluate import evaluate_set
-from toolchain.models.swinir import SwinIR
 from toolchain.quant import float_mode, grid, quantizers
+
+from ...tiny_models import save_checkpoint, tiny_swinir
 
 SCALE = 2
 #: HR side of the test images (Set5 crops), and how many are written / evaluated
@@ -53,12 +54,7 @@ def _write_benchmark(datasets_dir: Path, root: Path, count: int) -> Path:
 def setup(tmp_path_factory, datasets_dir, calib_images):
     """Checkpoint, MinMax and DOBI artifacts, test data, and one report (MinMax main, DOBI compared)."""
     tmp = tmp_path_factory.mktemp("report")
-    torch.manual_seed(0)
-    model = SwinIR(scale=SCALE, embed_dim=12, depths=[2, 2], num_heads=[2, 2]).eval()
-    weights = tmp / "tiny_x2.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    weights = save_checkpoint(tiny_swinir(scale=SCALE, seed=0), tmp / "tiny_x2.safetensors")
     artifacts = {}
     for method in ("minmax", "dobi"):
         artifacts[method] = tmp / f"{method}.safetensors"
@@ -131,7 +127,7 @@ def test_page_links_only_existing_local_files(setup):
 def test_quality_table_equals_evaluate_set(setup):
     weights, data = setup["weights"], setup["expected_data"]
     upscalers = {"bicubic": make_upscaler("bicubic", scale=SCALE),
-                 "FP (swinir x2)": make_upscaler("torch", weights=str(weights)),
+                 "FP (SwinIR x2)": make_upscaler("torch", weights=str(weights)),
                  "minmax W4A4": make_upscaler("torch", weights=str(weights), calib=str(setup["artifacts"]["minmax"])),
                  "dobi W4A4": make_upscaler("torch", weights=str(weights), calib=str(setup["artifacts"]["dobi"]))}
     parser = _Links()
@@ -308,7 +304,8 @@ def test_per_channel_weights_and_recomputed_dobi_on_a_small_model():
 
     torch.manual_seed(0)
     model = quantize_model(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 4)),
-                           QuantConfig(quantize=("linear",), weight_granularity="per-channel"))
+                           QuantConfig(quantize=("linear",), weight_granularity="per-channel"),
+                           torch.rand(1, 6, generator=torch.Generator().manual_seed(0)))  # placement's example
     for q in quantizers(model).values():  # deliberately tight bounds: something is clipped everywhere
         width = 0.02 if q.kind == "weight" else 0.5
         q.set_bounds(torch.full(q.bounds_shape, -width), torch.full(q.bounds_shape, width))

@@ -5,9 +5,10 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from torch import nn
 
-from toolchain.quant import QuantConfig, quantize_model
+from toolchain.quant import QuantConfig, Quantizer, quantize_model
 
 
 def test_defaults_are_the_paper_setting():
@@ -83,19 +84,33 @@ def test_from_dict_rejects_unknown_keys_and_fills_defaults():
         QuantConfig.from_dict([("w_bits", 4)])
 
 
+class ConstantBias(nn.Module):
+    """A linear that only ever sees a parameter (as a position-bias MLP does): not on the image's data path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(3, 4))
+        self.mlp = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.table).sum()
+
+
 def test_a_selection_that_matches_nothing_is_an_error_naming_the_config():
     mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    x = torch.rand(1, 4)
     with pytest.raises(ValueError, match="QuantConfig\\(.*matmul"):
-        quantize_model(mlp, QuantConfig(quantize=("matmul",)))
+        quantize_model(mlp, QuantConfig(quantize=("matmul",)), x)
     with pytest.raises(ValueError, match="include pattern 'attn.\\*'"):
-        quantize_model(mlp, QuantConfig(quantize=("linear",), include=("attn.*",)))
+        quantize_model(mlp, QuantConfig(quantize=("linear",), include=("attn.*",)), x)
     with pytest.raises(ValueError, match="exclude pattern"):
-        quantize_model(mlp, QuantConfig(quantize=("linear",), exclude=("*.a",)))
+        quantize_model(mlp, QuantConfig(quantize=("linear",), exclude=("*.a",)), x)
     with pytest.raises(ValueError, match="selects no quantizer"):
-        quantize_model(mlp, QuantConfig(quantize=("linear",), include=("0.*",), exclude=("0.*",)))
-    plain = nn.Sequential(nn.Linear(4, 4))  # no attention or MLP around it: not a candidate
-    with pytest.raises(ValueError, match="finds no module"):
-        quantize_model(plain, QuantConfig(quantize=("linear",)))
+        quantize_model(mlp, QuantConfig(quantize=("linear",), include=("0.*",), exclude=("0.*",)), x)
+    constant = ConstantBias()  # its only linear never sees the image: not a candidate
+    with pytest.raises(ValueError, match="quantize='linear' finds no linear layer on the image's data path"):
+        quantize_model(constant, QuantConfig(quantize=("linear",)), x)
+    assert not any(isinstance(m, Quantizer) for m in constant.modules())  # nothing half-attached
 
 
 def test_bits_overrides_last_match_wins_per_kind():

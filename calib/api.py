@@ -1,0 +1,139 @@
+"""The Python API of 2dq, shaped like ModelOpt's: quantize an in-memory model with a calibration callback.
+
+::
+
+    import toolchain, calib, export
+    from toolchain.quant import QuantConfig
+
+    model = toolchain.load_model("DAT_light_x4.pth")            # any checkpoint spandrel loads
+    def forward_loop(m):                                         # the library never owns the data loop
+        for batch in patches.split(8):
+            m(batch)
+    qmodel = calib.quantize(model, QuantConfig(w_bits=4, a_bits=4), forward_loop)   # placement + DOBI
+    calib.distill(qmodel, train_patches, calib.DQCConfig(iters=40))                # DQC (2DQuant)
+    calib.save(qmodel, "run/w4a4.safetensors", checkpoint="DAT_light_x4.pth")
+    qmodel = calib.load("DAT_light_x4.pth", "run/w4a4.safetensors")                # verified round trip
+    export.export_onnx(qmodel, "run/w4a4.onnx", tile=64)                           # QDQ graph, linted
+
+The seven ``2dq-*`` tools are command lines over the same functions (placement:
+:func:`toolchain.quant.quantize_model`; methods: :mod:`calib.dobi`, :mod:`calib.baselines`; DQC:
+:func:`calib.dqc.distill`; artifacts: :mod:`calib.artifact`; export: :mod:`export.onnx_export`).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from toolchain.quant import QuantConfig, quantize_model
+
+from .artifact import load_quantized_model, save_artifact
+from .baselines import calibrate_minmax, calibrate_percentile
+from .dobi import calibrate_dobi
+from .dqc import DQCConfig, DQCResult
+from .dqc import distill as _distill
+
+ForwardLoop = Callable[[nn.Module], None]
+#: bound-setting methods of :func:`quantize` (2DQuant = ``"dobi"`` then :func:`distill`)
+METHODS = ("dobi", "minmax", "percentile")
+#: where :func:`quantize` records what the model was quantized with (read by :func:`save`)
+RECORD_ATTRIBUTE = "_twodq_quantized"
+
+
+class _FirstInput(Exception):
+    """Stops a forward loop once its first model input is seen (placement needs one input)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__("first input captured")
+        self.x = x
+
+
+def quantize(model: nn.Module, config: QuantConfig = QuantConfig(), forward_loop: Optional[ForwardLoop] = None,
+             *, method: str = "dobi", example: Optional[torch.Tensor] = None, **method_options: Any) -> nn.Module:
+    """Place quantizers on ``model`` (in place) and set their bounds from ``forward_loop(model)``.
+
+    ``forward_loop`` runs calibration data through the model it is given (32 LR patches as the paper).
+    Placement traces one input: ``example``, else the first input ``forward_loop`` feeds (the loop is
+    stopped there and run again in full for calibration). ``method``: ``"dobi"`` (default; options
+    ``candidates``, ``mode``, ``bins``), ``"minmax"``, ``"percentile"`` (``percentile``, ``bins``), or
+    None to place only. Returns ``model``.
+
+    Raises ``ValueError`` for an unknown method, a loop that never calls the model, or a config that
+    selects nothing in it.
+    """
+    if method is not None and method not in METHODS:
+        raise ValueError(f"quantize: method must be one of {METHODS} or None, got {method!r}")
+    if method is not None and forward_loop is None:
+        raise ValueError("quantize: a forward_loop is needed to calibrate (or method=None to place only)")
+    if example is None:
+        from toolchain.models.info import INFO_ATTRIBUTE, example_input
+
+        if INFO_ATTRIBUTE in model.__dict__:
+            example = example_input(model)
+        elif forward_loop is not None:
+            example = _first_input(model, forward_loop)
+        else:
+            raise ValueError(f"quantize: {type(model).__name__} carries no SR model description; pass example= or a "
+                             "forward_loop")
+    quantize_model(model, config, example)
+    model.__dict__[RECORD_ATTRIBUTE] = {"quant_config": config, "method": method, "method_options": method_options}
+    if method == "dobi":
+        calibrate_dobi(model, forward_loop, **method_options)
+    elif method == "minmax":
+        calibrate_minmax(model, forward_loop)
+    elif method == "percentile":
+        calibrate_percentile(model, forward_loop, **method_options)
+    return model
+
+
+def _first_input(model: nn.Module, forward_loop: ForwardLoop) -> torch.Tensor:
+    def capture(module: nn.Module, args: tuple) -> None:
+        raise _FirstInput(args[0].detach().clone())
+
+    handle = model.register_forward_pre_hook(capture)
+    try:
+        forward_loop(model)
+    except _FirstInput as found:
+        return found.x[:1]
+    finally:
+        handle.remove()
+    raise ValueError("quantize: forward_loop never called the model")
+
+
+def distill(qmodel: nn.Module, train_patches: Union[torch.Tensor, Sequence], config: DQCConfig = DQCConfig(), *,
+            val_batch: Optional[torch.Tensor] = None, teacher: Optional[nn.Module] = None,
+            progress: bool = True) -> DQCResult:
+    """DQC: train the bounds of a calibrated ``qmodel`` by distillation from its float self (or ``teacher``).
+
+    ``train_patches``: LR patches ``(N, 3, h, w)`` (a tensor) or any sequence of them; iteration ``t``
+    draws its batch by a seeded permutation. In place; returns what the run did.
+    """
+    record = qmodel.__dict__.get(RECORD_ATTRIBUTE)
+    if record is not None:
+        record["method"] = f"{record['method']}+dqc" if record["method"] == "dobi" else record["method"]
+        record["method_options"] = {**record["method_options"], "dqc": config.to_dict()}
+    return _distill(qmodel, train_patches, config, val_batch=val_batch, teacher=teacher, progress=progress)
+
+
+def save(qmodel: nn.Module, path: Union[str, os.PathLike], *, checkpoint: Union[str, os.PathLike],
+         calibration: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``qmodel``'s bounds (and folds) as an artifact at ``path`` (``.safetensors`` + ``.json``).
+
+    ``checkpoint``: the float checkpoint file ``qmodel`` was loaded from (its hash pairs them).
+    """
+    record = qmodel.__dict__.get(RECORD_ATTRIBUTE)
+    if record is None:
+        raise ValueError(f"save: {type(qmodel).__name__} was not quantized by calib.quantize")
+    method = {"dobi+dqc": "2dquant"}.get(record["method"], record["method"] or "none")
+    return save_artifact(path, qmodel, checkpoint=checkpoint, quant_config=record["quant_config"], method=method,
+                         method_options=record["method_options"], calibration=calibration)
+
+
+def load(checkpoint: Union[str, os.PathLike], artifact: Union[str, os.PathLike],
+         device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """The fake-quant model of ``checkpoint`` + ``artifact`` (hashes and quantizer names checked)."""
+    return load_quantized_model(checkpoint, artifact, device=device)
