@@ -33,6 +33,7 @@ from calib.dqc_cli import CHECKPOINT_SUFFIX
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
 PAPER = SHARED / "reference" / "paper_table3.csv"
+LATER = SHARED / "reference" / "later_ptq_swinir_light.csv"
 
 
 def _run(cmd: list[str]) -> float:
@@ -230,6 +231,36 @@ def markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def later_table(data: dict) -> str:
+    """Drop from FP (Set5/Set14/B100 PSNR, dB) of our best row per (scale, bits) beside the published
+    SwinIR-light methods (2DQuant, CondiQuant, CompSRT; reference/later_ptq_swinir_light.csv)."""
+    lines = [line for line in LATER.read_text().splitlines() if not line.startswith("#")]
+    later = {(int(r["scale"]), r["method"], int(r["bits"])): r for r in csv.DictReader(lines)}
+    paper = _paper()
+    cells = {(c["scale"], c["method"], c["bits"], c["set"]): c["psnr"] for c in data["cells"]}
+    out = ["Drop from FP in dB (Set5 / Set14 / B100): ours (best method per row, from our FP) beside the published "
+           "SwinIR-light methods (from the paper's FP; `../shared/reference/later_ptq_swinir_light.csv`):", "",
+           "| scale | W/A | ours (best) | 2DQuant | CondiQuant | CompSRT |", "|---|---|---|---|---|---|"]
+    keys = sorted({(c["scale"], c["bits"]) for c in data["cells"] if c["bits"] != 32}, key=lambda k: (k[0], -k[1]))
+    for scale, bits in keys:
+        fp = {s: cells.get((scale, "FP", 32, s)) for s in SETS}
+        methods = {m for (sc, m, b, _s) in cells if sc == scale and b == bits}
+        best = max(methods, key=lambda m: cells.get((scale, m, bits, "Set5"), -1.0))
+        ours = " / ".join(f"{fp[s] - cells[(scale, best, bits, s)]:.2f}" if fp[s] is not None and
+                          (scale, best, bits, s) in cells else "–" for s in SETS)
+        fp_paper = paper.get((scale, "FP", 32))
+        published = []
+        for name in ("2DQuant", "CondiQuant", "CompSRT"):
+            row = later.get((scale, name, bits)) or (paper.get((scale, name, bits)) if name == "2DQuant" else None)
+            if row is None or fp_paper is None:
+                published.append("–")
+                continue
+            value = (lambda s: row.get(s) or row.get(f"{s}_psnr"))
+            published.append(" / ".join(f"{float(fp_paper[s + '_psnr']) - float(value(s)):.2f}" for s in SETS))
+        out.append(f"| x{scale} | W{bits}A{bits} | {ours} ({best}) | " + " | ".join(published) + " |")
+    return "\n".join(out) + "\n"
+
+
 def delta_table(data: dict, base: str) -> str:
     """One row per (scale, bits, set): FP and ``base`` PSNR, then every other method's PSNR minus ``base``'s."""
     cells = {(c["scale"], c["method"], c["bits"], c["set"]): c["psnr"] for c in data["cells"]}
@@ -290,6 +321,9 @@ def main() -> None:
     parser.add_argument("--include", action="append", default=[], metavar="JSON[:METHODS]",
                         help="with --markdown: also the cells of another results file (only METHODS, "
                         "comma-separated, when given); repeatable")
+    parser.add_argument("--later", action="store_true",
+                        help="with --markdown: add the later published PTQ results on SwinIR-light (CondiQuant, "
+                        "CompSRT) as drops from the paper's FP, beside ours from our FP")
     parser.add_argument("--delta-vs", metavar="METHOD",
                         help="with --markdown: also a table of every method's PSNR minus METHOD's, per cell")
     args = parser.parse_args()
@@ -302,6 +336,8 @@ def main() -> None:
             text += "\n" + delta_table(data, args.delta_vs)
         if data.get("superseded"):
             text += "\n" + remake_table(data)
+        if args.later:
+            text += "\n" + later_table(data)
         args.markdown.write_text(text)
         return
     args.work.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from torch import nn
 
 from toolchain.quant import grid, quantizers
 
-from .ort_engine import session_options
+from .ort_engine import DISABLED_OPTIMIZERS, session_options
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,11 @@ def engine_codes(engine_path: str | os.PathLike, nodes: list[str], tiles: torch.
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
     # the engine is already optimized: load it as it is, so that the nodes stay as saved
     session = ort.InferenceSession(model.SerializeToString(), session_options("basic", threads),
-                                   providers=["CPUExecutionProvider"])
+                                   providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    static = session.get_inputs()[0].shape[0]
+    if isinstance(static, int) and tiles.shape[0] != static:
+        raise ValueError(f"{engine_path}: a static-batch engine of {static} tiles per call; give {static} tiles, "
+                         f"not {tiles.shape[0]}")
     constants = {t.name: t for t in model.graph.initializer}
     wanted = list(outputs)
     values = session.run(wanted, {"input": np.ascontiguousarray(tiles.numpy(), dtype=np.float32)})

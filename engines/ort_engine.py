@@ -37,6 +37,11 @@ BUILD_LEVEL = "extended"
 RUN_LEVEL = "all"
 ORT_SUFFIX = ".ort"
 #: op types (any domain) that compute on integers: what the QDQ fusions turn node units into
+#: ORT graph transformers left out: MatMulAddFusion rewrites a static-shape 3-D MatMul + Add into
+#: Reshape -> Gemm -> Reshape and, around Q/DQ, creates a QuantizeLinear ORT itself then rejects
+#: ("output_dtype INT8 does not match y_zero_point type UINT8"); the bias Add is fused into the
+#: integer MatMul by :mod:`engines.ort_fusions` instead
+DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
 INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "QGemm", "MatMulInteger", "ConvInteger",
                "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd", "QLinearMul", "QLinearSoftmax",
                "QLinearSigmoid", "QLinearConcat", "QLinearGlobalAveragePool", "QAttention", "QLinearLeakyRelu")
@@ -132,7 +137,8 @@ def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
         optimized = Path(scratch) / "optimized.onnx"
         options = session_options(level, threads)
         options.optimized_model_filepath = str(optimized)
-        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(DISABLED_OPTIMIZERS))
         engine = onnx.load(str(optimized))
     fused = fuse_matmul_bias(engine)
     seconds = time.perf_counter() - start
@@ -167,7 +173,8 @@ def _save(engine: onnx.ModelProto, out_path: Path) -> None:
             options = session_options(BUILD_LEVEL)
             options.add_session_config_entry("session.save_model_format", "ORT")
             options.optimized_model_filepath = str(tmp)
-            ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
 
 
 class OrtTileRunner:
@@ -189,7 +196,8 @@ class OrtTileRunner:
             raise FileNotFoundError(f"ORT engine not found: {self.path}")
         try:
             self.session = ort.InferenceSession(str(self.path), session_options(level, threads),
-                                                providers=["CPUExecutionProvider"])
+                                                providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
         except Exception as err:  # ORT raises its own exception types for unreadable models
             raise ValueError(f"{self.path}: ONNX Runtime cannot load it: {err}") from err
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "exporter writes; fp16 needs 19, trt-int4 21)")
     parser.add_argument("--int4-block", type=int, choices=INT4_BLOCKS, default=64,
                         help="trt-int4 block size along the reduction axis (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=None, metavar="N",
+                        help="trace a static batch of N tiles per call (default: a dynamic batch where the model's code "
+                        "allows it, else 4)")
     parser.add_argument("--no-lint", action="store_true", help="write the graph even if it breaks TensorRT's rules")
     parser.add_argument("--lint-only", metavar="FILE.onnx", help="only lint an existing graph")
     parser.add_argument("--json", metavar="OUT", help="write the export (or lint) report as JSON to OUT")
@@ -94,6 +97,7 @@ def _main(args: argparse.Namespace) -> int:
         raise UsageError(f"missing {', '.join(missing)} (or use --lint-only FILE)")
     try:
         options = ExportOptions(tile=args.tile, target=args.target, float_dtype=args.float_dtype, opset=args.opset,
+                                batch=args.batch,
                                 int4_block=args.int4_block, lint=not args.no_lint)
     except ValueError as err:
         raise UsageError(str(err)) from None

@@ -2,16 +2,17 @@
 
 spandrel's window transformers (SwinIR, HAT, DAT, SRFormer, Swin2SR, ...) recover the batch as
 ``int(windows.shape[0] / (H * W / ws / ws))``. While ``torch.export`` traces with a symbolic batch,
-that quotient is a symbolic float, and ``int()`` of a symbolic float silently takes the example's
-value (pytorch/pytorch#138853): the exported graph then reshapes with batch 2 baked in and mixes
-the tiles of any other batch, without an error anywhere.
+that quotient is a symbolic float, and ``int()`` of a symbolic float takes the example's value:
+``torch.export`` then reports a constraint violation, or (pytorch/pytorch#138853) bakes the value in
+silently, and the graph reshapes with batch 2 and mixes the tiles of any other batch.
 
 :func:`exact_size_ints` shadows ``int`` in the Python modules that define the model's classes for
 the duration of a trace. ``int(x)`` of a symbolic float whose expression is, with its float
 divisions read as exact rational ones, an integer expression of the symbolic sizes (``4*s0 / 4.0``
 is ``s0``) returns that symbolic integer; any other argument goes to the builtin. A symbolic float
-that depends on a symbolic size but is not such an integer is refused: tracing it would fix the
-batch silently.
+that depends on a symbolic size but is not such an integer raises the constraint violation
+``torch.export`` raises for code that fixes a dynamic size (:func:`export.onnx_export.to_onnx` then
+exports a static batch), where the builtin would fix the batch silently.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import sympy
 import torch
 import torch.utils._sympy.functions as sym_functions
 from torch import nn
+from torch._dynamo.exc import UserError, UserErrorType
 
 
 @contextlib.contextmanager
@@ -53,8 +55,11 @@ def _size_int(x: Any = 0, *args: Any) -> Any:
     exact = _rational(node.expr)
     if exact.is_integer and node.hint is not None:
         return node.shape_env.create_symintnode(exact, hint=builtins.int(node.hint))
-    raise RuntimeError(f"int() of the size expression {node.expr} (a float that depends on the batch) cannot be "
-                       "traced exactly: the exported graph would only be right at the example's batch size")
+    # a constraint violation, as torch.export raises when code fixes a dynamic size (the exporter then
+    # traces a static batch); the builtin would fix it silently
+    raise UserError(UserErrorType.CONSTRAINT_VIOLATION,
+                    f"int() of the size expression {node.expr} (a float that depends on the batch) cannot be traced "
+                    "exactly: the graph would only be right at the example's batch size")
 
 
 def _rational(expr: sympy.Expr) -> sympy.Expr:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -112,7 +113,7 @@ class ExportOptions:
                              f"got {self.opset}")
         if float_dtype == "fp16" and self.opset < MIN_OPSET_FP16:
             raise ValueError(f"fp16 float layers need opset >= {MIN_OPSET_FP16} (fp16 QuantizeLinear), got {self.opset}")
-        return ExportOptions(self.tile, target, float_dtype, self.opset, self.int4_block, self.lint)
+        return dataclasses.replace(self, target=target, float_dtype=float_dtype)
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,9 @@ def _trace(view: nn.Module, options: ExportOptions, float_dtype: torch.dtype) ->
     captured = io.StringIO()
     try:
         # the exporter prints its progress and torch-internal deprecation warnings: not for our users
-        with contextlib.redirect_stdout(captured), warnings.catch_warnings():
+        # exact_size_ints: int(windows.shape[0] / ...) in spandrel's window code keeps the batch symbolic
+        # (without it, torch.export fixes the batch at the example's 2 silently or by a constraint violation)
+        with contextlib.redirect_stdout(captured), warnings.catch_warnings(), exact_size_ints(view):
             warnings.simplefilter("ignore", FutureWarning)
             program = None
             if static is None:

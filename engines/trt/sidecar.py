@@ -11,7 +11,7 @@ without TensorRT; :func:`check_plan` is a pure function over two dicts.
 
 ONNX facts (:func:`read_onnx_info`): one input ``(N, 3, T, T)`` and one output ``(N, 3, sT, sT)``; the
 tile ``T`` and scale ``s`` come from the model's ``metadata_props`` keys ``2dq.tile`` / ``2dq.scale``
-written by the exporter, else from fixed ONNX dims. ``2dq.input_multiple``, ``2dq.target``,
+written by the exporter, else from fixed ONNX dims. ``2dq.multiple``, ``2dq.target``,
 ``2dq.artifact_sha256`` and ``2dq.checkpoint_sha256`` are read when present.
 """
 
@@ -31,7 +31,7 @@ SIDECAR_FORMAT = "2dq-trt-plan"
 SIDECAR_VERSION = 1
 META_TILE = "2dq.tile"
 META_SCALE = "2dq.scale"
-META_MULTIPLE = "2dq.input_multiple"
+META_MULTIPLE = "2dq.multiple"  # as export.onnx_export writes it
 META_TARGET = "2dq.target"
 META_ARTIFACT = "2dq.artifact_sha256"
 META_CHECKPOINT = "2dq.checkpoint_sha256"

@@ -12,8 +12,11 @@ import torch
 from engines.cli_build import main as build_main
 from engines.code_agreement import code_agreement
 from engines.compare import (
+    DEFAULT_NOISE_SIGMA,
+    NOISE_FLOOR_MARGIN,
     ORT_MIN_IDENTICAL,
     ORT_MIN_PSNR,
+    TASK_PSNR_TOLERANCE,
     check_provenance,
     compare_images,
     cut_tiles,
@@ -27,6 +30,7 @@ from engines.ort_engine import OrtTileRunner
 from toolchain.data.benchmark import benchmark_pairs, load_pair
 from toolchain.data.io import write_image
 from toolchain.inference import TileSpec, tiled_upscale
+from toolchain.models import info_of
 
 
 def test_image_metrics_on_known_differences():
@@ -101,7 +105,8 @@ def test_verify_engine_on_real_images(built, real_crops):
 
 def test_polygraphy_comparison(built, real_crops):
     made = built(w_bits=4, a_bits=4)
-    tiles = [cut_tiles(lr, 16, 8, overlap=4) for _, lr in real_crops]
+    multiple = info_of(made.model).multiple_of  # 1: spandrel's SwinIR pads to its window itself
+    tiles = [cut_tiles(lr, 16, multiple, overlap=4) for _, lr in real_crops]
     passed, stats = polygraphy_compare(made.engine, made.model, tiles)
     assert passed and len(stats) == 2 and all(s["q0.99_abs_error"] <= 0.5 / 255 for s in stats)
     off = lambda x: made.model(x) + 0.01  # noqa: E731  a reference the engine must not match
@@ -120,27 +125,31 @@ def test_build_engine_verify_command(built, datasets_dir, tmp_path, capsys):
     code = build_main(["--backend", "ort", "--onnx", str(made.onnx), "--out", str(tmp_path / "e.onnx"), "--threads",
                        "2", "--verify", "--weights", str(made.checkpoint), "--calib", str(made.artifact), "--data",
                        str(root), "--sets", "Mini", "--overlap", "4", "--polygraphy", "--codes", "2",
-                       "--noise-floor", "0", "--json", str(report), "--no-progress", "-q"])
+                       "--json", str(report), "--no-progress", "-q"])
     assert code == 0, capsys.readouterr()
     verification = json.loads(report.read_text())["verification"]
     assert verification["passed"] and verification["polygraphy"]["passed"]
     assert verification["codes"]["tiles"] == 2 and len(verification["codes"]["per_call"]) == 16
-    assert verification["noise_floor"]["psnr_vs_reference"] == "inf"  # sigma 0: the reference equals itself
+    # the floor applied: min(fixed 60 dB, the reference's own noise floor at 1e-6 input noise - 1 dB)
+    assert verification["noise"]["sigma"] == DEFAULT_NOISE_SIGMA
+    assert verification["noise_floor"] == verification["noise"]["psnr_vs_reference"]
+    assert verification["floor"] == min(ORT_MIN_PSNR, verification["noise_floor"] - NOISE_FLOOR_MARGIN)
+    assert verification["psnr_passed"] and verification["task_passed"]  # and the task check against HR
+    assert abs(verification["task"]["psnr_difference"]) <= TASK_PSNR_TOLERANCE
     assert verification["identical_pixels"] >= ORT_MIN_IDENTICAL and verification["sets"] == ["Mini"]
-    strict = build_main(["--onnx", str(made.onnx), "--out", str(tmp_path / "e2.onnx"), "--verify", "--weights",
-                         str(made.checkpoint), "--calib", str(made.artifact), "--data", str(root), "--sets", "Mini",
-                         "--overlap", "4", "--min-psnr", "1000", "--no-progress", "-q"])
-    assert strict == 1  # below the floor: the command fails
-    common = ["--onnx", str(made.onnx), "--out", str(tmp_path / "e3.onnx"), "--verify", "--weights",
+    common = ["--onnx", str(made.onnx), "--out", str(tmp_path / "e2.onnx"), "--verify", "--weights",
               str(made.checkpoint), "--calib", str(made.artifact), "--data", str(root), "--sets", "Mini",
               "--overlap", "4", "--min-psnr", "1000", "--no-progress", "-q"]
-    # the reference disagrees with itself under heavy noise; the engine is far closer: passes "at the floor"
+    strict = tmp_path / "strict.json"
+    assert build_main([*common, "--noise-floor", "0", "--json", str(strict)]) == 1  # below the floor: fails
+    assert json.loads(strict.read_text())["verification"]["floor"] == 1000  # sigma 0: the fixed floor alone
+    # the reference disagrees with itself under heavy noise; the engine is far closer: passes at that floor
     loose = tmp_path / "loose.json"
     assert build_main([*common, "--noise-floor", "0.05", "--floor-margin", "0", "--json", str(loose)]) == 0
-    assert json.loads(loose.read_text())["verification"]["passed_by"] == "noise floor"
-    # sigma 0: the floor is the reference itself (inf dB), which no engine reaches
-    assert build_main([*common, "--noise-floor", "0", "--floor-margin", "3"]) == 1
-    assert build_main([*common, "--floor-margin", "3"]) == 2  # a margin needs a measured floor
+    verification = json.loads(loose.read_text())["verification"]
+    assert verification["floor"] == verification["noise_floor"] < 1000 and verification["psnr_passed"]
+    assert build_main([*common, "--floor-margin", "-1"]) == 2  # usage errors
+    assert build_main([*common, "--noise-floor=-1e-6"]) == 2
 
 
 def test_integer_codes_per_quantizer(built, tile_batch):

@@ -25,7 +25,11 @@ from engines.trt.sidecar import (
     validate_plan,
     write_sidecar,
 )
+from export.onnx_export import METADATA_PREFIX
 from toolchain.files import sha256_file
+
+#: the key the exporter writes the model's input multiple under
+MULTIPLE_KEY = METADATA_PREFIX + "multiple"
 
 ARTIFACT = "a" * 64
 CHECKPOINT = "c" * 64
@@ -69,7 +73,7 @@ def test_reads_tile_scale_names_and_hashes_from_metadata_and_dims(tmp_path):
         metadata={
             "2dq.tile": 8,
             "2dq.scale": 2,
-            "2dq.input_multiple": 4,
+            MULTIPLE_KEY: 4,
             "2dq.target": "trt-int8",
             "2dq.artifact_sha256": ARTIFACT,
             "2dq.checkpoint_sha256": CHECKPOINT,
@@ -121,7 +125,7 @@ def test_resolve_tile_refuses_another_tile_or_a_tile_off_the_multiple(tmp_path):
     with pytest.raises(ValueError, match="exported for tile 8, but tile 16"):
         resolve_tile(info, 16)
     free = read_onnx_info(
-        write_sr_onnx(tmp_path / "f.onnx", fixed=False, metadata={"2dq.scale": 2, "2dq.input_multiple": 8})
+        write_sr_onnx(tmp_path / "f.onnx", fixed=False, metadata={"2dq.scale": 2, MULTIPLE_KEY: 8})
     )
     with pytest.raises(ValueError, match="not a multiple of the model's input multiple 8"):
         resolve_tile(free, 12)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 import sys
 from collections.abc import Callable, Sequence
 
@@ -40,13 +41,20 @@ def parse_int_list(text: str, option: str) -> list[int]:
     return values
 
 
+_FOREIGN_WARNINGS = (r"torch\.meshgrid: in an upcoming release", r"`torch\.jit\.script` is deprecated")
+
+
 def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, set up logging, run ``main`` and map exceptions to the exit-code convention."""
     args = parser.parse_args(argv)
     setup_logging(args)
     log = logging.getLogger(parser.prog)
     try:
-        return main(args)
+        with warnings.catch_warnings():
+            # said by torch about the architecture code spandrel ships, once per run: nothing a user can act on
+            for message in _FOREIGN_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            return main(args)
     except UsageError as err:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
