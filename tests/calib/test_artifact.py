@@ -154,3 +154,20 @@ def test_describe_images(tmp_path):
     assert first["images"] == 2
     assert describe_images(tmp_path, list(reversed(files))) == first  # order does not matter
     assert describe_images(tmp_path, files[:1])["image_list_sha256"] != first["image_list_sha256"]
+
+
+def test_bounds_missing_a_placed_quantizer_name_it(tmp_path, tiny_checkpoint, lr):
+    """An artifact whose names do not match the model's placement is refused, naming the first missing one."""
+    from safetensors.torch import load_file, save_file
+
+    path = write(tmp_path, calibrated(tiny_checkpoint, lr), tiny_checkpoint)
+    bounds = load_file(str(path))
+    first = sorted(k for k in bounds if k.endswith(".lower"))[0].removesuffix(".lower")
+    del bounds[f"{first}.lower"], bounds[f"{first}.upper"]
+    save_file(bounds, str(path))
+    sidecar = sidecar_path(path)
+    meta = json.loads(sidecar.read_text())
+    meta["bounds_sha256"] = sha256_file(path)
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=f"no bounds for {first.replace('.', '[.]')}, a quantizer the placement"):
+        load_quantized_model(tiny_checkpoint, path)

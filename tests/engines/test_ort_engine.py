@@ -19,6 +19,8 @@ from toolchain.metrics import psnr
 from toolchain.models import info_of
 from toolchain.quant import grid, quantizers
 
+from ..export.conftest import TILE
+
 #: whole-model agreement of the engine with the fake-quant model (ARCHITECTURE.md s. 7); float
 #: layers (LayerNorm, softmax, GELU) may differ in the last ulp and flip a rounding now and then
 MIN_PSNR_DB = 60.0
@@ -201,3 +203,24 @@ def test_trt_backend_without_tensorrt_fails_clearly(built, tmp_path, capsys):
     code = build_main(["--backend", "trt", "--onnx", str(made.onnx), "--out", str(tmp_path / "x.plan")])
     assert code == 1
     assert "tensorrt" in capsys.readouterr().err.lower()
+
+
+def test_static_batch_engine_pads_and_matches(built, tile_batch, tmp_path):
+    """A graph traced for a fixed number of tiles (``ExportOptions(batch=3)``, what a model whose code fixes
+    the batch gets) builds, runs any number of tiles by padding, and equals the dynamic engine; a dynamic
+    engine fed the same tiles agrees, and feeding a static graph directly with another batch fails."""
+    from export.onnx_export import ExportOptions, export_onnx
+
+    made = built(w_bits=4, a_bits=4)
+    static_onnx = tmp_path / "static.onnx"
+    result = export_onnx(made.checkpoint, made.artifact, static_onnx, ExportOptions(tile=TILE, batch=3))
+    assert result.metadata["2dq.batch"] == "3"
+    assert onnx.load(str(static_onnx)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+    engine = tmp_path / "static.ort.onnx"
+    build_ort_engine(static_onnx, engine)
+    static, dynamic = OrtTileRunner(engine, threads=1), OrtTileRunner(made.engine, threads=1)
+    assert static.static_batch == 3 and dynamic.static_batch is None
+    for count in (1, 3, 5, 8):
+        torch.testing.assert_close(static(tile_batch[:count]), dynamic(tile_batch[:count]), rtol=0, atol=1e-5)
+    with pytest.raises(Exception):
+        static.session.run(["output"], {"input": tile_batch[:2].numpy()})
