@@ -94,7 +94,7 @@ def main() -> None:
         del placement
     lines = [
         "# Placement speed (generic placement, issue 19 item 7)", "",
-        f"Command: `python benchmarks/placement_speed.py --weights {' '.join(args.weights)} --out {args.out}`", "",
+        f"Command: `python benchmarks/placement_speed.py --weights {' '.join(args.weights)} --out {args.out}` (paths as given)", "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.backends.cpu.get_cpu_capability()}); load average at start {load[0]:.2f}.", "",
         "## Forward with every quantizer placed and disabled, against the float model", "",

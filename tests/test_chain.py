@@ -61,10 +61,10 @@ def chain(tmp: Path, checkpoint: Path, datasets: Path, scale: int, tile: int, *c
 
 
 TINY = {
-    "swinir": (tiny_models.tiny_swinir, 4, 16),
+    "swinir": (tiny_models.tiny_swinir, 4, 32),
     "dat": (tiny_models.tiny_dat, 2, 64),
-    "hat": (tiny_models.tiny_hat, 2, 16),
-    "srformer": (tiny_models.tiny_srformer, 2, 16),
+    "hat": (tiny_models.tiny_hat, 2, 32),
+    "srformer": (tiny_models.tiny_srformer, 2, 32),
 }
 
 
@@ -72,9 +72,8 @@ TINY = {
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_dobi_chain_on_every_family(family: str, tmp_path: Path, datasets_dir: Path) -> None:
     build, scale, tile = TINY[family]
-    model = build(scale=scale) if family != "swinir" else build(scale=4)
-    checkpoint = tiny_models.save_checkpoint(model, tmp_path / f"{family}.safetensors")
-    placed = quantize_model(build(scale=scale) if family != "swinir" else build(scale=4), QuantConfig())
+    checkpoint = tiny_models.save_checkpoint(build(scale=scale), tmp_path / f"{family}.safetensors")
+    placed = quantize_model(build(scale=scale), QuantConfig())
     names = quantizers(placed)
     linears = sum(name.endswith(".weight") for name in names)
     matmuls = sum(name.endswith(".a") for name in names)
@@ -96,7 +95,7 @@ def test_dobi_chain_on_every_family(family: str, tmp_path: Path, datasets_dir: P
 ], ids=["minmax", "2dquant", "dobi+beyond"])
 def test_methods_chain_on_tiny_swinir(options: tuple, tmp_path: Path, datasets_dir: Path) -> None:
     checkpoint = tiny_models.save_checkpoint(tiny_models.tiny_swinir(scale=4), tmp_path / "swinir.safetensors")
-    result = chain(tmp_path, checkpoint, datasets_dir, 4, 16, *options)
+    result = chain(tmp_path, checkpoint, datasets_dir, 4, 32, *options)
     assert result["verification"]["passed"], result["verification"]
 
 
