@@ -49,6 +49,7 @@ export.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -106,19 +107,25 @@ class ShiftSite:
     exact: str
     shifted: tuple[str, ...]
     bias_folds: tuple[str, ...]
+    #: among the sites of one producer and kind, in slice order: several attention branches can take
+    #: their k (or v) from slices of one qkv linear (DAT's two spatial-attention branches)
+    index: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.producer}.{self.kind}"
+        base = f"{self.producer}.{self.kind}"
+        return base if self.index == 0 else f"{base}.{self.index}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "producer": self.producer, "start": self.start, "stop": self.stop,
+        data = {"kind": self.kind, "producer": self.producer, "start": self.start, "stop": self.stop,
                 "exact": self.exact, "shifted": list(self.shifted), "bias_folds": list(self.bias_folds)}
+        return {**data, "index": self.index} if self.index else data
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> ShiftSite:
         site = ShiftSite(str(data["kind"]), str(data["producer"]), int(data["start"]), int(data["stop"]),
-                         str(data["exact"]), tuple(map(str, data["shifted"])), tuple(map(str, data["bias_folds"])))
+                         str(data["exact"]), tuple(map(str, data["shifted"])), tuple(map(str, data["bias_folds"])),
+                         int(data.get("index", 0)))
         if site.kind not in KINDS:
             raise ValueError(f"shift site {site.name}: kind must be one of {KINDS}")
         return site
@@ -192,6 +199,12 @@ def find_shift_sites(model: nn.Module, example: torch.Tensor, kinds: Iterable[st
             sites.append(ShiftSite(kind, *source, exact, shifted, (readers[0],)))
     order = {path: i for i, path in enumerate(modules)}
     sites.sort(key=lambda site: (order[site.producer], site.start))
+    seen: dict[tuple[str, str], int] = {}
+    for i, site in enumerate(sites):
+        count = seen.get((site.producer, site.kind), 0)
+        seen[(site.producer, site.kind)] = count + 1
+        if count:
+            sites[i] = dataclasses.replace(site, index=count)
     if verify:
         sites = verify_folds(model, example, sites, _random_shifts)
     log.info("shifts: %d sites (%s)", len(sites), ", ".join(f"{k} {sum(s.kind == k for s in sites)}" for k in kinds))

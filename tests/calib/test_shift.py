@@ -278,3 +278,25 @@ def test_baked_model_exports_with_no_extra_op_and_runs_exactly_on_onnx_runtime()
         reference = model(x)
     mse = float((out.clamp(0, 1) - reference.clamp(0, 1)).square().mean())
     assert mse == 0 or 10 * math.log10(1 / mse) >= ORT_MIN_PSNR
+
+
+def test_two_attention_branches_on_one_qkv_get_distinct_key_shifts():
+    """DAT's spatial attention splits one qkv linear into two branches: each branch's k is its own slice,
+    so each gets its own shift site (distinct names, disjoint slices), and both fold exactly."""
+    from calib.shift import ShiftSite, add_shifts, find_shift_sites
+
+    from ..tiny_models import tiny_dat
+    from toolchain.models import example_input
+
+    model = quantize_model(tiny_dat(scale=2), QuantConfig(w_bits=4, a_bits=4))
+    sites = [s for s in find_shift_sites(model, example_input(model), kinds=("attn_key",))]
+    by_producer: dict[str, list] = {}
+    for site in sites:
+        by_producer.setdefault(site.producer, []).append(site)
+    shared = [group for group in by_producer.values() if len(group) == 2]
+    assert shared, [s.name for s in sites]
+    first, second = shared[0]
+    assert (first.index, second.index) == (0, 1) and first.name != second.name
+    assert first.stop <= second.start
+    assert ShiftSite.from_dict(second.to_dict()) == second
+    assert len(add_shifts(model, sites)) == len(sites)   # every site folds, none refused as "already folded"
