@@ -3,7 +3,7 @@
 Two ways to run an image, both used by PyTorch, ONNX Runtime and TensorRT backends alike:
 
 - :func:`upscale_padded` pads the LR image by mirror concatenation (edge-including symmetric
-  padding, as SwinIR's and NGswin's test code) to the model's ``input_multiple``, runs it whole and
+  padding, as SwinIR's and NGswin's test code) to the model's input multiple (``ModelInfo.multiple_of``, from its spandrel descriptor), runs it whole and
   crops the output back. This is the evaluation protocol of the papers.
 - :func:`tiled_upscale` cuts the padded image into fixed-size overlapping tiles, runs them in batches
   through any ``run_tiles`` callable (a model, an ORT session, a TensorRT plan with a fixed tile
