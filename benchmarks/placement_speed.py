@@ -16,7 +16,6 @@ import argparse
 import copy
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ort_speed import time_rounds
 from toolchain import load_model
 from toolchain.models import example_input, info_of
 from toolchain.quant import QuantConfig, float_mode, quantize_model, quantizers
@@ -32,17 +32,6 @@ from toolchain.quant.placement import find_placement
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
-
-
-def interleaved(runs: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each runner, rounds interleaved (a load change hits all alike)."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def cpu_name() -> str:
@@ -78,7 +67,7 @@ def main() -> None:
             x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
             with torch.no_grad(), float_mode(placed):
                 same = torch.equal(model(x), placed(x))
-                medians = interleaved({"fp": lambda: model(x), "placed": lambda: placed(x)}, args.rounds)
+                medians = time_rounds({"fp": lambda: model(x), "placed": lambda: placed(x)}, args.rounds)
             rows.append(f"| {info.arch} x{info.scale} | {count} | {side}x{side} | {1000 * medians['fp']:.0f} | "
                         f"{1000 * medians['placed']:.0f} | {100 * (medians['placed'] / medians['fp'] - 1):+.1f}% | "
                         f"{'yes' if same else 'NO'} | {trace:.2f} |")
