@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,10 @@ def _run(cmd: list[str]) -> float:
 
 
 def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
+    """The console script ``name`` beside this Python, else the one on ``PATH`` (a machine where the
+    project is importable but not pip-installed, e.g. a lent GPU, puts small wrappers there)."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else (shutil.which(name) or str(beside))
 
 
 def calibrate(args: argparse.Namespace, scale: int, method: str, bits: int, data: dict) -> Path:
@@ -88,7 +92,8 @@ def cpu_model() -> str:
                 break
     except OSError:
         pass
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+    gpu = f"; {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}{gpu})"
 
 
 def bounds_digest(artifact: Path) -> str:
@@ -137,6 +142,7 @@ def evaluate(args: argparse.Namespace, scale: int, method: str, bits: int, set_n
            "--json", str(out), "--no-progress", "-q"]
     if artifact is not None:
         cmd += ["--calib", str(artifact)]
+    cmd += shlex.split(args.eval_extra)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
@@ -312,6 +318,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHARED / "datasets")
     parser.add_argument("--calib-images", type=Path, default=SHARED / "datasets/train")
     parser.add_argument("--calib-extra", default="", help="extra 2dq-calibrate options, one string")
+    parser.add_argument("--eval-extra", default="", help="extra 2dq-eval options, one string (e.g. '--device cuda')")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--fp", action="store_true", help="also evaluate the float model per scale")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "2dq-grid",

@@ -115,7 +115,7 @@ def candidate_bounds(low: torch.Tensor, high: torch.Tensor, bits: int, one_sided
         raise ValueError(f"candidates must be a positive integer, got {n!r}")
     grid.check_bits(bits)
     low, high = _widen_constant(low.to(torch.float64), high.to(torch.float64))
-    i = torch.arange(n, dtype=torch.float64).view(-1, *([1] * low.dim()))
+    i = torch.arange(n, dtype=torch.float64, device=low.device).view(-1, *([1] * low.dim()))
     if symmetric or bits == grid.MAX_BITS:
         z = float(1 << (bits - 1))
         top = grid.levels(bits) - z
@@ -123,7 +123,7 @@ def candidate_bounds(low: torch.Tensor, high: torch.Tensor, bits: int, one_sided
         steps = s0 * (n - i) / n
         return Candidates(-z * steps, top * steps, z * s0 / n, top * s0 / n)
     span = high - low
-    one_sided = torch.as_tensor(one_sided, dtype=torch.bool).expand_as(low)
+    one_sided = torch.as_tensor(one_sided, dtype=torch.bool, device=low.device).expand_as(low)
     step_lower = torch.where(one_sided, torch.zeros_like(span), span / (2 * n))
     step_upper = torch.where(one_sided, span / n, span / (2 * n))
     return Candidates(low + i * step_lower, high - i * step_upper, step_lower, step_upper)
@@ -205,7 +205,7 @@ def _one_sided(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor, mode: 
         return torch.full_like(low, mode == "upper", dtype=torch.bool), mode
     skew = _skewness(rows)
     flags = torch.tensor([choose_mode(float(lo), float(hi), float(sk), role, kind) == "upper"
-                          for lo, hi, sk in zip(low, high, skew)])
+                          for lo, hi, sk in zip(low.tolist(), high.tolist(), skew.tolist())], device=low.device)
     return flags, _mode_name(flags)
 
 
@@ -241,7 +241,7 @@ def _exact_errors(rows: torch.Tensor, cand: Candidates, bits: int, symmetric: bo
 
 
 def _pick(cand: Candidates, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.arange(index.numel())
+    rows = torch.arange(index.numel(), device=index.device)
     return cand.lower[index, rows].to(dtype), cand.upper[index, rows].to(dtype)
 
 
