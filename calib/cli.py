@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from toolchain import defaults
 from toolchain.cli.common import UsageError, add_logging_arguments, run_cli
 from toolchain.quant import QuantConfig, quantize_model
 from toolchain.quant.config import GRANULARITIES, SELECTABLE, TARGETS
@@ -158,12 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Use training images for calibration (e.g. ../shared/datasets/train), never the test sets. "
         "Exit codes: 0 ok, 1 failure (unreadable or mismatched files, bad data), 2 usage error.",
     )
-    parser.add_argument("--weights", required=True, metavar="CKPT", help="float checkpoint (.pth or .safetensors)")
-    parser.add_argument("--calib-images", required=True, metavar="DIR",
-                        help="folder of HR training images (searched recursively) to draw patches from")
-    parser.add_argument("--out", required=True, metavar="ARTIFACT",
+    parser.add_argument("--weights", default=str(defaults.DEFAULT_WEIGHTS), metavar="CKPT",
+                        help="float checkpoint (.pth or .safetensors; default: the shipped DAT-light x4)")
+    parser.add_argument("--calib-images", default=str(defaults.DEFAULT_CALIB_IMAGES), metavar="DIR",
+                        help="folder of HR training images (searched recursively) to draw patches from (default: "
+                        "the 28 shipped training images)")
+    parser.add_argument("--out", metavar="ARTIFACT",
                         help=f"bounds file to write, ending in {BOUNDS_SUFFIX}; the sidecar gets the same name "
-                        "with .json (run/w4a4.safetensors -> run/w4a4.json)")
+                        "with .json (run/w4a4.safetensors -> run/w4a4.json) (default: "
+                        "runs/<checkpoint>_w<W>a<A>[_<method>].safetensors, e.g. runs/dat_light_x4_w4a4.safetensors)")
     parser.add_argument("--method", choices=sorted(METHODS), default="dobi",
                         help="; ".join(f"{name}: {m.help}" for name, m in METHODS.items()) + " (default: %(default)s)")
     quant = parser.add_argument_group("quantization")
@@ -232,6 +236,10 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.out is None:
+        config_bits = (args.w_bits if args.w_bits is not None else args.bits,
+                       args.a_bits if args.a_bits is not None else args.bits)
+        args.out = str(defaults.artifact_path(args.weights, *config_bits, args.method))
     try:
         sidecar_path(args.out)
     except ValueError as err:

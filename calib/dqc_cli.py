@@ -78,9 +78,14 @@ def add_dqc_arguments(parser: Parser, *, common: bool = False) -> None:
                         help="steps between DQC checkpoints, 0: only at the end (default: %(default)s)")
     parser.add_argument("--dqc-checkpoint", metavar="PATH", default=None,
                         help=f"DQC checkpoint file (default: the artifact path with {CHECKPOINT_SUFFIX})")
+    # A finished run is not reused without --resume: the checkpoint's hash does not cover the code, so
+    # the same command again computes afresh (calib.dqc._refuse_unless_finished).
     parser.add_argument("--resume", action="store_true",
                         help="continue the DQC run of the checkpoint (same options; after a kill, this "
-                        "ends with the bounds an uninterrupted run gives)")
+                        "ends with the bounds an uninterrupted run gives; on a finished run, its bounds "
+                        "without training again). Without it, an interrupted run's checkpoint is an error, "
+                        "and a finished run of the same options is run again from the start, overwriting "
+                        "the checkpoint and the artifact")
     parser.add_argument("--dqc-accumulation", type=int, default=1,
                         help="micro-batches per process per step, to bound memory (default: %(default)s)")
     if common:

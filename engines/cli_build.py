@@ -26,11 +26,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
 
+from toolchain import defaults
 from toolchain.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, add_logging_arguments, run_cli
 from toolchain.files import atomic_path
 
 from .compare import (
     DEFAULT_NOISE_SIGMA,
+    NOISE_DRAWS,
     NOISE_FLOOR_MARGIN,
     ORT_MIN_IDENTICAL,
     ORT_MIN_PSNR,
@@ -41,6 +43,7 @@ from .compare import (
     cut_tiles,
     noise_floor,
     polygraphy_compare,
+    task_noise,
     verify_engine,
 )
 from .ort_engine import BUILD_LEVEL, LEVELS, OrtTileRunner, build_ort_engine
@@ -71,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 failure (build error, mismatched files, verification below threshold), 2 usage error.",
     )
     parser.add_argument("--backend", choices=("ort", "trt"), default="ort", help="engine kind (default: %(default)s)")
-    parser.add_argument("--onnx", required=True, metavar="IN.onnx", help="QDQ graph written by 2dq-export")
-    parser.add_argument("--out", required=True, metavar="ENGINE",
-                        help="engine to write (ort: .onnx, or .ort for ORT format; trt: .plan/.engine)")
+    parser.add_argument("--onnx", metavar="IN.onnx", help="QDQ graph written by 2dq-export (default: "
+                        "runs/dat_light_x4_w4a4.onnx, what 2dq-export writes by default)")
+    parser.add_argument("--out", metavar="ENGINE",
+                        help="engine to write (ort: .onnx, or .ort for ORT format; trt: .plan/.engine; default for ort: "
+                        "<onnx stem>.ort.onnx)")
     parser.add_argument("--json", metavar="OUT", help="write the build (and verification) report as JSON to OUT")
     ort = parser.add_argument_group("ONNX Runtime build (--backend ort)")
     ort.add_argument("--level", choices=LEVELS, default=BUILD_LEVEL,
@@ -82,9 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     ort.add_argument("--threads", type=int, help="ORT intra-op threads for building and verifying (default: all cores)")
     verify = parser.add_argument_group("verification against the fake-quant reference")
     verify.add_argument("--verify", action="store_true", help="run the engine and the reference on real images")
-    verify.add_argument("--weights", metavar="CKPT", help="float checkpoint the export came from")
-    verify.add_argument("--calib", metavar="ARTIFACT", help="calibration artifact the export came from")
-    verify.add_argument("--data", metavar="ROOT", help="benchmark root holding <Set>/LR_bicubic/X<s>")
+    verify.add_argument("--weights", metavar="CKPT", help="float checkpoint the export came from (default: the shipped "
+                        "DAT-light x4)")
+    verify.add_argument("--calib", metavar="ARTIFACT", help="calibration artifact the export came from (default: the "
+                        "ONNX file's name with .safetensors)")
+    verify.add_argument("--data", metavar="ROOT", help="benchmark root holding <Set>/LR_bicubic/X<s> (default: the "
+                        "shipped Set5)")
     verify.add_argument("--sets", default="Set5", help="comma-separated test sets (default: %(default)s)")
     verify.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels (default: %(default)s)")
     verify.add_argument("--batch", type=int, default=4, help="tiles per engine call (default: %(default)s)")
@@ -101,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the reference's own noise floor: its PSNR against itself on inputs moved by Gaussian "
                         "noise of this standard deviation (default: %(default)g; 0 skips it and applies the fixed "
                         "floor alone)")
+    verify.add_argument("--noise-draws", type=int, default=NOISE_DRAWS, metavar="N",
+                        help="noise draws of the reference against itself (default: %(default)s): the first sets the "
+                        "PSNR floor; the task tolerance (0.02 dB / 0.0005) widens to 3x the RMS of their task "
+                        "differences where the reference itself moves more than that")
     verify.add_argument("--floor-margin", type=float, metavar="DB", default=NOISE_FLOOR_MARGIN,
                         help="the engine may sit this far below the noise floor (default: %(default)g dB); a deep "
                         "quantized model disagrees with itself under float noise more than any fixed floor allows")
@@ -150,12 +162,13 @@ def _runner(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
 
 def _verify(args: argparse.Namespace) -> dict[str, Any]:
     """The verification criterion of ARCHITECTURE.md s. 7 (:class:`engines.compare.Verdict`)."""
-    missing = [flag for flag, value in (("--weights", args.weights), ("--calib", args.calib), ("--data", args.data))
-               if not value]
-    if missing:
-        raise UsageError(f"--verify needs {', '.join(missing)}")
+    args.weights = args.weights or str(defaults.DEFAULT_WEIGHTS)
+    args.calib = args.calib or str(defaults.existing(defaults.artifact_of_onnx(args.onnx), "--calib"))
+    args.data = args.data or str(defaults.DEFAULT_DATA)
     if args.noise_floor < 0 or args.floor_margin < 0:
         raise UsageError("--noise-floor and --floor-margin must be non-negative")
+    if args.noise_draws < 1:
+        raise UsageError(f"--noise-draws must be positive, got {args.noise_draws}")
     runner, meta, float_dtype = _runner(args)
     check_provenance(meta, args.weights, args.calib, where=str(args.out))
     sets = [name.strip() for name in args.sets.split(",") if name.strip()]
@@ -166,13 +179,22 @@ def _verify(args: argparse.Namespace) -> dict[str, Any]:
     fixed = args.min_psnr if args.min_psnr is not None else fixed
     floor = None
     report: dict[str, Any] = {"sets": sets}
+    spread = None
     if args.noise_floor > 0:
-        own = noise_floor(args.weights, args.calib, images, runner.tile, sigma=args.noise_floor,
-                          overlap=args.overlap, batch=args.batch, device=args.device, progress=not args.no_progress)
+        draws = noise_floor(args.weights, args.calib, images, runner.tile, sigma=args.noise_floor,
+                            overlap=args.overlap, batch=args.batch, device=args.device, progress=not args.no_progress,
+                            draws=args.noise_draws)
+        own = draws[0]
+        spread = task_noise(draws)
         print(f"noise floor (reference vs itself, input noise sigma {args.noise_floor:g}): {agreement_summary(own)}")
-        report["noise"] = {"sigma": args.noise_floor, **{k: v for k, v in own.to_dict().items() if k != "images"}}
+        if spread is not None:
+            print(f"reference's own task spread over {len(draws)} noise draws (RMS): {spread[0]:.4f} dB PSNR, "
+                  f"{spread[1]:.5f} SSIM")
+        report["noise"] = {"sigma": args.noise_floor, "draws": len(draws),
+                           **{k: v for k, v in own.to_dict().items() if k != "images"},
+                           "task_differences": [d.task for d in draws]}
         floor = float(own.psnr_vs_reference)
-    verdict = Verdict(agreement, fixed, floor, args.floor_margin, args.min_identical or 0.0)
+    verdict = Verdict(agreement, fixed, floor, args.floor_margin, args.min_identical or 0.0, spread)
     print(f"verification on {','.join(sets)}: {verdict.summary()}")
     report.update(verdict.to_dict())
     if args.polygraphy:
@@ -214,8 +236,15 @@ def _polygraphy(args: argparse.Namespace, runner: Any, images: list) -> dict[str
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.onnx is None:
+        args.onnx = str(defaults.existing(defaults.onnx_path(defaults.artifact_path()), "--onnx",
+                                          "export first: 2dq-export --onnx"))
     if not Path(args.onnx).is_file():
         raise UsageError(f"--onnx {args.onnx}: no such file")
+    if args.out is None:
+        if args.backend != "ort":
+            raise UsageError("--out is required with --backend trt (a .plan file)")
+        args.out = str(defaults.engine_path(args.onnx))
     report: dict[str, Any] = {"backend": args.backend, "build": _build(args)}
     ok = True
     if args.verify:

@@ -6,6 +6,7 @@ Examples::
     2dq-export --onnx w4.onnx --weights x2.pth --calib run/w4_int4.safetensors --target trt-int4 --int4-block 64
     2dq-export --onnx w4a4_fp16.onnx --weights x2.pth --calib run/w4a4.safetensors --float-dtype fp16 --tile 96
     2dq-export --lint-only w4a4.onnx
+    2dq-export --onnx          # the defaults: runs/dat_light_x4_w4a4.safetensors -> runs/dat_light_x4_w4a4.onnx
 
 The graph takes ``input`` (N, 3, T, T) float32 and returns ``output`` (N, 3, sT, sT) float32 for a
 fixed tile ``T`` and any batch ``N``; ``2dq-upscale`` and ``2dq-eval`` cut images into such tiles.
@@ -21,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from toolchain import defaults
 from toolchain.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, add_logging_arguments, run_cli
 from toolchain.files import atomic_path
 from toolchain.quant.config import TARGETS
@@ -41,9 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         "DequantizeLinear with the learned bounds), for a fixed tile size and a dynamic batch of tiles.",
         epilog="Exit codes: 0 ok, 1 failure (mismatched files, export error, lint violations), 2 usage error.",
     )
-    parser.add_argument("--onnx", metavar="OUT.onnx", help="graph to write")
-    parser.add_argument("--weights", metavar="CKPT", help="float checkpoint (.pth or .safetensors)")
-    parser.add_argument("--calib", metavar="ARTIFACT", help="calibration artifact (.safetensors + .json sidecar)")
+    parser.add_argument("--onnx", metavar="OUT.onnx", nargs="?", const="",
+                        help="graph to write (default, also for a bare --onnx: the artifact's name with .onnx)")
+    parser.add_argument("--weights", metavar="CKPT", help="float checkpoint (.pth or .safetensors; default: the shipped "
+                        "DAT-light x4)")
+    parser.add_argument("--calib", metavar="ARTIFACT", help="calibration artifact (.safetensors + .json sidecar; default: "
+                        "runs/<checkpoint>_w4a4.safetensors, what 2dq-calibrate writes by default)")
     parser.add_argument("--target", choices=TARGETS,
                         help="trt-int8 (INT8 kernels), trt-int4 (weight-only INT4 blocks), ort (ONNX Runtime CPU) "
                         "(default: the artifact's target)")
@@ -72,7 +77,7 @@ def _write_json(path: str, report: dict) -> None:
 
 
 def _lint_only(args: argparse.Namespace) -> int:
-    if args.onnx or args.weights or args.calib:
+    if args.onnx is not None or args.weights or args.calib:
         raise UsageError("--lint-only takes a file and no --onnx/--weights/--calib")
     violations = lint_model(args.lint_only, args.target)
     for violation in violations:
@@ -91,10 +96,11 @@ def _main(args: argparse.Namespace) -> int:
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     if args.lint_only:
         return _lint_only(args)
-    missing = [flag for flag, value in (("--onnx", args.onnx), ("--weights", args.weights), ("--calib", args.calib))
-               if not value]
-    if missing:
-        raise UsageError(f"missing {', '.join(missing)} (or use --lint-only FILE)")
+    args.weights = args.weights or str(defaults.DEFAULT_WEIGHTS)
+    if not args.calib:
+        args.calib = str(defaults.existing(defaults.artifact_path(args.weights), "--calib",
+                                           "calibrate first: 2dq-calibrate"))
+    args.onnx = args.onnx or str(defaults.onnx_path(args.calib))
     try:
         options = ExportOptions(tile=args.tile, target=args.target, float_dtype=args.float_dtype, opset=args.opset,
                                 batch=args.batch,

@@ -1,4 +1,4 @@
-"""The README's Python API example runs as written (on the real DAT-light x4 of ../shared) and does what it says."""
+"""The README's Python API example runs as written (on the shipped DAT-light x4) and does what it says."""
 from __future__ import annotations
 
 import re
@@ -18,10 +18,10 @@ def _example() -> str:
 
 
 @pytest.mark.slow
-def test_readme_python_api_example_runs(shared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_readme_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture) -> None:
     script = tmp_path / "example.py"
-    script.write_text(_example().replace("../shared", str(shared_dir)))
+    script.write_text(_example())
     monkeypatch.chdir(tmp_path)
     namespace = runpy.run_path(str(script))
     out = capsys.readouterr().out
@@ -31,3 +31,49 @@ def test_readme_python_api_example_runs(shared_dir: Path, tmp_path: Path, monkey
     assert (tmp_path / "runs" / "api_w4a4.json").is_file()
     assert (tmp_path / "runs" / "api_w4a4.onnx").is_file()
     assert namespace["result"].violations == []
+
+
+def _main_job_commands() -> list[str]:
+    """The command lines of the README's set-up section (both bash blocks), comments stripped, install left out."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Set up and run the main job"):text.index("Your own checkpoint")]
+    lines = [line.split("#", 1)[0].strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+             for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("pip install")]
+
+
+@pytest.mark.slow
+def test_readme_main_job_and_default_chain_run_as_written(tmp_path: Path) -> None:
+    """Every command of the set-up section, as a user types it on a fresh clone: no path but the image, the
+    shipped model and data only (no ../shared), each stage reading the previous stage's default output."""
+    import shutil
+    import subprocess
+    import sys
+
+    from toolchain.defaults import DEFAULT_DATA
+
+    from .test_chain import _both_inputs_dequantized
+
+    commands = _main_job_commands()
+    assert [c.split()[0] for c in commands] == ["2dq-calibrate", "2dq-export", "2dq-build-engine", "2dq-eval",
+                                                "2dq-eval", "2dq-upscale", "2dq-report"]
+    shutil.copyfile(DEFAULT_DATA / "Set5" / "LR_bicubic" / "X4" / "birdx4.png", tmp_path / "photo.png")
+    outputs = {}
+    for command in commands:
+        tool, *args = command.split()
+        done = subprocess.run([str(Path(sys.executable).with_name(tool)), *args, "--no-progress"
+                               if tool in ("2dq-calibrate", "2dq-build-engine", "2dq-eval", "2dq-report") else "-q"],
+                              cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr[-3000:]}"
+        outputs.setdefault(tool, []).append(done.stdout)
+    runs = tmp_path / "runs"
+    assert (runs / "dat_light_x4_w4a4.safetensors").is_file() and (runs / "dat_light_x4_w4a4.json").is_file()
+    assert _both_inputs_dequantized(runs / "dat_light_x4_w4a4.onnx") == 72 + 54   # every placed linear and matmul
+    assert (runs / "dat_light_x4_w4a4.ort.onnx").is_file()
+    assert "PASS" in outputs["2dq-build-engine"][0]
+    engine_psnr, float_psnr = (float(re.search(r"\| Set5 \| x4 \| ([\d.]+) \|", out).group(1))
+                               for out in outputs["2dq-eval"])
+    assert float_psnr == pytest.approx(32.57, abs=0.01)   # the published DAT-light x4 Set5 figure
+    assert 28.42 < engine_psnr < float_psnr               # W4A4 shows: below FP, above bicubic (28.42)
+    assert (tmp_path / "photo_x4.png").is_file()
+    assert (runs / "dat_light_x4_w4a4_report" / "index.html").is_file()

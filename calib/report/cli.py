@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
+from toolchain import defaults
 from toolchain.cli.common import UsageError, add_logging_arguments, run_cli
 from toolchain.files import atomic_path, sha256_file
 
@@ -52,13 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/index.html from disk.",
         epilog="Exit codes: 0 ok, 1 failure (unreadable or mismatched files), 2 usage error.",
     )
-    parser.add_argument("--weights", required=True, metavar="CKPT", help="float checkpoint the artifacts calibrate")
-    parser.add_argument("--calib", required=True, metavar="ARTIFACT", help="main calibration artifact (.safetensors)")
+    parser.add_argument("--weights", default=str(defaults.DEFAULT_WEIGHTS), metavar="CKPT",
+                        help="float checkpoint the artifacts calibrate (default: the shipped DAT-light x4)")
+    parser.add_argument("--calib", metavar="ARTIFACT", help="main calibration artifact (.safetensors; default: "
+                        "runs/<checkpoint>_w4a4.safetensors, what 2dq-calibrate writes by default)")
     parser.add_argument("--compare", action="append", default=[], metavar="ARTIFACT",
                         help="another artifact of the same checkpoint to compare (repeatable)")
-    parser.add_argument("--data", required=True, metavar="ROOT", help="folder holding <Set>/HR and <Set>/LR_bicubic/X<s>")
-    parser.add_argument("--out", required=True, metavar="DIR", help="report folder (index.html, figures/, report.json)")
-    parser.add_argument("--sets", default="Set5,Set14,B100", help="comma-separated test sets (default: %(default)s)")
+    parser.add_argument("--data", metavar="ROOT", help="folder holding <Set>/HR and <Set>/LR_bicubic/X<s> (default: the "
+                        "shipped Set5)")
+    parser.add_argument("--out", metavar="DIR", help="report folder (index.html, figures/, report.json; default: "
+                        "runs/<artifact stem>_report)")
+    parser.add_argument("--sets", help="comma-separated test sets (default: Set5,Set14,B100 with --data, Set5 without)")
     parser.add_argument("--max-images", type=int, metavar="N", help="evaluate only the first N images of each set")
     parser.add_argument("--crops", type=int, default=3, help="images shown as crops (default: %(default)s)")
     parser.add_argument("--top", type=int, default=10, help="quantizers drawn in detail (default: %(default)s)")
@@ -74,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> list[str]:
+    if not args.calib:
+        args.calib = str(defaults.existing(defaults.artifact_path(args.weights), "--calib",
+                                           "calibrate first: 2dq-calibrate"))
+    if args.sets is None:
+        args.sets = defaults.DEFAULT_SETS if args.data is None else "Set5,Set14,B100"
+    args.data = args.data or str(defaults.DEFAULT_DATA)
+    args.out = args.out or str(defaults.RUNS / f"{Path(args.calib).stem}_report")
     sets = [name.strip() for name in args.sets.split(",") if name.strip()]
     if not sets:
         raise UsageError("--sets is empty")

@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from calib.artifact import load_artifact, load_quantized_model, sidecar_path
 from calib.cli import METHODS, build_parser, main
+from calib.dqc_cli import CHECKPOINT_SUFFIX
+from calib.dqc_state import load_checkpoint
 from toolchain.quant import quantizers
+from ..processes import kill_at_first_checkpoint
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -95,10 +104,27 @@ def test_usage_errors_exit_2(tmp_path, capsys, tiny_checkpoint, calib_images, ex
     assert not (tmp_path / "a.safetensors").exists()
 
 
-def test_missing_required_option_exits_2(capsys):
+def test_unparseable_option_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--weights", "x.pth"])
+        main(["--bits", "four"])
     assert exit_info.value.code == 2
+    assert "--bits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, name", [
+    ((), "w4a4.safetensors"),
+    (("--bits", "3", "--method", "minmax"), "w3a3_minmax.safetensors"),
+    (("--w-bits", "4", "--a-bits", "8"), "w4a8.safetensors"),
+])
+def test_default_out_names_checkpoint_bits_and_method(tmp_path, monkeypatch, capsys, tiny_checkpoint, calib_images,
+                                                      extra, name):
+    """Without --out the artifact goes to runs/<checkpoint stem>_w<W>a<A>[_<method>] and the tool says so."""
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in base_args(tiny_checkpoint, calib_images, "unused") if a not in ("--out", "unused")]
+    code, stdout, _ = run(capsys, *args, *extra)
+    expected = Path("runs") / f"{tiny_checkpoint.stem}_{name}"
+    assert code == 0 and (tmp_path / expected).is_file() and sidecar_path(tmp_path / expected).is_file()
+    assert f"wrote {expected}" in stdout
 
 
 def test_runtime_failures_exit_1(tmp_path, capsys, tiny_checkpoint, calib_images):
@@ -135,3 +161,80 @@ def test_2dquant_runs_dobi_then_dqc_and_moves_the_bounds(tmp_path, capsys, tiny_
     assert any(not torch.equal(dobi[k], final[k]) for k in dobi)  # DQC trained the DOBI bounds
     model = load_quantized_model(tiny_checkpoint, full_out)
     assert all(q.initialized for q in quantizers(model).values())
+
+
+CALIBRATE = str(Path(sys.executable).with_name("2dq-calibrate"))
+#: seconds a console-script run may take (startup and a tiny DOBI take a few)
+TIMEOUT = 300
+#: the tiny 2DQuant budget of the rerun tests (seconds per run)
+TINY_DQC = ["--method", "2dquant", "--dqc-iters", "2", "--batch", "2", "--dqc-patch-size", "16", "--val-every", "0"]
+
+
+@pytest.fixture
+def random_images(tmp_path) -> Path:
+    """A folder of four random 96x96 RGB PNGs (no dependence on ../shared)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    return folder
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_at_load(tmp_path, tiny_swinir, save_checkpoint, random_images):
+    """Through the console script: exit 1, one line naming the file and the tensor, no artifact."""
+    model = tiny_swinir(0)
+    name = "layers.0.residual_group.blocks.0.mlp.fc1.weight"
+    with torch.no_grad():
+        model.get_parameter(name)[2, 7] = float("nan")
+    checkpoint = save_checkpoint(model, tmp_path / "damaged.safetensors")
+    out = tmp_path / "run" / "w4a4.safetensors"
+    done = subprocess.run([CALIBRATE, *base_args(checkpoint, random_images, out), "--threads", "1"],
+                          capture_output=True, text=True, env=_env(), timeout=TIMEOUT)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1] == (f"2dq-calibrate: error: {checkpoint}: tensor '{name}' holds 1 non-finite "
+                                            "value (1 nan); the checkpoint is damaged")
+    assert not out.exists() and not sidecar_path(out).exists() and not out.parent.exists()
+
+
+def test_a_finished_2dquant_run_runs_again_with_the_same_command(tmp_path, capsys, tiny_checkpoint, random_images):
+    """The same command twice: the second run computes afresh (no --resume needed) and gives the same bounds."""
+    out = tmp_path / "2dq.safetensors"
+    checkpoint = out.with_name("2dq" + CHECKPOINT_SUFFIX)
+    command = [*base_args(tiny_checkpoint, random_images, out), *TINY_DQC]
+    assert run(capsys, *command)[0] == 0
+    first, first_inodes = load_artifact(out).bounds, (out.stat().st_ino, checkpoint.stat().st_ino)
+    assert load_checkpoint(checkpoint).iteration == 2
+    code, stdout, stderr = run(capsys, *command)
+    assert code == 0, stderr
+    again = load_artifact(out)
+    assert again.meta["method_options"]["dqc"]["result"]["resumed_from"] is None  # trained, not reused
+    assert (out.stat().st_ino, checkpoint.stat().st_ino) != first_inodes  # both rewritten (atomically)
+    assert first.keys() == again.bounds.keys()
+    for key in first:
+        assert torch.equal(first[key], again.bounds[key]), key
+
+
+def test_an_interrupted_2dquant_run_asks_for_resume(tmp_path, capsys, tiny_checkpoint, random_images):
+    """A run killed (SIGKILL) after a checkpoint: the same command without --resume exits 1 saying how far it got."""
+    out = tmp_path / "2dq.safetensors"
+    checkpoint = out.with_name("2dq" + CHECKPOINT_SUFFIX)
+    iters = 200  # far more steps than the run can take before the kill
+    command = [*base_args(tiny_checkpoint, random_images, out), *TINY_DQC, "--dqc-iters", str(iters),
+               "--checkpoint-every", "1"]
+    process = subprocess.Popen([CALIBRATE, *command, "--threads", "1"], env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    kill_at_first_checkpoint(process, checkpoint, TIMEOUT)
+    done = load_checkpoint(checkpoint).iteration
+    assert 1 <= done < iters and not out.exists()
+
+    code, _, stderr = run(capsys, *command)
+    assert code == 1
+    assert stderr.splitlines()[-1] == (
+        f"2dq-calibrate: error: DQC checkpoint {checkpoint} holds an interrupted run ({done} of {iters} steps): "
+        "pass --resume to continue it, or delete it to start over")
+    assert load_checkpoint(checkpoint).iteration == done and not out.exists()  # nothing touched

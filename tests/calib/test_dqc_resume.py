@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from calib.dqc_state import load_checkpoint
+from ..processes import kill_at_first_checkpoint
 
 WORKER = Path(__file__).with_name("dqc_worker.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -51,15 +50,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(datasets_dir: Path, t
     checkpoint = tmp_path / "killed_ckpt.safetensors"
     command = _command(images, tmp_path / "resumed.safetensors", checkpoint)
     process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + TIMEOUT
-    while not checkpoint.exists():
-        assert process.poll() is None, f"worker ended before its first checkpoint: {process.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
+    kill_at_first_checkpoint(process, checkpoint, TIMEOUT)
     killed_at = load_checkpoint(checkpoint).iteration
     assert 3 <= killed_at < ITERS and killed_at % 3 == 0
     assert not (tmp_path / "resumed.safetensors").exists()  # the killed run never finished

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from spandrel.architectures.SwinIR import SwinIR
 
 from toolchain import CheckpointError, load_model, read_state_dict
-from toolchain.loading import compact_names, load_state_dict_model
+from toolchain.loading import check_finite, compact_names, load_state_dict_model
 from toolchain.models import info_of, supported_architectures
 
 from ..tiny_models import SWINIR_TINY
@@ -136,6 +136,47 @@ def test_integer_tensor_in_place_of_a_weight_is_refused(tmp_path, tiny_model):
     with pytest.raises(CheckpointError, match=r"torch\.int64.*norm\.bias|norm\.bias.*torch\.int64") as caught:
         load_model(path)
     assert str(path) in str(caught.value)
+
+
+FC1 = "layers.0.residual_group.blocks.0.mlp.fc1.weight"
+
+
+@pytest.mark.parametrize("value, kind", [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "inf")])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_non_finite_weights_are_refused_naming_the_tensor_and_the_file(tmp_path, tiny_model, value, kind, suffix):
+    state_dict = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    state_dict[FC1][3, 5] = value
+    path = tmp_path / f"damaged{suffix}"
+    if suffix == ".safetensors":
+        save_file(state_dict, path)
+    else:
+        torch.save({"params_ema": state_dict}, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(path)
+    assert str(caught.value) == (f"{path}: tensor '{FC1}' holds 1 non-finite value (1 {kind}); "
+                                 "the checkpoint is damaged")
+
+
+def test_every_damaged_tensor_is_counted(tiny_model):
+    """The first damaged tensor with its counts by kind; the others named, grouped."""
+    state_dict = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    state_dict[FC1][0, :2] = float("nan")
+    state_dict[FC1][1, 0] = float("inf")
+    for block in (0, 1):
+        state_dict[f"layers.1.residual_group.blocks.{block}.attn.proj.bias"][0] = float("-inf")
+    with pytest.raises(CheckpointError) as caught:
+        load_state_dict_model(state_dict, "in memory")
+    assert str(caught.value) == (
+        f"in memory: tensor '{FC1}' holds 3 non-finite values (2 nan, 1 inf); 2 more tensors hold some too: "
+        "layers.1.residual_group.blocks.{0-1}.attn.proj.bias (2); the checkpoint is damaged")
+
+
+def test_finite_values_whose_sum_overflows_are_not_damage():
+    """The cheap screen (a tensor's sum) overflows on large finite weights: the exact test decides."""
+    check_finite({"w": torch.full((4,), 3e38), "h": torch.full((4,), 6e4, dtype=torch.float16),
+                  "index": torch.arange(3)})
+    with pytest.raises(CheckpointError, match=r"^x: tensor 'w' holds 2 non-finite values \(2 inf\);"):
+        check_finite({"w": torch.tensor([3e38, float("inf"), float("-inf")])}, "x")
 
 
 def test_malicious_pickle_is_refused_without_running_it(tmp_path):

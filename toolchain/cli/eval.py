@@ -16,7 +16,9 @@ from collections.abc import Sequence
 
 from ..backends import BACKENDS, make_upscaler
 from ..evaluate import SetResult, evaluate_set, markdown_table
+from .. import defaults
 from ..files import atomic_path
+
 from .common import UsageError, add_logging_arguments, parse_int_list, run_cli
 
 
@@ -34,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "bicubic"], default="torch",
                         help="torch (PyTorch, float or fake-quant), ort (ONNX Runtime engine), trt (TensorRT plan)")
     parser.add_argument("--engine", metavar="PATH", help="engine file for --backend ort/trt")
-    parser.add_argument("--data", required=True, metavar="ROOT", help="folder holding <Set>/HR and <Set>/LR_bicubic/X<s>")
-    parser.add_argument("--sets", default="Set5,Set14,B100", help="comma-separated set names (default: %(default)s)")
+    parser.add_argument("--data", metavar="ROOT", help="folder holding <Set>/HR and <Set>/LR_bicubic/X<s> (default: the "
+                        "shipped Set5)")
+    parser.add_argument("--sets", help="comma-separated set names (default: Set5,Set14,B100 with --data, Set5 without)")
     parser.add_argument("--scales", help="comma-separated scales (default: the model's scale; 2,3,4 for bicubic)")
     parser.add_argument("--device", default="cpu", help="torch device for the torch backend (default: %(default)s)")
     parser.add_argument("--tile", type=int, help="run the torch backend in tiles of this LR size (default: whole image)")
@@ -50,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(args: argparse.Namespace) -> int:
     if args.backend == "torch" and not (args.weights or args.model):
-        raise UsageError("give --weights CKPT or --model bicubic (or --backend ort/trt with --engine)")
+        args.weights = str(defaults.DEFAULT_WEIGHTS)
+    if args.backend != "torch" and not args.engine:
+        args.engine = str(defaults.existing(defaults.engine_path(defaults.onnx_path(defaults.artifact_path())),
+                                            "--engine", "build it with 2dq-build-engine"))
+    if args.sets is None:
+        args.sets = defaults.DEFAULT_SETS if args.data is None else "Set5,Set14,B100"
+    if args.data is None:
+        args.data = str(defaults.DEFAULT_DATA)
     if args.backend != "torch" and (args.weights or args.model or args.calib):
         raise UsageError(f"--backend {args.backend} evaluates --engine; do not combine it with --weights/--model/--calib")
     if args.model and args.calib:

@@ -6,10 +6,12 @@ through :func:`to_uint8` / :func:`write_image` with the SR convention ``round(cl
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     PNG, BMP, JPEG and TIFF are read with Pillow and decoded in full, so a truncated file fails
     here rather than later. Grayscale becomes three equal channels; palettes are expanded; alpha is
-    dropped (with a warning); 16-bit grayscale is divided by 65535. 16-bit colour images are given
+    dropped (with a warning; :func:`toolchain.data.image_modes.read_planes` keeps it, and 16-bit
+    colour); 16-bit grayscale is divided by 65535. 16-bit colour images are given
     to us by Pillow at 8 bits (high byte of each sample), which is logged. EXIF orientation is not
     applied: pixels are returned as stored, so HR/LR pairs stay aligned.
 
@@ -50,6 +53,27 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     >>> read_image("../shared/datasets/Set5/HR/baby.png").shape    # doctest: +SKIP
     (512, 512, 3)
     """
+    with opened_image(path) as img:
+        colour_16bit = _is_16bit_colour(img)
+        img.load()  # decode everything now: a truncated file must fail here
+        array = _to_rgb_array(img, Path(path))
+    if colour_16bit:
+        log.warning("%s: 16-bit colour samples read at 8-bit precision (Pillow keeps the high byte)", path)
+    return array
+
+
+@contextlib.contextmanager
+def opened_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """Open ``path`` with Pillow (header only, nothing decoded yet) for the ``with`` block.
+
+    Every decoding failure inside the block (Pillow's, zlib's, a truncated file's) is raised as
+    :class:`ImageError` naming the file, so callers that decode in their own way keep
+    :func:`read_image`'s errors.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ImageError: the file is not a readable PNG/BMP/JPEG/TIFF image, or fails to decode.
+    """
     path = Path(path)
     if not path.is_file():
         if not path.exists():
@@ -57,9 +81,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageError(f"{path}: not a file")
     try:
         with Image.open(path, formats=READ_FORMATS) as img:
-            colour_16bit = _is_16bit_colour(img)
-            img.load()  # decode everything now: a truncated file must fail here
-            array = _to_rgb_array(img, path)
+            yield img
     except ImageError:
         raise
     except UnidentifiedImageError as err:
@@ -68,9 +90,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageError(f"{path}: refused by Pillow's size limit ({err})") from err
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error) as err:
         raise ImageError(f"{path}: corrupt or truncated image ({err})") from err
-    if colour_16bit:
-        log.warning("%s: 16-bit colour samples read at 8-bit precision (Pillow keeps the high byte)", path)
-    return array
 
 
 def _is_16bit_colour(img: Image.Image) -> bool:
