@@ -11,6 +11,8 @@
 # (seconds after start): a 20-step probe times one step, then every 2DQuant cell runs the same
 # number of steps. Results come back under $OUT: results.tgz (one ptq_grid JSON per process, logs) and
 # artifacts.tgz (every artifact with its sidecar); run.json says what the script chose.
+# Measured on the first run: one DQC process holds 17.8 GB of GPU memory, so more than 7 at once exhaust the
+# H200's 140 GB (that run lost five 2DQuant + transforms rows so); keep DQC processes <= 7 per run.
 set -uo pipefail
 START=$(date +%s)
 DEADLINE=${DEADLINE:-540}
