@@ -1,0 +1,169 @@
+"""Negative controls: the agreement checks pass the real engine and fail engines that do not compute the model.
+
+Each check of the verification ladder runs on four ORT engines of one calibrated model:
+- ``quantized``: the QDQ export (must pass);
+- ``fp16``: the same export with fp16 float layers (must pass its own, lower floor);
+- ``unquantized``: the same model with every quantizer disabled, through the same exporter (a float graph with
+  the same metadata; must fail);
+- ``perturbed``: the QDQ export with one activation quantizer's scale moved by one step (must fail).
+
+The fixture makes quantization show: a tiny SwinIR with random weights barely changes when quantized
+(its blocks are near-identity at the initialization's scale: float vs W4A4 70 dB), so every Linear weight is
+scaled by :data:`LOUD_GAIN`, which makes the blocks do real work (float vs W4A4 about 32 dB, W8A8 52 dB).
+The whole-model floor separates the unquantized engine; a one-step change of one scale can hide under
+it, so the exact per-quantizer integer codes are compared as well.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from calib.artifact import load_artifact, load_quantized_model, save_artifact
+from calib.baselines import calibrate_minmax
+from calib.observers import batch_forward_loop
+from engines.code_agreement import code_agreement
+from engines.compare import (
+    NOISE_FLOOR_MARGIN,
+    ORT_MIN_IDENTICAL,
+    ORT_MIN_PSNR,
+    Verdict,
+    noise_floor,
+    task_noise,
+    verify_engine,
+)
+from engines.ort_engine import OrtTileRunner, build_ort_engine
+from export.onnx_export import ExportOptions, Provenance, export_model, export_onnx
+from toolchain import load_model
+from toolchain.data.benchmark import benchmark_pairs, load_pair
+from toolchain.defaults import DEFAULT_DATA
+from toolchain.files import sha256_file
+from toolchain.quant import QuantConfig, quantize_model, set_quant_enabled
+
+from ..export.conftest import TILE, TINY
+from ..tiny_models import save_checkpoint, tiny_swinir
+
+#: every Linear weight of the tiny model times this: quantization then changes the output visibly
+LOUD_GAIN = 10.0
+BITS = 4
+#: ORT with fp16 float layers (engines.cli_build.THRESHOLDS)
+FP16_MIN_PSNR = 45.0
+
+
+def _perturb_one_scale(qdq: Path, out: Path, node_name: str) -> None:
+    """``qdq`` with the scale of the QuantizeLinear ``node_name`` (and its DequantizeLinear) one step wider."""
+    model = onnx.load(str(qdq))
+    nodes = {node.name: node for node in model.graph.node}
+    quantize = nodes[node_name]
+    scale_name = quantize.input[1]
+    value = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == scale_name))
+    levels = 2 ** BITS - 1
+    wider = onnx.numpy_helper.from_array((value * (levels + 1) / levels).astype(value.dtype), scale_name + "_perturbed")
+    model.graph.initializer.append(wider)
+    quantize.input[1] = wider.name
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] == quantize.output[0]:
+            node.input[1] = wider.name
+    onnx.save(model, str(out))
+
+
+@pytest.fixture(scope="module")
+def controls(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("controls")
+    model = tiny_swinir(scale=2, seed=0, **TINY)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.mul_(LOUD_GAIN)
+    checkpoint = save_checkpoint(model, folder / "loud_x2.safetensors")
+    config = QuantConfig(w_bits=BITS, a_bits=BITS)
+    calibrated = quantize_model(load_model(checkpoint), config)
+    images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    calibrate_minmax(calibrated, batch_forward_loop(images, batch_size=4, progress=False))
+    artifact = save_artifact(folder / "bounds.safetensors", calibrated, checkpoint=checkpoint, quant_config=config,
+                             method="minmax")
+    graphs = {"quantized": folder / "qdq.onnx", "fp16": folder / "qdq_fp16.onnx"}
+    export_onnx(checkpoint, artifact, graphs["quantized"], ExportOptions(tile=TILE))
+    export_onnx(checkpoint, artifact, graphs["fp16"], ExportOptions(tile=TILE, float_dtype="fp16"))
+    unquantized = load_quantized_model(checkpoint, artifact)
+    set_quant_enabled(unquantized, False)
+    meta = load_artifact(artifact).meta
+    graphs["unquantized"] = folder / "float.onnx"
+    export_model(unquantized, graphs["unquantized"], ExportOptions(tile=TILE),
+                 Provenance(meta["checkpoint_sha256"], sha256_file(artifact), meta["quant_config"]))
+    reference = load_quantized_model(checkpoint, artifact)
+    tiles = torch.rand(4, 3, TILE, TILE, generator=torch.Generator().manual_seed(7))
+    first = code_agreement(_engine(folder, "probe", graphs["quantized"]), reference, tiles)[0].node
+    graphs["perturbed"] = folder / "perturbed.onnx"
+    _perturb_one_scale(graphs["quantized"], graphs["perturbed"], first)
+    engines = {kind: _engine(folder, kind, graph) for kind, graph in graphs.items()}
+    crops = []
+    for pair in benchmark_pairs(DEFAULT_DATA, "Set5", 2)[:2]:
+        lr, hr = load_pair(pair)
+        crops.append((pair.name, np.ascontiguousarray(lr[:48, :64]), np.ascontiguousarray(hr[:96, :128])))
+    draws = noise_floor(checkpoint, artifact, crops, TILE, overlap=4, draws=4)
+    return {"checkpoint": checkpoint, "artifact": artifact, "engines": engines, "graphs": graphs, "crops": crops,
+            "reference": reference, "tiles": tiles, "perturbed_node": first,
+            "noise": (draws[0].psnr_vs_reference, task_noise(draws))}
+
+
+def _engine(folder: Path, kind: str, graph: Path) -> Path:
+    engine = folder / f"{kind}.ort.onnx"
+    build_ort_engine(graph, engine, threads=2)
+    return engine
+
+
+def _verdict(controls: dict, kind: str, fixed_floor: float) -> Verdict:
+    runner = OrtTileRunner(controls["engines"][kind], threads=2)
+    agreement = verify_engine(runner, controls["checkpoint"], controls["artifact"], controls["crops"], overlap=4)
+    floor, spread = controls["noise"]
+    return Verdict(agreement, fixed_floor, floor, NOISE_FLOOR_MARGIN, 0.0, spread)
+
+
+def test_the_fixture_quantization_shows(controls: dict) -> None:
+    """Without this the controls below would prove nothing: the float graph must be far from the reference."""
+    float_graph = onnx.load(str(controls["graphs"]["unquantized"]))
+    assert not [n for n in float_graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    verdict = _verdict(controls, "unquantized", ORT_MIN_PSNR)
+    assert verdict.agreement.psnr_vs_reference < 40.0, verdict.summary()
+
+
+def test_verification_criterion_passes_the_engine_and_fails_the_float_graph(controls: dict) -> None:
+    assert _verdict(controls, "quantized", ORT_MIN_PSNR).passed
+    failed = _verdict(controls, "unquantized", ORT_MIN_PSNR)
+    assert not failed.passed and not failed.psnr_passes, failed.summary()
+
+
+def test_fp16_float_layers_compute_the_quantized_model(controls: dict) -> None:
+    """The fp16 body runs and tracks the quantized model, far closer to it than the float graph is."""
+    fp16 = _verdict(controls, "fp16", FP16_MIN_PSNR)
+    unquantized = _verdict(controls, "unquantized", FP16_MIN_PSNR)
+    assert fp16.agreement.psnr_vs_reference > unquantized.agreement.psnr_vs_reference + 10.0, fp16.summary()
+    assert not unquantized.passed
+
+
+@pytest.mark.xfail(strict=True, reason="measured: the fp16 body of this W4A4 model agrees with the fp32 reference at "
+                   "44.95 dB, just below the 45 dB floor for fp16 float layers (ARCHITECTURE.md s. 7): fp16 rounding "
+                   "flips codes that cascade; the floor (or the noise level its noise floor is measured at) for fp16 "
+                   "bodies needs a decision. Strict: this test fails once the engine reaches the floor.")
+def test_fp16_float_layers_reach_the_fp16_floor(controls: dict) -> None:
+    fp16 = _verdict(controls, "fp16", FP16_MIN_PSNR)
+    assert fp16.passed, fp16.summary()
+
+
+def test_integer_codes_agree_exactly_on_the_engine_only(controls: dict) -> None:
+    """Per quantizer: the engine's int8 codes equal the reference's (up to a float-noise flip of one level);
+    the engine with one scale one step off disagrees at that quantizer; the float graph has no codes."""
+    rows = code_agreement(controls["engines"]["quantized"], controls["reference"], controls["tiles"])
+    assert rows[0].identical == 1.0 and rows[0].max_difference == 0
+    assert all(row.identical >= ORT_MIN_IDENTICAL and row.max_difference <= 1 for row in rows)
+    perturbed = {row.node: row for row in code_agreement(controls["engines"]["perturbed"], controls["reference"],
+                                                         controls["tiles"])}
+    row = perturbed[controls["perturbed_node"]]
+    assert row.identical < ORT_MIN_IDENTICAL, row
+    with pytest.raises(ValueError, match="no QuantizeLinear nodes"):
+        code_agreement(controls["engines"]["unquantized"], controls["reference"], controls["tiles"])
