@@ -1,6 +1,8 @@
 """Calibration: DOBI, MinMax/Percentile, DQC, artifacts, and the Python API (:mod:`calib.api`).
 
->>> from calib import quantize, distill, save, load, DQCConfig     # doctest: +SKIP
+>>> from calib import quantize, distill, save, load, DQCConfig
+>>> quantize.__module__, DQCConfig.__module__
+('calib.api', 'calib.dqc')
 """
 from __future__ import annotations
 

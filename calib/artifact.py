@@ -126,8 +126,22 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
     ``checkpoint_sha256`` is given). ``weights``: float parameters that replace the checkpoint's, by
     name (``<module>.weight``; GPTQ's refined weights). Nothing is left behind if writing fails.
 
-    >>> save_artifact("run/w4a4.safetensors", model, checkpoint="swinir_x4.pth",
-    ...               quant_config=config, method="dobi")                         # doctest: +SKIP
+    >>> import tempfile
+    >>> from toolchain import load_model
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> weights = Path(folder.name) / "x2.pth"       # a float checkpoint (tiny, random weights)
+    >>> from toolchain.models.examples import tiny_swinir
+    >>> torch.save(tiny_swinir().state_dict(), weights)
+    >>> from calib.baselines import calibrate_minmax
+    >>> from calib.observers import batch_forward_loop
+    >>> config = QuantConfig(w_bits=4, a_bits=4)
+    >>> model = quantize_model(load_model(weights), config)
+    >>> _ = calibrate_minmax(model, batch_forward_loop(torch.rand(4, 3, 16, 16), progress=False))
+    >>> path = save_artifact(Path(folder.name) / "w4a4.safetensors", model, checkpoint=weights,
+    ...                      quant_config=config, method="minmax")
+    >>> sorted(p.name for p in Path(folder.name).iterdir())
+    ['w4a4.json', 'w4a4.safetensors', 'x2.pth']
+    >>> folder.cleanup()
     """
     from safetensors.torch import save_file
 
@@ -220,7 +234,20 @@ def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
         ArtifactError: another checkpoint (hash mismatch, both files and hashes named), another
             architecture or configuration, or bounds that do not fit the quantizers.
 
-    >>> model = load_quantized_model("swinir_x4.pth", "run/w4a4.safetensors")   # doctest: +SKIP
+    >>> import tempfile
+    >>> from toolchain import load_model
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> weights = Path(folder.name) / "x2.pth"       # a float checkpoint (tiny, random weights)
+    >>> from toolchain.models.examples import tiny_swinir
+    >>> torch.save(tiny_swinir().state_dict(), weights)
+    >>> import calib
+    >>> lr = torch.rand(4, 3, 16, 16)
+    >>> qmodel = calib.quantize(load_model(weights), forward_loop=lambda m: m(lr))
+    >>> artifact = calib.save(qmodel, Path(folder.name) / "w4a4.safetensors", checkpoint=weights)
+    >>> model = load_quantized_model(weights, artifact)
+    >>> torch.equal(model(lr), qmodel(lr))
+    True
+    >>> folder.cleanup()
     """
     from toolchain import load_model
 

@@ -41,7 +41,16 @@ def grid_bounds(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: boo
 def calibrate_minmax(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> Bounds:
     """MinMax bounds for every quantizer of ``model`` from one ``forward_loop(model)``; sets them.
 
-    >>> bounds = calibrate_minmax(model, batch_forward_loop(lr_patches))   # doctest: +SKIP
+    >>> from toolchain.models.examples import tiny_swinir
+    >>> model = tiny_swinir()   # random weights; real ones: load_model
+    >>> from toolchain.quant import QuantConfig, quantize_model
+    >>> from calib.observers import batch_forward_loop
+    >>> model = quantize_model(model, QuantConfig())
+    >>> lr_patches = torch.rand(4, 3, 16, 16)
+    >>> bounds = calibrate_minmax(model, batch_forward_loop(lr_patches, progress=False))
+    >>> lower, upper = bounds["layers.0.residual_group.blocks.0.mlp.fc1.input"]
+    >>> bool(lower < 0 < upper), model(lr_patches).shape
+    (True, torch.Size([4, 3, 32, 32]))
     """
     stats = observe(model, forward_loop, lambda q: WeightObserver() if q.kind == "weight" else MinMaxObserver())
     bounds: Bounds = {}
@@ -62,7 +71,14 @@ def calibrate_percentile(model: nn.Module, forward_loop: Callable[[nn.Module], N
                          percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS) -> Bounds:
     """Percentile bounds (``100 - percentile`` / ``percentile``) for every quantizer; sets them.
 
-    >>> bounds = calibrate_percentile(model, batch_forward_loop(lr_patches), 99.99)  # doctest: +SKIP
+    >>> from toolchain.models.examples import tiny_swinir
+    >>> model = tiny_swinir()   # random weights; real ones: load_model
+    >>> from toolchain.quant import QuantConfig, quantize_model
+    >>> from calib.observers import batch_forward_loop
+    >>> model = quantize_model(model, QuantConfig())
+    >>> bounds = calibrate_percentile(model, batch_forward_loop(torch.rand(4, 3, 16, 16), progress=False), 99.99)
+    >>> len(bounds)
+    12
     """
     if not 50.0 < float(percentile) <= 100.0:
         raise ValueError(f"percentile must be in (50, 100], got {percentile!r}")

@@ -290,7 +290,17 @@ def calibrate_dobi(model: nn.Module, forward_loop: Callable[[nn.Module], None], 
     choice for activations (weights always use "both" unless symmetric). Returns what was chosen,
     by quantizer name.
 
-    >>> results = calibrate_dobi(model, batch_forward_loop(lr_patches, batch_size=8))  # doctest: +SKIP
+    >>> from toolchain.models.examples import tiny_swinir
+    >>> model = tiny_swinir()   # random weights; real ones: load_model
+    >>> from toolchain.quant import QuantConfig, quantize_model
+    >>> from calib.observers import batch_forward_loop
+    >>> model = quantize_model(model, QuantConfig(w_bits=4, a_bits=4))
+    >>> lr_patches = torch.rand(8, 3, 16, 16)
+    >>> results = calibrate_dobi(model, batch_forward_loop(lr_patches, batch_size=8, progress=False))
+    >>> len(results), results["layers.0.residual_group.blocks.0.attn.qkv.weight"].mode
+    (12, 'both')
+    >>> model(lr_patches).shape                     # bounds set: the model runs quantized
+    torch.Size([8, 3, 32, 32])
     """
     _check_mode(mode)
     stats = observe(model, forward_loop, lambda q: WeightObserver() if q.kind == "weight"

@@ -53,7 +53,7 @@ def add_dqc_arguments(parser: Parser, *, common: bool = False) -> None:
     """
     defaults = DQCConfig()
     parser.add_argument("--dqc-iters", type=int, default=DEFAULT_ITERS,
-                        help=f"DQC optimizer steps (default: %(default)s, a CPU budget; the paper: 4000 on a GPU)")
+                        help="DQC optimizer steps (default: %(default)s, a CPU budget; the paper: 4000 on a GPU)")
     parser.add_argument("--batch", "--dqc-batch", dest="dqc_batch", type=int, default=DEFAULT_BATCH,
                         help="DQC global batch of LR patches, split over processes (default: %(default)s; paper: 16)")
     parser.add_argument("--dqc-patch-size", type=int, default=DEFAULT_PATCH,
@@ -145,7 +145,17 @@ def run_dqc(args: argparse.Namespace, model: nn.Module, teacher: Optional[nn.Mod
     ends with the bounds of the best validation step. Joins a ``torchrun`` process group if the
     environment describes one, and leaves it at the end.
 
-    >>> options = run_dqc(args, model, images=ctx.images)     # doctest: +SKIP
+    >>> from toolchain.models.examples import tiny_swinir
+    >>> model = tiny_swinir()   # random weights; real ones: load_model
+    >>> from toolchain.defaults import DEFAULT_CALIB_IMAGES
+    >>> from calib import quantize
+    >>> model = quantize(model, forward_loop=lambda m: m(torch.rand(8, 3, 16, 16)))   # DOBI bounds
+    >>> parser = argparse.ArgumentParser()
+    >>> add_dqc_arguments(parser, common=True)
+    >>> args = parser.parse_args(["--dqc-iters", "2", "--batch", "2", "--dqc-patch-size", "16", "--val-every", "0"])
+    >>> options = run_dqc(args, model, images=sorted(DEFAULT_CALIB_IMAGES.glob("*.png")), progress=False)
+    >>> options["result"]["iterations"], options["data"]["train_images"], options["checkpoint"]
+    (2, 25, None)
     """
     from toolchain.data.patches import PatchDataset, list_images, split_train_val
 

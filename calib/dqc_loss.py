@@ -54,8 +54,13 @@ def distillation_loss(
 class FeatureTap:
     """Forward hooks collecting the outputs of ``modules`` in call order; removed on exit.
 
-    >>> with FeatureTap([m for _, m in feature_modules(model)]) as tap:      # doctest: +SKIP
-    ...     model(x); features = tap.take()
+    >>> from calib.feature_taps import feature_modules
+    >>> from toolchain.models.examples import tiny_swinir
+    >>> model = tiny_swinir(depths=(1, 1))
+    >>> with FeatureTap([m for _, m in feature_modules(model)]) as tap:   # the two residual groups
+    ...     _ = model(torch.rand(1, 3, 16, 16)); features = tap.take()
+    >>> [tuple(f.shape) for f in features]
+    [(1, 256, 12), (1, 256, 12)]
     """
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:

@@ -43,9 +43,24 @@ inside the model (:func:`toolchain.models.example_input`).
 Order: find groups (and shift sites) -> :func:`add_smoothing` -> :func:`init_smoothquant` (float
 statistics) -> shifts -> DOBI -> DQC -> :func:`bake_transforms` -> export.
 
->>> groups = find_smoothing_groups(model, torch.rand(1, 3, 64, 64))     # doctest: +SKIP
->>> add_smoothing(model, groups)                                        # doctest: +SKIP
->>> init_smoothquant(model, batch_forward_loop(lr), alpha=0.5)          # doctest: +SKIP
+>>> from toolchain.models.examples import tiny_swinir
+>>> model = tiny_swinir()   # random weights; real ones: load_model
+>>> from toolchain.quant import QuantConfig, quantize_model
+>>> from calib.observers import batch_forward_loop
+>>> model = quantize_model(model, QuantConfig())
+>>> x = torch.rand(1, 3, 16, 16)
+>>> with float_mode(model):
+...     before = model(x)
+>>> groups = find_smoothing_groups(model, torch.rand(1, 3, 16, 16))
+>>> [(group.kind, group.producer.split(".")[-1]) for group in groups]
+[('norm', 'norm1'), ('value', 'qkv'), ('norm', 'norm2')]
+>>> _ = add_smoothing(model, groups)
+>>> factors = init_smoothquant(model, batch_forward_loop(torch.rand(4, 3, 16, 16), progress=False), alpha=0.5)
+>>> [tuple(s.shape) for s in factors.values()]
+[(12,), (12,), (12,)]
+>>> with float_mode(model):   # the fold leaves the float model's output unchanged
+...     torch.allclose(model(x), before, atol=1e-5)
+True
 """
 from __future__ import annotations
 

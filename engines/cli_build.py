@@ -18,6 +18,7 @@ model through the same tiles and reports ``psnr_vs_reference``, ``identical_pixe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
 
+from export.metadata import ExportMetadata
 from toolchain import defaults
 from toolchain.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, add_logging_arguments, run_cli
 from toolchain.files import atomic_path
@@ -147,17 +149,34 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _runner(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
-    """The engine's tile runner, its provenance metadata, its float dtype."""
+    """The engine's tile runner, its provenance metadata, the export's float dtype (``fp32`` / ``fp16``).
+
+    A TensorRT plan must have been built from ``--onnx`` (the runner checks its sidecar's ONNX hash).
+    """
     if args.backend == "ort":
         runner = OrtTileRunner(args.out, threads=args.threads)
-        meta = {k[4:]: v for k, v in runner.metadata.items() if k.startswith("2dq.")}
-        return runner, meta, meta.get("float_dtype", "fp32")
+        return runner, dataclasses.asdict(runner.export), runner.export.float_dtype
     from engines.trt.runner import TrtTileRunner
     from engines.trt.sidecar import read_sidecar
 
     record = read_sidecar(args.out)
     device = args.device if args.device != "cpu" else "cuda"
-    return TrtTileRunner(args.out, device), record, "fp16" if record.get("precision") in ("fp16", "int4") else "fp32"
+    runner = TrtTileRunner(args.out, device, onnx_path=args.onnx)
+    return runner, record, plan_float_dtype(record, args.onnx)
+
+
+def plan_float_dtype(record: dict[str, Any], onnx_path: str) -> str:
+    """The float dtype (``fp32`` / ``fp16``) a TensorRT plan's float layers run in: the floor it is held to.
+
+    The export's own ``float_dtype`` metadata, which the sidecar ``record`` copies, not a guess from
+    the build precision (an int8 plan of an fp16 export is held to the fp16 floor); sidecars written
+    before they carried it: read from ``onnx_path`` (the plan's source, its hash checked by the
+    runner). A weakly typed build with the ``FP16`` builder flag may run an fp32 export's float
+    layers in fp16, so it is held to the fp16 floor too.
+    """
+    if "FP16" in record.get("build_mode", {}).get("builder_flags", ()):
+        return "fp16"
+    return record.get("float_dtype") or ExportMetadata.read(onnx_path).float_dtype
 
 
 def _verify(args: argparse.Namespace) -> dict[str, Any]:

@@ -106,8 +106,20 @@ def code_agreement(engine_path: str | os.PathLike, model: nn.Module, tiles: torc
                    threads: int | None = None) -> list[CodeAgreement]:
     """Per quantizer call, in execution order: how often the engine's codes equal the reference's.
 
-    >>> rows = code_agreement("w4a4.ort.onnx", load_quantized_model(w, a), tiles)   # doctest: +SKIP
-    >>> next(r for r in rows if r.identical < 1)                                   # doctest: +SKIP
+    >>> import tempfile, calib
+    >>> from export import export_onnx
+    >>> from toolchain.models.examples import tiny_swinir
+    >>> tiles = torch.rand(4, 3, 16, 16)
+    >>> qmodel = calib.quantize(tiny_swinir(), forward_loop=lambda m: m(tiles))
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> onnx_path = os.path.join(folder.name, "w4a4.onnx")
+    >>> _ = export_onnx(qmodel, onnx_path, tile=16)
+    >>> rows = code_agreement(onnx_path, qmodel, tiles)
+    >>> len(rows), rows[0].node
+    (8, 'layers.0.residual_group.blocks.0.attn.qkv.input/QuantizeLinear')
+    >>> all(row.max_difference <= 1 for row in rows)   # equal codes, or one step apart at a rounding boundary
+    True
+    >>> folder.cleanup()
     """
     expected = reference_codes(model, tiles)
     got = engine_codes(engine_path, list(expected), tiles, threads)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from toolchain.backends import Upscaler, to_batch
 from toolchain.data.io import to_uint8
+from toolchain.extras import import_extra
 from toolchain.inference import TileSpec, pad_symmetric, round_up, tile_starts
 from toolchain.models import info_of
 
@@ -268,8 +269,22 @@ def polygraphy_compare(engine_path: str | os.PathLike, reference: Callable[[torc
     ``tiles`` are the batches to run. Returns whether every batch passes (``quantile`` of the
     absolute error <= ``atol``) and, per batch, the max / mean / quantile absolute error.
 
-    >>> ok, stats = polygraphy_compare("w4a4.ort.onnx", fake_quant_model, [tiles])   # doctest: +SKIP
+    >>> import tempfile, calib
+    >>> from export import export_onnx
+    >>> from toolchain.models.examples import tiny_swinir
+    >>> tiles = torch.rand(4, 3, 16, 16)
+    >>> qmodel = calib.quantize(tiny_swinir(), forward_loop=lambda m: m(tiles))
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> onnx_path = os.path.join(folder.name, "w4a4.onnx")
+    >>> _ = export_onnx(qmodel, onnx_path, tile=16)
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stdout(io.StringIO()):   # Polygraphy logs its steps on stdout
+    ...     ok, stats = polygraphy_compare(onnx_path, qmodel, [tiles])   # the export runs as an ORT engine
+    >>> ok, sorted(stats[0])
+    (True, ['max_abs_error', 'mean_abs_error', 'q0.99_abs_error'])
+    >>> folder.cleanup()
     """
+    import_extra("polygraphy", "polygraphy", "polygraphy_compare (2dq-build-engine --verify --polygraphy)")
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.comparator.struct import IterationResult

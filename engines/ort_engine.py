@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import torch
 
+from export.metadata import ENGINE_PREFIX, ExportMetadata
 from toolchain.files import atomic_path, sha256_file
 
 from .ort_fusions import fuse_matmul_bias
@@ -45,7 +46,6 @@ DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
 INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "QGemm", "MatMulInteger", "ConvInteger",
                "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd", "QLinearMul", "QLinearSoftmax",
                "QLinearSigmoid", "QLinearConcat", "QLinearGlobalAveragePool", "QAttention", "QLinearLeakyRelu")
-ENGINE_PREFIX = "2dq.engine."
 #: MatMulNBits accuracy level 1: fp32 activations (the graph's semantics)
 MATMULNBITS_ACCURACY_LEVEL = "1"
 
@@ -122,15 +122,27 @@ def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
     ``out_path`` ending in ``.ort`` is saved in ORT format, anything else as ONNX. Raises
     ``ValueError`` if ``onnx_path`` is not a 2dq export (no ``2dq.*`` metadata).
 
-    >>> build = build_ort_engine("w4a4.onnx", "w4a4.ort.onnx")      # doctest: +SKIP
-    >>> build.integer_kernels                                        # doctest: +SKIP
-    {'com.microsoft:MatMulIntegerToFloat': 144}
-    """
-    from export.onnx_export import read_metadata
+    A tiny SwinIR x2 (random weights) calibrated, exported, built and run (:class:`OrtTileRunner`):
 
+    >>> import tempfile, calib
+    >>> from export import export_onnx
+    >>> from toolchain.models.examples import tiny_swinir
+    >>> tiles = torch.rand(4, 3, 16, 16)
+    >>> qmodel = calib.quantize(tiny_swinir(), forward_loop=lambda m: m(tiles))
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> onnx_path = os.path.join(folder.name, "w4a4.onnx")
+    >>> _ = export_onnx(qmodel, onnx_path, tile=16)
+    >>> build = build_ort_engine(onnx_path, os.path.join(folder.name, "w4a4.ort.onnx"))
+    >>> build.integer_kernels
+    {'com.microsoft:MatMulIntegerToFloat': 6}
+    >>> runner = OrtTileRunner(os.path.join(folder.name, "w4a4.ort.onnx"))
+    >>> runner.tile, runner(tiles).shape
+    (16, torch.Size([4, 3, 32, 32]))
+    >>> folder.cleanup()
+    """
     ort = _ort()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
-    read_metadata(onnx_path)  # refuse files that are not 2dq exports before spending time on them
+    ExportMetadata.read(onnx_path)  # refuse files that are not 2dq exports before spending time on them
     source = onnx.load(str(onnx_path))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="2dq-ort-") as scratch:
@@ -184,9 +196,7 @@ class OrtTileRunner:
     sets ORT's intra-op threads (None: ORT's default, all cores); ``level`` the optimizations
     applied at load (default ``all``: adds the machine-specific layout transforms).
 
-    >>> runner = OrtTileRunner("w4a4.ort.onnx")                     # doctest: +SKIP
-    >>> runner(torch.rand(4, 3, runner.tile, runner.tile)).shape     # doctest: +SKIP
-    torch.Size([4, 3, 256, 256])
+    Example: at the end of :func:`build_ort_engine`'s.
     """
 
     def __init__(self, engine_path: str | os.PathLike, threads: Optional[int] = None, level: str = RUN_LEVEL) -> None:
@@ -200,20 +210,20 @@ class OrtTileRunner:
                                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
         except Exception as err:  # ORT raises its own exception types for unreadable models
             raise ValueError(f"{self.path}: ONNX Runtime cannot load it: {err}") from err
+        #: the raw ``metadata_props`` (the export's and the engine's ``2dq.engine.*``)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        try:
-            self.tile = int(self.metadata["2dq.tile"])
-            self.scale = int(self.metadata["2dq.scale"])
-            self.multiple = int(self.metadata["2dq.multiple"])
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"{self.path}: not a 2dq engine (metadata 2dq.tile/scale/multiple missing or bad: {err})") \
-                from None
+        #: the export's record, validated (``ValueError`` naming the key for a file that is no 2dq export)
+        self.export = ExportMetadata.from_props(self.metadata, self.path)
+        self.tile, self.scale, self.multiple = self.export.tile, self.export.scale, self.export.multiple
         names = [i.name for i in self.session.get_inputs()]
         if names != ["input"]:
             raise ValueError(f"{self.path}: expected one input named 'input', got {names}")
         first = self.session.get_inputs()[0].shape[0]
         #: tiles per call of a static-batch export (None: any number); shorter batches are padded
         self.static_batch: Optional[int] = first if isinstance(first, int) else None
+        if self.static_batch != self.export.batch:
+            raise ValueError(f"{self.path}: the input takes {self.static_batch or 'any number of'} tiles per call, "
+                             f"but its metadata says batch {self.export.batch or 'dynamic'}")
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         if tiles.dim() != 4 or tuple(tiles.shape[1:]) != (3, self.tile, self.tile):

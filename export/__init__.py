@@ -1,7 +1,14 @@
 """Export of fake-quant models to QDQ ONNX (:mod:`export.onnx_export`), TensorRT-rules lint (:mod:`export.lint`).
 
->>> from export import export_onnx                # doctest: +SKIP
->>> export_onnx(qmodel, "w4a4.onnx", tile=64)      # doctest: +SKIP
+>>> import torch, calib
+>>> from toolchain.models.examples import tiny_swinir
+>>> model = tiny_swinir()   # random weights; real ones: load_model
+>>> from export import export_onnx
+>>> lr = torch.rand(4, 3, 16, 16)
+>>> qmodel = calib.quantize(model, forward_loop=lambda m: m(lr))
+>>> result = export_onnx(qmodel, None, tile=16)   # None: trace, check and lint only; a path writes the file
+>>> result.path, result.op_counts["QuantizeLinear"], result.violations
+(None, 8, [])
 """
 from __future__ import annotations
 

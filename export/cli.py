@@ -29,6 +29,7 @@ from toolchain.quant.config import TARGETS
 
 from .export_view import INT4_BLOCKS
 from .lint import lint_model
+from .metadata import ExportMetadata
 from .onnx_export import DEFAULT_OPSET, FLOAT_DTYPES, ExportOptions, export_onnx
 
 # chatty third-party loggers: their INFO lines narrate every folded constant
@@ -108,9 +109,8 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     result = export_onnx(args.weights, args.calib, args.onnx, options)
-    meta = result.metadata
-    print(f"wrote {result.path}: {meta['2dq.arch']} x{meta['2dq.scale']}, tile {meta['2dq.tile']}, "
-          f"target {meta['2dq.target']}, {meta['2dq.float_dtype']}")
+    meta = ExportMetadata.from_props(result.metadata, result.path)
+    print(f"wrote {result.path}: {meta.arch} x{meta.scale}, tile {meta.tile}, target {meta.target}, {meta.float_dtype}")
     print(f"nodes: {result.nodes_exported} from the exporter, {result.nodes} after simplification")
     print("ops: " + ", ".join(f"{op} {n}" for op, n in result.op_counts.items()))
     for violation in result.violations:

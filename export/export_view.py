@@ -263,7 +263,14 @@ def build_export_view(model: nn.Module, float_dtype: torch.dtype = torch.float32
         ValueError: a quantizer without bounds, outside the layers quantize_model creates, or (with
             ``int4_block``) a linear weight quantizer that is not 4-bit symmetric.
 
-    >>> view = build_export_view(load_quantized_model("x4.pth", "w4a4.safetensors"))  # doctest: +SKIP
+    >>> from toolchain.models.examples import tiny_swinir
+    >>> model = tiny_swinir()   # random weights; real ones: load_model
+    >>> import calib
+    >>> lr = torch.rand(4, 3, 16, 16)
+    >>> qmodel = calib.quantize(model, forward_loop=lambda m: m(lr))
+    >>> view = build_export_view(qmodel)
+    >>> torch.equal(view(lr), qmodel(lr))
+    True
     """
     if int4_block and int4_block not in INT4_BLOCKS:
         raise ValueError(f"int4 block size must be one of {INT4_BLOCKS}, got {int4_block}")

@@ -25,12 +25,28 @@ Each rule returns :class:`Violation` entries naming the node, the rule and what 
   ``DequantizeLinear`` (normalization runs in float; TensorRT keeps it out of INT8), and its output
   does not feed a ``QuantizeLinear`` directly (our graphs clip first: ``LN -> Clip -> Q``).
 
-The target (``trt-int4`` allows int4) is read from the ``2dq.target`` metadata unless given.
+The target (``trt-int4`` allows int4) is read from the export's metadata (:mod:`export.metadata`)
+unless given; the metadata's opset and int4 block must be the graph's (``opset`` / ``quant-type``).
 
 Command line: ``2dq-export --lint-only FILE.onnx [--target T] [--json OUT]`` (exit 1 when violations are found).
 
->>> violations = lint_model("w4a4.onnx")         # doctest: +SKIP
->>> [str(v) for v in violations]                 # doctest: +SKIP
+A graph from ``2dq-export`` lints clean (the export runs this lint itself). A Q/DQ pair with zero
+point 3 does not:
+
+>>> from onnx import helper
+>>> def qdq_model(zero_point):
+...     nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["x_q"], name="q"),
+...              helper.make_node("DequantizeLinear", ["x_q", "scale", "zero"], ["y"], name="dq")]
+...     constants = [helper.make_tensor("scale", TensorProto.FLOAT, [], [0.1]),
+...                  helper.make_tensor("zero", TensorProto.INT8, [], [zero_point])]
+...     graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+...                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], constants)
+...     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+>>> for violation in lint_model(qdq_model(3)):
+...     print(violation)
+[zero-point] q: zero point 'zero' is not 0 (values [3])
+[zero-point] dq: zero point 'zero' is not 0 (values [3])
+>>> lint_model(qdq_model(0))
 []
 """
 from __future__ import annotations
@@ -44,6 +60,8 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
+
+from .metadata import ExportMetadata, key
 
 MIN_OPSET, MAX_OPSET, MIN_OPSET_INT4 = 13, 25, 21
 INT4_BLOCKS = (64, 128)
@@ -113,10 +131,13 @@ def lint_model(model_or_path: onnx.ModelProto | str | os.PathLike, target: Optio
             model = onnx.load(str(model_or_path))
         except DecodeError as err:
             raise ValueError(f"{model_or_path}: not an ONNX model ({err})") from err
+    where = "model" if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    # a graph with no 2dq metadata is linted as trt-int8; a partial record is refused (ValueError)
+    meta = ExportMetadata.find({p.key: p.value for p in model.metadata_props}, where)
     if target is None:
-        target = {p.key: p.value for p in model.metadata_props}.get("2dq.target", "trt-int8")
+        target = meta.target if meta is not None else "trt-int8"
     g = _Graph(model)
-    found = _check_opset(model, g)
+    found = _check_opset(model, g) + _check_metadata(model, g, meta)
     for node in g.nodes:
         if node.op_type in _QDQ and node.domain in ("", "ai.onnx"):
             found += _check_qdq(node, g, target)
@@ -147,6 +168,23 @@ def _check_opset(model: onnx.ModelProto, g: _Graph) -> list[Violation]:
         _attr(n, "block_size", 0) for n in g.nodes if n.op_type in _QDQ)
     if uses_int4 and opset is not None and opset < MIN_OPSET_INT4:
         found.append(Violation("<model>", "opset", f"int4 / blocked Q/DQ need opset >= {MIN_OPSET_INT4}, got {opset}"))
+    return found
+
+
+def _check_metadata(model: onnx.ModelProto, g: _Graph, meta: Optional[ExportMetadata]) -> list[Violation]:
+    """The export's own record against its graph: the opset it names, the int4 block of its weights."""
+    if meta is None:
+        return []
+    found = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset != meta.opset:
+        found.append(Violation("<model>", "opset", f"metadata {key('opset')}={meta.opset} but the graph imports "
+                               f"opset {opset}"))
+    for node in g.nodes:
+        block = _attr(node, "block_size", 0) if node.op_type in _QDQ else 0
+        if block and block != meta.int4_block:
+            found.append(Violation(_name(node), "quant-type", f"block_size {block} but metadata "
+                                   f"{key('int4_block')}={meta.int4_block}"))
     return found
 
 

@@ -10,17 +10,28 @@ masks, biases and shape arithmetic; ``onnx.checker`` (full check) and the Tensor
 model, the artifact and the options.
 
 Graph contract: input ``input`` (N, 3, T, T) float32, output ``output`` (N, 3, sT, sT) float32,
-``N`` dynamic (``batch``); ``metadata_props`` (:data:`METADATA_KEYS`) tell engines and tools what
+``N`` dynamic (``batch``); ``metadata_props`` (:class:`export.metadata.ExportMetadata`) tell engines and tools what
 the file is.
 
->>> result = export_onnx("x4.pth", "w4a4.safetensors", "w4a4.onnx", ExportOptions(tile=64))  # doctest: +SKIP
->>> result.op_counts["DequantizeLinear"]                                                     # doctest: +SKIP
+A tiny SwinIR x2 (random weights) saved as a checkpoint, calibrated, saved as an artifact, exported:
+
+>>> import tempfile, calib
+>>> from toolchain import load_model
+>>> folder = tempfile.TemporaryDirectory()
+>>> weights, artifact = Path(folder.name) / "x2.pth", Path(folder.name) / "w4a4.safetensors"
+>>> from toolchain.models.examples import tiny_swinir
+>>> torch.save(tiny_swinir().state_dict(), weights)
+>>> lr = torch.rand(4, 3, 16, 16)
+>>> _ = calib.save(calib.quantize(load_model(weights), forward_loop=lambda m: m(lr)), artifact, checkpoint=weights)
+>>> result = export_onnx(weights, artifact, Path(folder.name) / "w4a4.onnx", ExportOptions(tile=16))
+>>> result.path.name, result.op_counts["DequantizeLinear"], result.violations
+('w4a4.onnx', 12, [])
+>>> folder.cleanup()
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import warnings
@@ -41,6 +52,7 @@ from toolchain.quant.config import TARGETS
 from .exact_sizes import exact_size_ints
 from .export_view import INT4_BLOCKS, build_export_view
 from .graph_rewrite import count_ops, simplify
+from .metadata import ExportMetadata
 from .qdq_ops import translations
 from toolchain.models import info_of
 
@@ -57,9 +69,6 @@ INPUT_NAME, OUTPUT_NAME = "input", "output"
 MAX_BATCH = 4096
 #: tiles per call when the model's code does not allow a dynamic batch (the verifier's default batch)
 DEFAULT_STATIC_BATCH = 4
-METADATA_PREFIX = "2dq."
-METADATA_KEYS = ("checkpoint_sha256", "artifact_sha256", "quant_config", "tile", "scale", "multiple",
-                 "target", "float_dtype", "arch")
 
 
 class ExportLintError(ValueError):
@@ -194,7 +203,8 @@ def to_onnx(model: nn.Module, options: ExportOptions, provenance: Provenance) ->
     opset = ir_model.opset_imports.get("", options.opset)
     if opset != options.opset:
         raise RuntimeError(f"the exporter wrote opset {opset}, not the requested {options.opset}")
-    result_meta = _metadata(model, options, provenance, int4_block, static_batch)
+    export_meta = _metadata(model, options, provenance, int4_block, static_batch)
+    result_meta = export_meta.to_props()
     ir_model.metadata_props.update(result_meta)
     ir_model.producer_name = "2dq"
     ir_model.producer_version = _version()
@@ -209,7 +219,7 @@ def to_onnx(model: nn.Module, options: ExportOptions, provenance: Provenance) ->
         raise ExportLintError(violations)
     result = ExportResult(None, nodes_exported, ir_model.graph.num_nodes(), count_ops(ir_model.graph), result_meta,
                           violations)
-    log.info("exported %s: %d nodes from the exporter, %d after simplification", result_meta[METADATA_PREFIX + "arch"],
+    log.info("exported %s: %d nodes from the exporter, %d after simplification", export_meta.arch,
              nodes_exported, result.nodes)
     return proto, result
 
@@ -257,40 +267,13 @@ def _trace(view: nn.Module, options: ExportOptions, float_dtype: torch.dtype) ->
 
 
 def _metadata(model: nn.Module, options: ExportOptions, provenance: Provenance, int4_block: int,
-              static_batch: Optional[int] = None) -> dict[str, str]:
-    values = {
-        "checkpoint_sha256": provenance.checkpoint_sha256,
-        "artifact_sha256": provenance.artifact_sha256,
-        "quant_config": json.dumps(provenance.quant_config, sort_keys=True),
-        "tile": str(options.tile),
-        "scale": str(info_of(model).scale),
-        "multiple": str(info_of(model).multiple_of),
-        "target": options.target,
-        "float_dtype": options.float_dtype,
-        "arch": info_of(model).arch,
-        "model_config": json.dumps(info_of(model).hyperparameters, sort_keys=True),
-        "opset": str(options.opset),
-    }
-    if int4_block:
-        values["int4_block"] = str(int4_block)
-    values["batch"] = "dynamic" if static_batch is None else str(static_batch)
-    return {METADATA_PREFIX + key: value for key, value in values.items()}
-
-
-def read_metadata(model_or_path: onnx.ModelProto | str | os.PathLike) -> dict[str, str]:
-    """The ``2dq.*`` metadata of an exported graph (or an engine built from one), without the prefix.
-
-    Raises ``ValueError`` if a required key (:data:`METADATA_KEYS`) is missing.
-    """
-    if isinstance(model_or_path, onnx.ModelProto):
-        proto, where = model_or_path, "model"
-    else:
-        proto, where = onnx.load(str(model_or_path), load_external_data=False), str(model_or_path)
-    found = {p.key[len(METADATA_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(METADATA_PREFIX)}
-    missing = [key for key in METADATA_KEYS if key not in found]
-    if missing:
-        raise ValueError(f"{where}: not a 2dq export (metadata {', '.join(METADATA_PREFIX + k for k in missing)} missing)")
-    return found
+              static_batch: Optional[int] = None) -> ExportMetadata:
+    info = info_of(model)
+    return ExportMetadata(
+        arch=info.arch, scale=info.scale, tile=options.tile, multiple=info.multiple_of, target=options.target,
+        float_dtype=options.float_dtype, opset=options.opset, checkpoint_sha256=provenance.checkpoint_sha256,
+        artifact_sha256=provenance.artifact_sha256, quant_config=provenance.quant_config,
+        model_config=info.hyperparameters, batch=static_batch, int4_block=int4_block or None)
 
 
 def _version() -> str:

@@ -77,3 +77,51 @@ def test_readme_main_job_and_default_chain_run_as_written(tmp_path: Path) -> Non
     assert 28.42 < engine_psnr < float_psnr               # W4A4 shows: below FP, above bicubic (28.42)
     assert (tmp_path / "photo_x4.png").is_file()
     assert (runs / "dat_light_x4_w4a4_report" / "index.html").is_file()
+
+
+def _data_room_commands() -> list[str]:
+    """The ``2dq-*`` command lines of the README block that uses ``../shared`` (continuations joined)."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("Your own checkpoint"):text.index("## Python API")]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    return [" ".join(line.split()) for line in lines if line.startswith("2dq-")]
+
+
+@pytest.mark.slow
+def test_readme_data_room_commands_run_on_tiny_stand_ins(tmp_path: Path) -> None:
+    """Every command of the README's ../shared block, as written, with tiny stand-ins for what is long: a tiny DAT x4
+    (random weights) for DAT-light, the shipped images and Set5 for the data room, a token DQC budget. The real
+    runs of the same commands are the main-job test above and tests/test_chain.py."""
+    import shutil
+    import subprocess
+    import sys
+
+    from toolchain.defaults import DEFAULT_CALIB_IMAGES, DEFAULT_DATA
+
+    from .tiny_models import save_checkpoint, tiny_dat
+
+    checkpoint = save_checkpoint(tiny_dat(scale=4), tmp_path / "tiny_dat_x4.safetensors")
+    shutil.copyfile(DEFAULT_DATA / "Set5" / "LR_bicubic" / "X4" / "birdx4.png", tmp_path / "photo.png")
+    stand_ins = [("../shared/models/DAT-light/DAT_light_x4.pth", str(checkpoint)),
+                 ("../shared/datasets/train", str(DEFAULT_CALIB_IMAGES)), ("../shared/datasets", str(DEFAULT_DATA)),
+                 ("--sets Set5,Set14,B100", "--sets Set5")]   # the shipped data holds Set5 only
+    commands = _data_room_commands()
+    assert len(commands) == 11 and {c.split()[0] for c in commands} == {
+        "2dq-calibrate", "2dq-eval", "2dq-export", "2dq-build-engine", "2dq-upscale", "2dq-report"}
+    for command in commands:
+        for real, tiny in stand_ins:
+            command = command.replace(real, tiny)
+        tool, *args = command.split()
+        if tool == "2dq-calibrate":
+            args += ["--patches", "4", "--no-progress"]
+            if "2dquant" in args:
+                args += ["--dqc-iters", "1", "--batch", "2", "--val-every", "0"]
+        done = subprocess.run([str(Path(sys.executable).with_name(tool)), *args], cwd=tmp_path, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr[-3000:]}"
+    shared = tmp_path / "runs" / "shared"
+    for name in ("dat_light_x4_w4a4.safetensors", "dat_light_x4_w4a4_2dq.safetensors", "dat_light_x4_w4a4_all.safetensors",
+                 "dat_light_x4_w4a4.onnx", "dat_light_x4_w4a4.ort.onnx"):
+        assert (shared / name).is_file(), name
+    assert (tmp_path / "photo_x4.png").is_file() and (tmp_path / "runs" / "report" / "index.html").is_file()

@@ -24,8 +24,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     Nothing half-written is ever visible under ``path``: on an exception the temporary file is removed.
 
-    >>> with atomic_path("out.json") as tmp:          # doctest: +SKIP
-    ...     tmp.write_text("{}")
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     target = Path(folder) / "out.json"
+    ...     with atomic_path(target) as tmp:
+    ...         _ = tmp.write_text("{}")
+    ...         print("inside:", target.exists())
+    ...     print("after:", target.read_text(), [p.name for p in Path(folder).iterdir()])
+    inside: False
+    after: {} ['out.json']
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         CheckpointError: missing, empty, truncated or foreign file; pickled non-tensor objects
             (refused without being constructed); anything but a dict of named tensors.
 
-    >>> state_dict = read_state_dict("SwinIR-light_x4.pth")   # doctest: +SKIP
+    >>> from toolchain.defaults import DEFAULT_WEIGHTS
+    >>> state_dict = read_state_dict(DEFAULT_WEIGHTS)
+    >>> state_dict["conv_first.weight"].shape
+    torch.Size([60, 3, 3, 3])
     """
     path = Path(path)
     if not path.is_file():
@@ -103,8 +106,9 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu") -
             the file and the supported architectures), tensors that do not fit it, or a floating-point
             tensor holding NaN/Inf (:func:`check_finite`, naming the tensor).
 
-    >>> model = load_model("DAT_light_x4.pth")                   # doctest: +SKIP
-    >>> info_of(model).arch, info_of(model).scale                 # doctest: +SKIP
+    >>> from toolchain.defaults import DEFAULT_WEIGHTS
+    >>> model = load_model(DEFAULT_WEIGHTS)
+    >>> info_of(model).arch, info_of(model).scale
     ('DAT', 4)
     """
     state_dict = read_state_dict(path)

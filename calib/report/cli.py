@@ -145,10 +145,12 @@ def _main(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     from . import sections
     from .crops import choose_crops
+    from .figures import require_matplotlib
     from .sources import calibration_patches, dobi_entry, dobi_options, make_entries
     from .stats import bound_specs, collect_stats, rank_affected
     from .tables import Method, evaluate_methods, is_paper_model, paper_notes, paper_rows_for, subset_root
 
+    require_matplotlib()  # the figures need the report extra: say so before minutes of evaluation
     sets = _check_args(args)
     progress = not args.no_progress
     started = time.perf_counter()

@@ -3,7 +3,8 @@
 Each figure function returns the :class:`~matplotlib.figure.Figure`, so tests can read what was
 drawn (bound lines carry ``gid`` ``"<set>-lower"`` / ``"<set>-upper"`` with ``<set>`` = ``dobi``,
 ``final`` or ``other<k>``; the histogram is the axes' ``StepPatch``) before :func:`save_figure`
-writes it, atomically, as PNG through the Agg renderer.
+writes it, atomically, as PNG through the Agg renderer. matplotlib is the ``report`` extra: it is
+imported when a figure is made (:func:`new_figure`), so this module imports without it.
 
 Per-channel bounds are drawn as their envelope: the smallest lower and the largest upper bound
 over the channels (the in-range share is still counted per channel).
@@ -13,14 +14,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
+from toolchain.extras import import_extra
 from toolchain.files import atomic_path
 
 from .stats import Bounds, QuantizerStats
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: what a missing matplotlib is reported as (the ``report`` extra)
+FEATURE = "2dq-report"
 
 #: histogram bins drawn in a detailed figure / in a small multiple
 DETAIL_BINS = 160
@@ -56,6 +63,16 @@ def _bound_sets(stats: QuantizerStats) -> list[tuple[str, str, Bounds, dict]]:
     return sets
 
 
+def require_matplotlib() -> None:
+    """Raise :class:`toolchain.extras.MissingExtraError` now if matplotlib is not installed."""
+    import_extra("matplotlib.figure", "report", FEATURE)
+
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A matplotlib ``Figure`` (not pyplot: no global state) of ``figsize`` inches."""
+    return import_extra("matplotlib.figure", "report", FEATURE).Figure(figsize=figsize)
+
+
 def _share(bounds: Bounds) -> str:
     return f"{'~' if not bounds.exact else ''}{100.0 * bounds.inside:.2f}%"
 
@@ -74,7 +91,7 @@ def _draw_histogram(ax, stats: QuantizerStats, bins: int) -> None:
 
 def quantizer_figure(stats: QuantizerStats) -> Figure:
     """Histogram of one quantizer's calibration data (log counts) with its bounds drawn and labelled."""
-    fig = Figure(figsize=(7.5, 3.8))
+    fig = new_figure((7.5, 3.8))
     fig.subplots_adjust(left=0.09, right=0.98, bottom=0.13, top=0.84)
     ax = fig.add_subplot()
     _draw_histogram(ax, stats, DETAIL_BINS)
@@ -94,11 +111,12 @@ def quantizer_figure(stats: QuantizerStats) -> Figure:
 
 def block_figure(title: str, stats: Sequence[QuantizerStats]) -> Figure:
     """Small multiples: one small histogram per quantizer of a block, DOBI (dashed) and final bounds."""
+    ticker = import_extra("matplotlib.ticker", "report", FEATURE)
     columns = min(SMALL_COLUMNS, len(stats))
     rows = math.ceil(len(stats) / columns)
     # inches: each row is an axes of 1.1 plus 0.5 for its two-line title and tick labels
     height = 1.6 * rows + 0.75
-    fig = Figure(figsize=(2.5 * columns, height))
+    fig = new_figure((2.5 * columns, height))
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.25 / height, top=1 - 0.8 / height, wspace=0.08,
                         hspace=0.5 / 1.1)
     fig.suptitle(title or "(model)", fontsize=10, y=1 - 0.08 / height, va="top")
@@ -113,14 +131,14 @@ def block_figure(title: str, stats: Sequence[QuantizerStats]) -> Figure:
         # log-axis tick labels dominate the drawing time of small multiples; the counts are relative
         ax.set_yticks([])
         ax.set_yticks([], minor=True)
-        ax.xaxis.set_major_locator(MaxNLocator(3))
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(3))
         ax.tick_params(labelsize=6)
     return fig
 
 
 def overview_figure(stats: Sequence[QuantizerStats]) -> Figure:
     """In-range share of every quantizer in model order: final bounds (filled), DOBI (open), by role."""
-    fig = Figure(figsize=(12, 3.6))
+    fig = new_figure((12, 3.6))
     fig.subplots_adjust(left=0.065, right=0.87, bottom=0.14, top=0.9)
     ax = fig.add_subplot()
     index = np.arange(len(stats))

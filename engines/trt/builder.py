@@ -290,7 +290,9 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, opt
     tiles. Raises :class:`TensorRTUnavailable` without TensorRT, :class:`EngineBuildError` when parsing
     (with the failing node's name, op and description) or building fails.
 
-    >>> build_engine("swinir_x2_w4a4.onnx", "swinir_x2_w4a4.plan", TrtBuildOptions(max_batch=8))  # doctest: +SKIP
+    Example (needs TensorRT and a CUDA GPU, so the doctests do not run it)::
+
+        build_engine("swinir_x2_w4a4.onnx", "swinir_x2_w4a4.plan", TrtBuildOptions(max_batch=8))
     """
     trt = import_tensorrt()
     info = read_onnx_info(onnx_path)

@@ -41,7 +41,7 @@ import torch
 from toolchain.files import sha256_file
 
 from .builder import import_tensorrt, make_trt_logger
-from .sidecar import current_gpu, read_sidecar, validate_plan
+from .sidecar import current_gpu, read_sidecar, validate_plan, validate_source
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,10 @@ class TrtTileRunner:
     exactly this ONNX file; ``buffers``: ``"auto"`` (pycuda if importable, else torch), ``"pycuda"``
     or ``"torch"``. Use as a context manager (or call :meth:`close`) to free the GPU memory.
 
-    >>> with TrtTileRunner("swinir_x2.plan") as run:                           # doctest: +SKIP
-    ...     sr = TiledUpscaler(run, overlap=16, batch=8).upscale(lr)
+    Example (needs TensorRT and a CUDA GPU, so the doctests do not run it)::
+
+        with TrtTileRunner("swinir_x2.plan") as run:
+            sr = TiledUpscaler(run, overlap=16, batch=8).upscale(lr)
     """
 
     def __init__(
@@ -203,6 +205,10 @@ class TrtTileRunner:
         if not plan.is_file():
             raise FileNotFoundError(f"TensorRT plan not found: {plan}")
         record = read_sidecar(plan)
+        onnx_sha256 = sha256_file(onnx_path) if onnx_path is not None else None
+        if onnx_sha256 is not None:
+            # a plan of another ONNX is refused before TensorRT or a GPU is needed: the answer is the same everywhere
+            validate_source(plan, record, onnx_sha256)
         trt = import_tensorrt()
         self._index = cuda_index(device)
         validate_plan(
@@ -210,7 +216,7 @@ class TrtTileRunner:
             record,
             gpu=current_gpu(self._index),
             tensorrt_version=trt.__version__,
-            onnx_sha256=sha256_file(onnx_path) if onnx_path is not None else None,
+            onnx_sha256=onnx_sha256,
             plan_sha256=sha256_file(plan),
         )
         self.scale, self.tile = int(record["scale"]), int(record["tile"])

@@ -9,10 +9,12 @@ instead of failing deep inside deserialization or silently producing another mod
 Everything here is plain Python (``onnx``, ``json``, ``torch.cuda`` for the GPU name) and runs
 without TensorRT; :func:`check_plan` is a pure function over two dicts.
 
-ONNX facts (:func:`read_onnx_info`): one input ``(N, 3, T, T)`` and one output ``(N, 3, sT, sT)``; the
-tile ``T`` and scale ``s`` come from the model's ``metadata_props`` keys ``2dq.tile`` / ``2dq.scale``
-written by the exporter, else from fixed ONNX dims. ``2dq.multiple``, ``2dq.target``,
-``2dq.artifact_sha256`` and ``2dq.checkpoint_sha256`` are read when present.
+ONNX facts (:func:`read_onnx_info`): one input ``(N, 3, T, T)`` and one output ``(N, 3, sT, sT)``; a
+2dq export's metadata is read through the schema (:class:`export.metadata.ExportMetadata`: tile,
+scale, input multiple, batch, target, float dtype, hashes) and must agree with the graph's dims and
+float dtype; a graph with no 2dq metadata at all (a foreign SR network) gets its tile and scale from
+fixed ONNX dims. The sidecar records the export's float dtype (``float_dtype``), which sets the
+verification floor of ``2dq-build-engine --verify``.
 """
 
 from __future__ import annotations
@@ -25,16 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from export.metadata import ExportMetadata, key
 from toolchain.files import atomic_path, sha256_file
 
 SIDECAR_FORMAT = "2dq-trt-plan"
 SIDECAR_VERSION = 1
-META_TILE = "2dq.tile"
-META_SCALE = "2dq.scale"
-META_MULTIPLE = "2dq.multiple"  # as export.onnx_export writes it
-META_TARGET = "2dq.target"
-META_ARTIFACT = "2dq.artifact_sha256"
-META_CHECKPOINT = "2dq.checkpoint_sha256"
 REBUILD_HINT = "rebuild it on this machine with `2dq-build-engine --backend trt`"
 
 
@@ -48,6 +45,9 @@ class OnnxInfo:
 
     ``tile`` / ``scale`` are ``None`` when neither metadata nor fixed dims give them. ``nodes`` lists
     ``(name, op_type)`` of the top-level graph nodes so parser errors can name the failing node.
+    ``float_dtype`` is what the graph computes in (``"float32"`` / ``"float16"``, TensorRT's view);
+    ``export`` the export's metadata (None: a graph with no 2dq metadata), which ``multiple``,
+    ``target`` and the hashes repeat.
     """
 
     path: str
@@ -66,22 +66,11 @@ class OnnxInfo:
     qdq_nodes: int
     int4_initializers: int
     nodes: tuple[tuple[str, str], ...]
+    export: ExportMetadata | None = None
 
 
 def _dim(value: Any) -> int | None:
     return int(value.dim_value) if value.HasField("dim_value") and value.dim_value > 0 else None
-
-
-def _meta_int(meta: Mapping[str, str], key: str, path: Path) -> int | None:
-    if key not in meta:
-        return None
-    try:
-        value = int(meta[key])
-    except ValueError:
-        raise ValueError(f"{path}: metadata {key}={meta[key]!r} is not an integer") from None
-    if value <= 0:
-        raise ValueError(f"{path}: metadata {key}={value} must be positive")
-    return value
 
 
 def read_onnx_info(onnx_path: str | os.PathLike) -> OnnxInfo:
@@ -114,23 +103,24 @@ def read_onnx_info(onnx_path: str | os.PathLike) -> OnnxInfo:
         if dims[1] not in (None, 3):
             raise ValueError(f"{path}: {name} has {dims[1]} channels, expected 3 (RGB)")
 
-    meta = {p.key: p.value for p in model.metadata_props}
-    tile = _meta_int(meta, META_TILE, path)
+    # None: no 2dq metadata at all (a foreign SR graph); a partial or malformed record is refused
+    export = ExportMetadata.find({p.key: p.value for p in model.metadata_props}, path)
+    tile = export.tile if export is not None else None
     dim_tile = in_dims[2] if in_dims[2] is not None and in_dims[2] == in_dims[3] else None
     if in_dims[2] is not None and in_dims[3] is not None and in_dims[2] != in_dims[3]:
         raise ValueError(f"{path}: input tile must be square, got {in_dims[2]}x{in_dims[3]}")
     if tile is not None and dim_tile is not None and tile != dim_tile:
-        raise ValueError(f"{path}: metadata {META_TILE}={tile} but the input dims say {dim_tile}")
+        raise ValueError(f"{path}: metadata {key('tile')}={tile} but the input dims say {dim_tile}")
     tile = tile if tile is not None else dim_tile
 
-    scale = _meta_int(meta, META_SCALE, path)
+    scale = export.scale if export is not None else None
     dim_scale = None
     if dim_tile is not None and out_dims[2] is not None:
         if out_dims[2] % dim_tile:
             raise ValueError(f"{path}: output size {out_dims[2]} is not a multiple of the tile {dim_tile}")
         dim_scale = out_dims[2] // dim_tile
     if scale is not None and dim_scale is not None and scale != dim_scale:
-        raise ValueError(f"{path}: metadata {META_SCALE}={scale} but the I/O dims say {dim_scale}")
+        raise ValueError(f"{path}: metadata {key('scale')}={scale} but the I/O dims say {dim_scale}")
     scale = scale if scale is not None else dim_scale
 
     dtype_name = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
@@ -147,6 +137,13 @@ def read_onnx_info(onnx_path: str | os.PathLike) -> OnnxInfo:
     # A graph computes in fp16 when its input is fp16 or it casts to / stores fp16 inside (the
     # trt-int4 export keeps fp32 I/O around an fp16 body); the weak-typing build path needs to know.
     float16 = inp.elem_type == TensorProto.FLOAT16 or fp16_cast or fp16_init
+    if export is not None:
+        if (export.float_dtype == "fp16") != float16:
+            raise ValueError(f"{path}: metadata {key('float_dtype')}={export.float_dtype} but the graph computes in "
+                             f"{'float16' if float16 else 'float32'}")
+        if in_dims[0] != export.batch:
+            raise ValueError(f"{path}: metadata {key('batch')}={export.batch or 'dynamic'} but the input's batch "
+                             f"dim is {in_dims[0] or 'dynamic'}")
     return OnnxInfo(
         path=str(path),
         sha256=sha256_file(path),
@@ -157,25 +154,26 @@ def read_onnx_info(onnx_path: str | os.PathLike) -> OnnxInfo:
         float_dtype="float16" if float16 else "float32",
         tile=tile,
         scale=scale,
-        multiple=_meta_int(meta, META_MULTIPLE, path) or 1,
-        target=meta.get(META_TARGET),
-        artifact_sha256=meta.get(META_ARTIFACT),
-        checkpoint_sha256=meta.get(META_CHECKPOINT),
+        multiple=export.multiple if export is not None else 1,
+        target=export.target if export is not None else None,
+        artifact_sha256=export.artifact_sha256 if export is not None else None,
+        checkpoint_sha256=export.checkpoint_sha256 if export is not None else None,
         qdq_nodes=sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node),
         int4_initializers=sum(init.data_type == TensorProto.INT4 for init in graph.initializer),
         nodes=tuple((n.name, n.op_type) for n in graph.node),
+        export=export,
     )
 
 
 def resolve_tile(info: OnnxInfo, requested: int | None) -> tuple[int, int]:
     """The ``(tile, scale)`` to build for: the ONNX's own tile, or ``requested`` for a free-size input."""
     if info.scale is None:
-        raise ValueError(f"{info.path}: the scale is unknown (no {META_SCALE} metadata, no fixed dims)")
+        raise ValueError(f"{info.path}: the scale is unknown (no 2dq metadata, no fixed dims)")
     if requested is not None and info.tile is not None and requested != info.tile:
         raise ValueError(f"{info.path} is exported for tile {info.tile}, but tile {requested} was requested")
     tile = requested if requested is not None else info.tile
     if tile is None:
-        raise ValueError(f"{info.path} has no fixed tile size ({META_TILE} or input dims); pass --tile")
+        raise ValueError(f"{info.path} has no fixed tile size (2dq metadata or input dims); pass --tile")
     if tile % info.multiple:
         raise ValueError(f"tile {tile} is not a multiple of the model's input multiple {info.multiple}")
     return tile, info.scale
@@ -239,6 +237,8 @@ def make_sidecar(
         "tile": tile,
         "scale": scale,
         "multiple": info.multiple,
+        # the export's float layers (fp32 / fp16; None for a foreign graph): the verification floor follows it
+        "float_dtype": info.export.float_dtype if info.export is not None else None,
         "input": {"name": info.input_name, "shape": ["N", 3, tile, tile], "dtype": io_dtypes["input"]},
         "output": {
             "name": info.output_name,
@@ -318,12 +318,21 @@ def check_plan(
             f"it was built with TensorRT {record['tensorrt_version']}, TensorRT {tensorrt_version} is installed"
         )
     if onnx_sha256 is not None and record["onnx"].get("sha256") != onnx_sha256:
-        problems.append(
-            f"it was built from ONNX sha256 {record['onnx'].get('sha256')}, the given ONNX has {onnx_sha256}"
-        )
+        problems.append(_source_problem(record, onnx_sha256))
     if plan_sha256 is not None and record["plan_sha256"] != plan_sha256:
         problems.append("the plan file's sha256 differs from the one recorded at build time (plan replaced or corrupt)")
     return problems
+
+
+def _source_problem(record: Mapping[str, Any], onnx_sha256: str) -> str:
+    return f"it was built from ONNX sha256 {record['onnx'].get('sha256')}, the given ONNX has {onnx_sha256}"
+
+
+def validate_source(plan_path: str | os.PathLike, record: Mapping[str, Any], onnx_sha256: str) -> None:
+    """Raise :class:`PlanMismatchError` unless the plan of ``record`` was built from the ONNX whose
+    SHA-256 is ``onnx_sha256``; needs neither TensorRT nor a GPU (the runner checks it first)."""
+    if record["onnx"].get("sha256") != onnx_sha256:
+        raise PlanMismatchError(f"refusing to run {plan_path}: {_source_problem(record, onnx_sha256)}; {REBUILD_HINT}")
 
 
 def validate_plan(plan_path: str | os.PathLike, record: Mapping[str, Any], **checks: Any) -> None:

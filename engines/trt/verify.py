@@ -28,6 +28,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from toolchain.extras import import_extra
+
 
 def polygraphy_compare_command(
     onnx: str | os.PathLike,
@@ -107,9 +109,13 @@ def polygraphy_compare(
     One batch of seeded uniform tiles in ``[0, 1)`` goes through a TensorRT engine Polygraphy builds
     from ``onnx`` and through ONNX Runtime; the median absolute error must stay within ``atol``.
 
-    >>> ok = polygraphy_compare("swinir_x2_w4a4.onnx", tile=64, batch=2)      # doctest: +SKIP
+    Example (needs TensorRT and a CUDA GPU, so the doctests do not run it)::
+
+        ok = polygraphy_compare("swinir_x2_w4a4.onnx", tile=64, batch=2)
     """
     import numpy as np
+
+    import_extra("polygraphy", "polygraphy", "engines.trt.verify.polygraphy_compare")
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
     from polygraphy.comparator import Comparator, CompareFunc

@@ -2,6 +2,7 @@
 the verification of a real ORT engine on real images (library, Polygraphy and 2dq-build-engine)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -70,7 +71,7 @@ def test_pooling_weighs_every_pixel_equally():
 
 def test_provenance_refuses_foreign_files(built, tmp_path):
     made = built(w_bits=4, a_bits=4)
-    meta = {k[4:]: v for k, v in OrtTileRunner(made.engine).metadata.items() if k.startswith("2dq.")}
+    meta = dataclasses.asdict(OrtTileRunner(made.engine).export)
     check_provenance(meta, made.checkpoint, made.artifact)
     other = tmp_path / "other.safetensors"
     other.write_bytes(made.checkpoint.read_bytes() + b"\0")

@@ -14,6 +14,7 @@ from onnx import helper
 
 from engines.cli_build import main as build_main
 from engines.ort_engine import OrtTileRunner, build_ort_engine, op_counts
+from export.metadata import ExportMetadata
 from toolchain.files import sha256_file
 from toolchain.metrics import psnr
 from toolchain.models import info_of
@@ -178,7 +179,7 @@ def test_runner_refuses_what_it_cannot_run(built, tmp_path):
     del plain.metadata_props[:]
     stripped = tmp_path / "no_meta.onnx"
     onnx.save(plain, str(stripped))
-    with pytest.raises(ValueError, match="not a 2dq engine"):
+    with pytest.raises(ValueError, match=r"no_meta\.onnx: metadata 2dq\.arch missing \(not a 2dq export"):
         OrtTileRunner(stripped)
     with pytest.raises(ValueError, match="not a 2dq export"):
         build_ort_engine(stripped, tmp_path / "x.onnx")
@@ -214,7 +215,7 @@ def test_static_batch_engine_pads_and_matches(built, tile_batch, tmp_path):
     made = built(w_bits=4, a_bits=4)
     static_onnx = tmp_path / "static.onnx"
     result = export_onnx(made.checkpoint, made.artifact, static_onnx, ExportOptions(tile=TILE, batch=3))
-    assert result.metadata["2dq.batch"] == "3"
+    assert ExportMetadata.from_props(result.metadata, static_onnx).batch == 3
     assert onnx.load(str(static_onnx)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
     engine = tmp_path / "static.ort.onnx"
     build_ort_engine(static_onnx, engine)

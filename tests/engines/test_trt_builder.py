@@ -265,7 +265,6 @@ def test_parser_error_names_the_failing_node(tmp_path):
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)]
     )
-    helper.set_model_props(model, {"2dq.scale": "2"})
     onnx.save(model, str(tmp_path / "bad.onnx"))
     with pytest.raises(EngineBuildError, match=r"/body/frobnicate.*Frobnicate"):
         build_engine(tmp_path / "bad.onnx", tmp_path / "bad.plan", TrtBuildOptions(precision="fp16", tile=8))

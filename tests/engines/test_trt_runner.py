@@ -20,6 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from engines.trt.runner import TrtTileRunner, cuda_index, pick_buffers, split_batches, torch_dtype
 from engines.trt.sidecar import sidecar_path
 
+from ..export.conftest import hand_metadata
+
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 NEEDS_TRT = pytest.mark.skipif(
     not HAVE_TENSORRT or not torch.cuda.is_available(), reason="needs the tensorrt package and a CUDA GPU"
@@ -142,7 +144,7 @@ def write_qdq_sr(path, *, tile=16, scale=2, seed=0):
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    helper.set_model_props(model, {"2dq.tile": str(tile), "2dq.scale": str(scale), "2dq.target": "trt-int8"})
+    helper.set_model_props(model, hand_metadata(tile=tile, scale=scale, opset=13).to_props())
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path

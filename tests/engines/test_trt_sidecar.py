@@ -23,20 +23,23 @@ from engines.trt.sidecar import (
     resolve_tile,
     sidecar_path,
     validate_plan,
+    validate_source,
     write_sidecar,
 )
-from export.onnx_export import METADATA_PREFIX
+from export.metadata import key
 from toolchain.files import sha256_file
 
-#: the key the exporter writes the model's input multiple under
-MULTIPLE_KEY = METADATA_PREFIX + "multiple"
+from ..export.conftest import hand_metadata
 
 ARTIFACT = "a" * 64
 CHECKPOINT = "c" * 64
 
 
 def write_sr_onnx(path, *, tile=8, scale=2, fixed=True, metadata=None, fp16_cast=False):
-    """A tiny real SR graph: input (N,3,T,T) -> Conv 1x1 (3 -> 3s^2) -> DepthToSpace(s) -> (N,3,sT,sT)."""
+    """A tiny real SR graph: input (N,3,T,T) -> Conv 1x1 (3 -> 3s^2) -> DepthToSpace(s) -> (N,3,sT,sT).
+
+    ``metadata``: an :class:`ExportMetadata` (written through its ``to_props``) or raw ``{key: value}`` props.
+    """
     weight = numpy_helper.from_array(
         np.random.default_rng(0).random((3 * scale * scale, 3, 1, 1), dtype=np.float32), "w"
     )
@@ -60,7 +63,8 @@ def write_sr_onnx(path, *, tile=8, scale=2, fixed=True, metadata=None, fp16_cast
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     if metadata:
-        helper.set_model_props(model, {k: str(v) for k, v in metadata.items()})
+        props = metadata.to_props() if hasattr(metadata, "to_props") else metadata
+        helper.set_model_props(model, {k: str(v) for k, v in props.items()})
     onnx.save(model, str(path))
     return path
 
@@ -70,16 +74,10 @@ def test_reads_tile_scale_names_and_hashes_from_metadata_and_dims(tmp_path):
         tmp_path / "m.onnx",
         tile=8,
         scale=2,
-        metadata={
-            "2dq.tile": 8,
-            "2dq.scale": 2,
-            MULTIPLE_KEY: 4,
-            "2dq.target": "trt-int8",
-            "2dq.artifact_sha256": ARTIFACT,
-            "2dq.checkpoint_sha256": CHECKPOINT,
-        },
+        metadata=hand_metadata(tile=8, scale=2, multiple=4, artifact_sha256=ARTIFACT, checkpoint_sha256=CHECKPOINT),
     )
     info = read_onnx_info(path)
+    assert info.export == hand_metadata(tile=8, scale=2, multiple=4)
     assert (info.tile, info.scale, info.multiple, info.target) == (8, 2, 4, "trt-int8")
     assert (info.input_name, info.output_name, info.input_dtype, info.output_dtype) == (
         "input",
@@ -99,24 +97,42 @@ def test_falls_back_to_the_input_dims_without_metadata(tmp_path):
     assert info.artifact_sha256 is None and info.target is None
 
 
-def test_free_size_input_takes_tile_from_metadata_or_the_request(tmp_path):
-    info = read_onnx_info(write_sr_onnx(tmp_path / "m.onnx", fixed=False, metadata={"2dq.scale": 4}))
-    assert (info.tile, info.scale) == (None, 4)
-    with pytest.raises(ValueError, match="pass --tile"):
-        resolve_tile(info, None)
-    assert resolve_tile(info, 48) == (48, 4)
+def test_free_size_input_takes_tile_and_scale_from_metadata(tmp_path):
+    info = read_onnx_info(write_sr_onnx(tmp_path / "m.onnx", fixed=False, metadata=hand_metadata(tile=8, scale=4)))
+    assert (info.tile, info.scale) == (8, 4)
+    assert resolve_tile(info, None) == resolve_tile(info, 8) == (8, 4)
     bare = read_onnx_info(write_sr_onnx(tmp_path / "bare.onnx", fixed=False))
+    assert (bare.tile, bare.scale, bare.export) == (None, None, None)
     with pytest.raises(ValueError, match="scale is unknown"):
         resolve_tile(bare, 48)
 
 
 def test_metadata_that_contradicts_the_dims_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="2dq.tile=16 but the input dims say 8"):
-        read_onnx_info(write_sr_onnx(tmp_path / "a.onnx", tile=8, metadata={"2dq.tile": 16}))
+        read_onnx_info(write_sr_onnx(tmp_path / "a.onnx", tile=8, metadata=hand_metadata(tile=16)))
     with pytest.raises(ValueError, match="2dq.scale=3 but the I/O dims say 2"):
-        read_onnx_info(write_sr_onnx(tmp_path / "b.onnx", scale=2, metadata={"2dq.scale": 3}))
-    with pytest.raises(ValueError, match="not an integer"):
-        read_onnx_info(write_sr_onnx(tmp_path / "c.onnx", metadata={"2dq.tile": "eight"}))
+        read_onnx_info(write_sr_onnx(tmp_path / "b.onnx", scale=2, metadata=hand_metadata(scale=3)))
+    with pytest.raises(ValueError, match=r"c\.onnx: metadata 2dq\.tile='eight' is not a positive integer"):
+        bad = {**hand_metadata().to_props(), key("tile"): "eight"}
+        read_onnx_info(write_sr_onnx(tmp_path / "c.onnx", metadata=bad))
+    with pytest.raises(ValueError, match="2dq.float_dtype=fp16 but the graph computes in float32"):
+        read_onnx_info(write_sr_onnx(tmp_path / "d.onnx", metadata=hand_metadata(float_dtype="fp16")))
+    with pytest.raises(ValueError, match="2dq.batch=4 but the input's batch dim is dynamic"):
+        read_onnx_info(write_sr_onnx(tmp_path / "e.onnx", metadata=hand_metadata(batch=4)))
+
+
+def test_partial_2dq_metadata_is_refused_naming_the_missing_key(tmp_path):
+    """A graph with some 2dq keys is a 2dq export with a key missing, not a foreign graph: refused."""
+    props = hand_metadata().to_props()
+    del props[key("multiple")]
+    with pytest.raises(ValueError, match=r"p\.onnx: metadata 2dq\.multiple missing"):
+        read_onnx_info(write_sr_onnx(tmp_path / "p.onnx", metadata=props))
+
+
+def test_fp16_metadata_on_an_fp16_graph_is_read(tmp_path):
+    path = write_sr_onnx(tmp_path / "m.onnx", fp16_cast=True, metadata=hand_metadata(float_dtype="fp16"))
+    info = read_onnx_info(path)
+    assert (info.float_dtype, info.export.float_dtype) == ("float16", "fp16")
 
 
 def test_resolve_tile_refuses_another_tile_or_a_tile_off_the_multiple(tmp_path):
@@ -124,10 +140,9 @@ def test_resolve_tile_refuses_another_tile_or_a_tile_off_the_multiple(tmp_path):
     assert resolve_tile(info, None) == (8, 2)
     with pytest.raises(ValueError, match="exported for tile 8, but tile 16"):
         resolve_tile(info, 16)
-    free = read_onnx_info(
-        write_sr_onnx(tmp_path / "f.onnx", fixed=False, metadata={"2dq.scale": 2, MULTIPLE_KEY: 8})
-    )
-    with pytest.raises(ValueError, match="not a multiple of the model's input multiple 8"):
+    free = read_onnx_info(write_sr_onnx(tmp_path / "f.onnx", fixed=False, tile=16, metadata=hand_metadata(
+        tile=16, multiple=8)))
+    with pytest.raises(ValueError, match="exported for tile 16, but tile 12"):
         resolve_tile(free, 12)
 
 
@@ -145,7 +160,7 @@ H200 = GpuInfo("NVIDIA H200", "9.0")
 
 def make_record(tmp_path, plan_bytes=b"plan bytes"):
     onnx_path = write_sr_onnx(
-        tmp_path / "m.onnx", metadata={"2dq.artifact_sha256": ARTIFACT, "2dq.checkpoint_sha256": CHECKPOINT}
+        tmp_path / "m.onnx", metadata=hand_metadata(artifact_sha256=ARTIFACT, checkpoint_sha256=CHECKPOINT)
     )
     plan = tmp_path / "m.plan"
     plan.write_bytes(plan_bytes)
@@ -173,6 +188,7 @@ def test_sidecar_round_trips_beside_the_plan(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
     assert record["onnx"]["sha256"] == sha256_file(onnx_path)
     assert (record["artifact_sha256"], record["checkpoint_sha256"]) == (ARTIFACT, CHECKPOINT)
+    assert (record["float_dtype"], record["multiple"]) == ("fp32", 1)  # the export's, from its metadata
     assert record["input"] == {"name": "input", "shape": ["N", 3, 8, 8], "dtype": "float32"}
     assert record["output"]["shape"] == ["N", 3, 16, 16]
 
@@ -212,6 +228,13 @@ def test_each_mismatch_is_reported_and_refused(tmp_path, checks, phrase):
     with pytest.raises(PlanMismatchError, match="refusing to run .*m.plan") as err:
         validate_plan(plan, record, **args)
     assert "rebuild it on this machine" in str(err.value)
+
+
+def test_a_plan_of_another_onnx_is_refused_without_tensorrt(tmp_path):
+    onnx_path, plan, record = make_record(tmp_path)
+    validate_source(plan, record, sha256_file(onnx_path))
+    with pytest.raises(PlanMismatchError, match="refusing to run .*m.plan: .*the given ONNX has " + "0" * 64):
+        validate_source(plan, record, "0" * 64)
 
 
 def test_all_mismatches_are_listed_together(tmp_path):

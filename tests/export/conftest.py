@@ -15,6 +15,7 @@ import torch
 from calib.artifact import save_artifact
 from calib.baselines import calibrate_minmax
 from calib.observers import batch_forward_loop
+from export.metadata import ExportMetadata
 from toolchain.quant import QuantConfig, quantize_model
 
 from ..tiny_models import save_checkpoint, tiny_swinir
@@ -23,6 +24,14 @@ from ..tiny_models import save_checkpoint, tiny_swinir
 TINY = dict(depths=[2], num_heads=[2])
 #: LR tile of the test exports: 2x2 windows of 8, so the shifted block has a real mask
 TILE = 16
+
+
+def hand_metadata(**changes) -> ExportMetadata:
+    """The metadata of a tiny SwinIR x2 trt-int8 export at tile 8, with ``changes``: for graphs made by hand."""
+    fields = dict(arch="SwinIR", scale=2, tile=8, multiple=1, target="trt-int8", float_dtype="fp32", opset=17,
+                  checkpoint_sha256="c" * 64, artifact_sha256="a" * 64, quant_config={"w_bits": 4, "a_bits": 4},
+                  model_config={"depths": [2]})
+    return ExportMetadata(**{**fields, **changes})
 
 
 @dataclass(frozen=True)

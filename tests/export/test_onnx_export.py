@@ -16,7 +16,8 @@ from calib.artifact import ArtifactError, load_artifact
 from export.cli import main as export_main
 from export.export_view import build_export_view
 from export.lint import lint_model
-from export.onnx_export import METADATA_KEYS, ExportLintError, ExportOptions, export_onnx, read_metadata
+from export.metadata import ExportMetadata
+from export.onnx_export import ExportLintError, ExportOptions, export_onnx
 from toolchain import load_model
 from toolchain.models import info_of
 from toolchain.files import sha256_file
@@ -60,17 +61,18 @@ def test_graph_contract_and_metadata(w4a4, export_tile):
     assert dims(inp) == ["batch", 3, export_tile, export_tile]
     assert dims(out) == ["batch", 3, 2 * export_tile, 2 * export_tile]
     assert inp.type.tensor_type.elem_type == out.type.tensor_type.elem_type == TensorProto.FLOAT
-    meta = read_metadata(path)
-    assert set(METADATA_KEYS) <= set(meta)
-    assert meta["checkpoint_sha256"] == sha256_file(made.checkpoint)
-    assert meta["artifact_sha256"] == sha256_file(made.artifact)
-    assert json.loads(meta["quant_config"]) == load_artifact(made.artifact).meta["quant_config"]
+    meta = ExportMetadata.read(path)
+    assert meta.to_props() == result.metadata == {p.key: p.value for p in model.metadata_props}
+    assert meta.checkpoint_sha256 == sha256_file(made.checkpoint)
+    assert meta.artifact_sha256 == sha256_file(made.artifact)
+    assert meta.quant_config == json.loads(json.dumps(load_artifact(made.artifact).meta["quant_config"]))
     # spandrel's SwinIR pads to its window itself: LR sides need no multiple (1), only its minimum
-    assert (meta["tile"], meta["scale"], meta["multiple"]) == (str(export_tile), "2", "1")
-    assert (meta["target"], meta["float_dtype"], meta["arch"]) == ("trt-int8", "fp32", "SwinIR")
+    assert (meta.tile, meta.scale, meta.multiple, meta.batch) == (export_tile, 2, 1, None)
+    assert (meta.target, meta.float_dtype, meta.arch, meta.opset, meta.int4_block) == (
+        "trt-int8", "fp32", "SwinIR", 21, None)
     info = info_of(made.model)
-    assert (meta["scale"], meta["multiple"], meta["arch"]) == (str(info.scale), str(info.multiple_of), info.arch)
-    assert json.loads(meta["model_config"]) == info.hyperparameters
+    assert (meta.scale, meta.multiple, meta.arch) == (info.scale, info.multiple_of, info.arch)
+    assert meta.model_config == json.loads(json.dumps(info.hyperparameters))
     assert next(o.version for o in model.opset_import if o.domain == "") == 21
     assert lint_model(model) == [] and result.violations == []
     # simplification: masks, biases and shape arithmetic are folded away
@@ -170,7 +172,7 @@ def test_trt_int4_weights_are_padded_int4_blocks(calibrated, tmp_path, export_ti
     result = export_onnx(made.checkpoint, made.artifact, path, ExportOptions(tile=export_tile, int4_block=64))
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
-    assert read_metadata(path)["float_dtype"] == "fp16" and read_metadata(path)["int4_block"] == "64"
+    assert (ExportMetadata.read(path).float_dtype, ExportMetadata.read(path).int4_block) == ("fp16", 64)
     by_name = nodes(model)
     tensors = {t.name: t for t in model.graph.initializer}
     modules = dict(made.model.named_modules())
@@ -210,7 +212,7 @@ def test_fp16_float_layers(w4a4, calibrated, tmp_path, export_tile):
                                                                if n.op_type == "QuantizeLinear"}]
     assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
     assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
-    assert read_metadata(path)["float_dtype"] == "fp16"
+    assert ExportMetadata.read(path).float_dtype == "fp16"
 
 
 def test_export_view_computes_the_fake_quant_model(calibrated):

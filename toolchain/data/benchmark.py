@@ -69,7 +69,8 @@ def benchmark_pairs(root: str | os.PathLike, set_name: str, scale: int) -> list[
             exists), or an HR image has no LR image.
         ValueError: the LR folder holds images with no HR image, or the set is empty.
 
-    >>> [p.name for p in benchmark_pairs("../shared/datasets", "Set5", 4)]   # doctest: +SKIP
+    >>> from toolchain.defaults import DEFAULT_DATA
+    >>> [p.name for p in benchmark_pairs(DEFAULT_DATA, "Set5", 4)]
     ['baby', 'bird', 'butterfly', 'head', 'woman']
     """
     root = Path(root)

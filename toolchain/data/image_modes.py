@@ -65,7 +65,10 @@ class Planes:
 def probe_layout(path: str | os.PathLike) -> Layout:
     """The :class:`Layout` of an image file, from its header (nothing is decoded).
 
-    >>> probe_layout("logo.png")                    # doctest: +SKIP
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     Image.new("RGBA", (8, 8), (255, 0, 0, 128)).save(Path(folder) / "logo.png")
+    ...     probe_layout(Path(folder) / "logo.png")
     Layout(gray=False, alpha=True, bits=8)
     """
     with opened_image(path) as img:
@@ -245,7 +248,17 @@ def write_planes(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | N
     Raises ``ValueError`` (naming ``path``) when the format cannot store ``layout``
     (:func:`storage_problem`); nothing is left under ``path`` if writing fails.
 
-    >>> write_planes("logo_x4.png", sr, upscale_alpha(planes.alpha, 4), planes.layout)   # doctest: +SKIP
+    A grayscale image with alpha, upscaled x4 (nearest-neighbour stands in for the SR model here):
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     Image.new("LA", (8, 8), (200, 128)).save(Path(folder) / "logo.png")
+    ...     planes = read_planes(Path(folder) / "logo.png")
+    ...     sr = planes.rgb.repeat(4, axis=0).repeat(4, axis=1)   # (32, 32, 3)
+    ...     out = write_planes(Path(folder) / "logo_x4.png", sr, upscale_alpha(planes.alpha, 4), planes.layout)
+    ...     with Image.open(out) as img:
+    ...         img.mode, img.size, img.getpixel((5, 5))
+    ('LA', (32, 32), (200, 128))
     """
     path = Path(path)
     problem = storage_problem(path, layout)

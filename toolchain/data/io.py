@@ -50,7 +50,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         FileNotFoundError: ``path`` does not exist.
         ImageError: the file is not a readable PNG/BMP/JPEG/TIFF image.
 
-    >>> read_image("../shared/datasets/Set5/HR/baby.png").shape    # doctest: +SKIP
+    >>> from toolchain.defaults import DEFAULT_DATA
+    >>> read_image(DEFAULT_DATA / "Set5" / "HR" / "baby.png").shape
     (512, 512, 3)
     """
     with opened_image(path) as img:
@@ -153,7 +154,11 @@ def write_image(path: str | os.PathLike, img: np.ndarray) -> Path:
     The format follows the suffix (.png, .bmp, .jpg/.jpeg at quality 95, .tif/.tiff). Floats are
     quantized with :func:`to_uint8`. Nothing is left under ``path`` if writing fails.
 
-    >>> write_image("out/baby_x4.png", sr)           # doctest: +SKIP
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = write_image(Path(folder) / "gray.png", np.full((4, 6, 3), 0.5, np.float32))
+    ...     path.name, read_image(path).shape, to_uint8(read_image(path))[0, 0]
+    ('gray.png', (4, 6, 3), array([128, 128, 128], dtype=uint8))
     """
     path = Path(path)
     fmt = WRITE_FORMATS.get(path.suffix.lower())

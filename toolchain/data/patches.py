@@ -57,7 +57,10 @@ def split_train_val(paths: PathsLike, val_fraction: float, seed: int) -> tuple[l
     The files are sorted, shuffled by a generator seeded with ``seed``, and the first
     ``round(val_fraction * n)`` (at least one) become validation. Both lists come back sorted.
 
-    >>> train, val = split_train_val("../shared/datasets/train", 0.1, seed=0)   # doctest: +SKIP
+    >>> from toolchain.defaults import DEFAULT_CALIB_IMAGES
+    >>> train, val = split_train_val(DEFAULT_CALIB_IMAGES, 0.1, seed=0)
+    >>> len(train), [p.name for p in val]
+    (25, ['0805.png', '0811.png', '0820.png'])
     """
     files = sorted(resolve_paths(paths), key=lambda p: p.as_posix())
     if len(set(files)) != len(files):
@@ -92,9 +95,13 @@ class PatchDataset(Dataset):
     with ``p = patch_size`` and ``s = scale``. Images smaller than the HR crop are skipped with a
     warning. Images are decoded once, kept as uint8 ``(H, W, 3)`` arrays.
 
-    >>> data = PatchDataset("../shared/datasets/train", 64, 4, seed=0, length=32)   # doctest: +SKIP
-    >>> lr, hr = data[0]; lr.shape, hr.shape                                        # doctest: +SKIP
+    >>> from toolchain.defaults import DEFAULT_CALIB_IMAGES
+    >>> data = PatchDataset(DEFAULT_CALIB_IMAGES, 64, 4, seed=0, length=32)
+    >>> lr, hr = data[0]; lr.shape, hr.shape
     (torch.Size([3, 64, 64]), torch.Size([3, 256, 256]))
+    >>> again = PatchDataset(DEFAULT_CALIB_IMAGES, 64, 4, seed=0, length=32)
+    >>> len(again), torch.equal(again[5][0], data[5][0])    # the same seed and index: the same patch
+    (32, True)
     """
 
     def __init__(self, paths: PathsLike, patch_size: int, scale: int, seed: int, length: int,
@@ -166,7 +173,10 @@ def sample_patches(paths: PathsLike, n: int, patch_size: int, scale: int, seed: 
 
     The same as stacking ``PatchDataset(paths, patch_size, scale, seed, n, augment)[i]``.
 
-    >>> lr, hr = sample_patches("../shared/datasets/train", 32, 64, 4, seed=0)   # doctest: +SKIP
+    >>> from toolchain.defaults import DEFAULT_CALIB_IMAGES
+    >>> lr, hr = sample_patches(DEFAULT_CALIB_IMAGES, 32, 64, 4, seed=0)
+    >>> lr.shape, hr.shape
+    (torch.Size([32, 3, 64, 64]), torch.Size([32, 3, 256, 256]))
     """
     dataset = PatchDataset(paths, patch_size, scale, seed, length=n, augment=augment)
     items = [dataset[i] for i in range(len(dataset))]

@@ -232,9 +232,13 @@ def _stage_shape(state_dict: Mapping[str, torch.Tensor], prefix: str) -> tuple[i
 def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """Constructor arguments of :class:`NGswin` read from the checkpoint's tensor shapes.
 
-    >>> from toolchain.loading import read_state_dict
-    >>> config_from_state_dict(read_state_dict("NGswin_x2.pth"))["depths"]  # doctest: +SKIP
-    [6, 4, 4]
+    >>> net = NGswin(2, embed_dim=12, depths=(2, 1), num_heads=(2, 2), dec_depth=1, dec_num_heads=2,
+    ...              ngrams=(2, 2, 2))
+    >>> config = config_from_state_dict(net.state_dict())
+    >>> config["depths"], config["dec_depth"], config["window_size"]
+    ([2, 1], 1, 8)
+    >>> config == net.hyperparameters
+    True
     """
     if not matches(state_dict):
         raise ValueError("state dict is not an NGswin checkpoint "

@@ -139,7 +139,7 @@ def float_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` as the float model inside the block; restores each quantizer's flag after.
 
     >>> model = quantize_model(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4)),
-    ...                        QuantConfig(quantize=("linear",)))
+    ...                        QuantConfig(quantize=("linear",)), torch.rand(1, 4))
     >>> with float_mode(model):
     ...     y = model(torch.ones(1, 4))   # no bounds needed in float mode
     """
