@@ -40,17 +40,19 @@ def _both_inputs_dequantized(path: Path) -> int:
                for node in graph.node)
 
 
-def chain(tmp: Path, checkpoint: Path, datasets: Path, scale: int, tile: int, *calibrate: str) -> dict:
+def chain(tmp: Path, checkpoint: Path, datasets: Path, scale: int, tile: int, *calibrate: str,
+          report: bool = True, verify: tuple[str, ...] = ()) -> dict:
+    """calibrate -> export -> build with --verify -> eval -> upscale (-> report); each tool as a subprocess."""
     artifact = tmp / "q.safetensors"
     _run("2dq-calibrate", "--weights", str(checkpoint), "--calib-images", str(datasets / "train" / "DIV2K_valid_256"),
          "--out", str(artifact), "--patches", "8", "--no-progress", "-q", *calibrate)
     onnx_path = tmp / "q.onnx"
     _run("2dq-export", "--onnx", str(onnx_path), "--weights", str(checkpoint), "--calib", str(artifact),
          "--tile", str(tile), "-q")
-    engine, report = tmp / "q.ort.onnx", tmp / "build.json"
+    engine, built = tmp / "q.ort.onnx", tmp / "build.json"
     _run("2dq-build-engine", "--backend", "ort", "--onnx", str(onnx_path), "--out", str(engine), "--verify",
          "--weights", str(checkpoint), "--calib", str(artifact), "--data", str(datasets), "--sets", "Set5",
-         "--no-progress", "--json", str(report), "-q")
+         "--no-progress", "--json", str(built), "-q", *verify)
     evaluated = tmp / "eval.json"
     _run("2dq-eval", "--backend", "ort", "--engine", str(engine), "--data", str(datasets), "--sets", "Set5",
          "--scales", str(scale), "--json", str(evaluated), "--no-progress", "-q")
@@ -58,12 +60,13 @@ def chain(tmp: Path, checkpoint: Path, datasets: Path, scale: int, tile: int, *c
     out = tmp / "bird_sr.png"
     _run("2dq-upscale", str(lr), "--engine", str(engine), "--out", str(out), "-q")
     pages = tmp / "report"
-    _run("2dq-report", "--weights", str(checkpoint), "--calib", str(artifact), "--data", str(datasets),
-         "--sets", "Set5", "--max-images", "2", "--crops", "1", "--top", "2", "--out", str(pages),
-         "--no-progress", "-q")
-    return {"onnx": onnx_path, "verification": json.loads(report.read_text())["verification"],
+    if report:
+        _run("2dq-report", "--weights", str(checkpoint), "--calib", str(artifact), "--data", str(datasets),
+             "--sets", "Set5", "--max-images", "2", "--crops", "1", "--top", "2", "--out", str(pages),
+             "--no-progress", "-q")
+    return {"onnx": onnx_path, "verification": json.loads(built.read_text())["verification"],
             "eval": json.loads(evaluated.read_text()), "upscaled": out,
-            "report": json.loads((pages / "report.json").read_text())}
+            "report": json.loads((pages / "report.json").read_text()) if report else None}
 
 
 TINY = {
@@ -107,14 +110,6 @@ def test_methods_chain_on_tiny_swinir(options: tuple, tmp_path: Path, datasets_d
     assert result["verification"]["passed"], result["verification"]
 
 
-def _placed_sites(checkpoint: Path) -> int:
-    """Placed linears + matmuls of a real checkpoint under the default configuration."""
-    from toolchain import load_model
-
-    names = quantizers(quantize_model(load_model(checkpoint), QuantConfig()))
-    return sum(name.endswith(".weight") for name in names) + sum(name.endswith(".a") for name in names)
-
-
 def _placed_calls(checkpoint: Path, tile: int) -> int:
     """Calls of placed linears and matmuls in one forward of a ``tile`` x ``tile`` input: a module called
     several times (NGswin reuses some linears) is one site but as many integer MatMuls in the graph."""
@@ -135,23 +130,26 @@ def _placed_calls(checkpoint: Path, tile: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, scale, bicubic, fp", [
-    ("DAT-light/DAT_light_x2.pth", 2, 33.66, 38.24),
-    ("NGswin/NGswin_x2.pth", 2, 33.66, 38.05),
+@pytest.mark.parametrize("model, scale, floor, fp", [
+    ("DAT-light/DAT_light_x2.pth", 2, 33.66, 38.24),   # W4A4 stays above bicubic (MATLAB Set5 x2, s. 8)
+    # NGswin x2 W4A4 DOBI falls below bicubic (27.6 dB here; ARCHITECTURE.md s. 7 records 27.8): bicubic is no floor
+    ("NGswin/NGswin_x2.pth", 2, 20.0, 38.05),
 ], ids=["dat_light_x2", "ngswin_x2"])
-def test_chain_on_real_x2_weights(model: str, scale: int, bicubic: float, fp: float, tmp_path: Path,
+def test_chain_on_real_x2_weights(model: str, scale: int, floor: float, fp: float, tmp_path: Path,
                                   shared_dir: Path) -> None:
     """The other real checkpoints (official weights) through the same chain at W4A4 DOBI.
 
     The engine passes ARCHITECTURE.md s. 7 (NGswin's floor comes from its own noise floor, far below
-    60 dB at 4 bits), and quantization shows: Set5 below FP, above bicubic (MATLAB figures, s. 8).
+    60 dB at 4 bits), its MatMuls are integer wherever placement put quantizers, and quantization shows
+    (Set5 below FP). The report runs on real weights in tests/test_readme.py; two noise draws here keep
+    CI short (x2 images are four times the x4 pixels).
     """
     checkpoint = shared_dir / "models" / model
-    result = chain(tmp_path, checkpoint, shared_dir / "datasets", scale, 64, "--method", "dobi", "--bits", "4")
-    sites = _placed_sites(checkpoint)
+    result = chain(tmp_path, checkpoint, shared_dir / "datasets", scale, 64, "--method", "dobi", "--bits", "4",
+                   report=False, verify=("--noise-draws", "2"))
     assert _both_inputs_dequantized(result["onnx"]) == _placed_calls(checkpoint, 64)
     verdict = result["verification"]
     assert verdict["passed"] and verdict["task_passed"], verdict
     psnr = result["eval"]["results"][0]["psnr"]
-    assert bicubic < psnr < fp
-    assert len(result["report"]["quantizers"]) == 2 * sites   # input + weight, or both operands, per site
+    assert floor < psnr < fp
+    assert abs(psnr - verdict["task"]["engine_psnr"]) < 0.5   # the same engine and tiles; whole-image eval

@@ -36,9 +36,12 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def calib_images(datasets_dir: Path) -> Path:
-    """A folder of real training images (100 DIV2K validation images, 256x256)."""
-    return datasets_dir / "train" / "DIV2K_valid_256"
+def calib_images() -> Path:
+    """A folder of real training images: the shipped calibration set (28 DIV2K validation images, 256x256),
+    so these tests run on a clone without ../shared."""
+    from toolchain.defaults import DEFAULT_CALIB_IMAGES
+
+    return DEFAULT_CALIB_IMAGES
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ def test_dobi_end_to_end(tmp_path, capsys, tiny_checkpoint, calib_images):
     assert summary["artifact"] == str(out) and summary["method"] == "dobi"
     meta = load_artifact(out).meta
     assert meta["calibration"]["patches"] == 4 and meta["calibration"]["patch_size"] == 16
-    assert meta["calibration"]["images"] == 100 and meta["calibration"]["seed"] == 0
+    assert meta["calibration"]["images"] == 28 and meta["calibration"]["seed"] == 0
     assert meta["calibration"]["batch_size"] == 2
     assert meta["method_options"]["candidates"] == 100
 
