@@ -125,3 +125,32 @@ def test_readme_data_room_commands_run_on_tiny_stand_ins(tmp_path: Path) -> None
                  "dat_light_x4_w4a4.onnx", "dat_light_x4_w4a4.ort.onnx"):
         assert (shared / name).is_file(), name
     assert (tmp_path / "photo_x4.png").is_file() and (tmp_path / "runs" / "report" / "index.html").is_file()
+
+
+def _trtexec_lines() -> list[list[str]]:
+    """The ``trtexec`` command lines of the README's TensorRT section, continuations joined, as argument lists."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## TensorRT engines"):]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("trtexec "):
+                commands.append(line.split())
+    return commands
+
+
+def test_readme_trtexec_commands_are_the_ones_the_tools_run() -> None:
+    """TensorRT cannot run here: the README's trtexec lines are checked against the commands 2dq builds and runs
+    (engines.trt.trtexec), so the documentation cannot drift from the code."""
+    from engines.trt.trtexec import build_command, profile_command
+
+    common = dict(input_name="input", tile=64, max_batch=8, timing_cache="trt_timing.cache")
+    expected = [
+        build_command("trtexec", "swinir_x2_w4a4.onnx", "swinir_x2_w4a4.plan", **common),
+        build_command("trtexec", "swinir_x2_w4a4.onnx", "swinir_x2_w4a4.plan", strongly_typed=False,
+                      builder_flags=("INT8",), **common),
+        profile_command("trtexec", "swinir_x2_w4a4.plan", input_name="input", batch=8, tile=64,
+                        profile_json="profile.json", layer_info_json="layer_info.json"),
+    ]
+    assert _trtexec_lines() == expected
