@@ -235,11 +235,9 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         raise UsageError(str(err)) from None
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: argparse.Namespace, config: QuantConfig) -> None:
     if args.out is None:
-        config_bits = (args.w_bits if args.w_bits is not None else args.bits,
-                       args.a_bits if args.a_bits is not None else args.bits)
-        args.out = str(defaults.artifact_path(args.weights, *config_bits, args.method))
+        args.out = str(defaults.artifact_path(args.weights, config.w_bits, config.a_bits, args.method))
     try:
         sidecar_path(args.out)
     except ValueError as err:
@@ -267,8 +265,8 @@ def _main(args: argparse.Namespace) -> int:
     from toolchain import load_model
     from toolchain.data.patches import list_images, sample_patches
 
-    _check_args(args)
     config = quant_config_from_args(args)
+    _check_args(args, config)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()

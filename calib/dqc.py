@@ -33,8 +33,8 @@ from toolchain.quant.grid import order_bounds_
 from . import distributed
 from .feature_taps import feature_modules
 from .dqc_loss import FeatureTap, Teacher, Validation, distillation_loss, feature_distance
-from .dqc_state import (TrainingState, global_indices, load_checkpoint, run_hash, save_checkpoint, tensor_digest,
-                        weights_fingerprint)
+from .dqc_state import (TrainingState, global_indices, load_checkpoint, refuse_unless_finished, run_hash,
+                        save_checkpoint, tensor_digest, weights_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def _start_state(model, config, bounds, digest, checkpoint_path, resume, context
     state = TrainingState(0, digest, {}, {}, {}, world=context.world)
     exists = checkpoint_path is not None and os.path.exists(checkpoint_path)
     if exists and not resume:
-        exists = _refuse_unless_finished(checkpoint_path, digest, config)
+        exists = refuse_unless_finished(checkpoint_path, digest, config.iters)
     if resume and not exists:
         raise FileNotFoundError(f"--resume: no DQC checkpoint at {checkpoint_path} (a run killed before its "
                                 f"first checkpoint must be started again without --resume)")
@@ -271,31 +271,6 @@ def _start_state(model, config, bounds, digest, checkpoint_path, resume, context
         log.info("DQC: resumed from %s at step %d of %d", checkpoint_path, state.iteration, config.iters)
     state.optimizer, state.scheduler = optimizer, scheduler  # live objects while training
     return state
-
-
-def _refuse_unless_finished(checkpoint_path, digest: str, config: DQCConfig) -> bool:
-    """An existing checkpoint met without ``resume``: ``False`` (start afresh) if it holds a finished run
-    of this very configuration; otherwise an error saying what it holds and what to do.
-
-    Running the same command again after it finished starts the run afresh instead of reusing the
-    finished state: the run hash covers options, data, weights and DOBI's bounds but not the code, so
-    a rerun (after an update, or to check reproducibility) should compute; it overwrites the
-    checkpoint (and the caller the artifact) atomically. ``--resume`` is the way to reuse a finished
-    checkpoint: it trains no further and gives back its bounds.
-    """
-    previous = load_checkpoint(checkpoint_path)  # ValueError if not a DQC checkpoint: never overwritten
-    if previous.run_hash != digest:
-        raise FileExistsError(
-            f"DQC checkpoint {checkpoint_path} was written by a run with other options, data, weights or "
-            f"starting bounds (it holds {previous.iteration} steps): delete it or choose another --dqc-checkpoint "
-            f"to start afresh, or continue it with its own options and --resume")
-    if previous.iteration < config.iters:
-        raise FileExistsError(
-            f"DQC checkpoint {checkpoint_path} holds an interrupted run ({previous.iteration} of {config.iters} "
-            f"steps): pass --resume to continue it, or delete it to start over")
-    log.info("DQC: %s holds this run, finished (%d steps); running it again from the start (the checkpoint "
-             "will be overwritten)", checkpoint_path, previous.iteration)
-    return False
 
 
 def _train(model, train_data, config, reference, tap, teacher_tap, val, state, bounds, checkpoint_path,

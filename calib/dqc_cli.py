@@ -79,7 +79,7 @@ def add_dqc_arguments(parser: Parser, *, common: bool = False) -> None:
     parser.add_argument("--dqc-checkpoint", metavar="PATH", default=None,
                         help=f"DQC checkpoint file (default: the artifact path with {CHECKPOINT_SUFFIX})")
     # A finished run is not reused without --resume: the checkpoint's hash does not cover the code, so
-    # the same command again computes afresh (calib.dqc._refuse_unless_finished).
+    # the same command again computes afresh (calib.dqc_state.refuse_unless_finished).
     parser.add_argument("--resume", action="store_true",
                         help="continue the DQC run of the checkpoint (same options; after a kill, this "
                         "ends with the bounds an uninterrupted run gives; on a finished run, its bounds "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from torch import nn
 
 from toolchain.files import atomic_path
 from toolchain.quant import bound_parameters
+
+log = logging.getLogger(__name__)
 
 FORMAT = "2dq-dqc-checkpoint/1"
 
@@ -200,3 +203,28 @@ def load_checkpoint(path: str | os.PathLike, expected_hash: Optional[str] = None
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy that owns its storage (safetensors refuses shared or strided tensors)."""
     return tensor.detach().to("cpu").contiguous().clone()
+
+
+def refuse_unless_finished(checkpoint_path: str | os.PathLike, digest: str, iters: int) -> bool:
+    """An existing checkpoint met without ``resume``: ``False`` (start afresh) if it holds a finished run
+    of this very configuration (run hash ``digest``, ``iters`` steps); otherwise an error saying what it holds and what to do.
+
+    Running the same command again after it finished starts the run afresh instead of reusing the
+    finished state: the run hash covers options, data, weights and DOBI's bounds but not the code, so
+    a rerun (after an update, or to check reproducibility) should compute; it overwrites the
+    checkpoint (and the caller the artifact) atomically. ``--resume`` is the way to reuse a finished
+    checkpoint: it trains no further and gives back its bounds.
+    """
+    previous = load_checkpoint(checkpoint_path)  # ValueError if not a DQC checkpoint: never overwritten
+    if previous.run_hash != digest:
+        raise FileExistsError(
+            f"DQC checkpoint {checkpoint_path} was written by a run with other options, data, weights or "
+            f"starting bounds (it holds {previous.iteration} steps): delete it or choose another --dqc-checkpoint "
+            f"to start afresh, or continue it with its own options and --resume")
+    if previous.iteration < iters:
+        raise FileExistsError(
+            f"DQC checkpoint {checkpoint_path} holds an interrupted run ({previous.iteration} of {iters} "
+            f"steps): pass --resume to continue it, or delete it to start over")
+    log.info("DQC: %s holds this run, finished (%d steps); running it again from the start (the checkpoint "
+             "will be overwritten)", checkpoint_path, previous.iteration)
+    return False

@@ -33,8 +33,6 @@ from toolchain.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, add_logging_
 from toolchain.files import atomic_path
 
 from .compare import (
-    DEFAULT_NOISE_SIGMA,
-    NOISE_DRAWS,
     NOISE_FLOOR_MARGIN,
     ORT_MIN_IDENTICAL,
     ORT_MIN_PSNR,
@@ -43,11 +41,11 @@ from .compare import (
     benchmark_images,
     check_provenance,
     cut_tiles,
-    noise_floor,
     polygraphy_compare,
-    task_noise,
+    reference_upscaler,
     verify_engine,
 )
+from .noise import DEFAULT_NOISE_SIGMA, NOISE_DRAWS, noise_floor, task_noise
 from .ort_engine import BUILD_LEVEL, LEVELS, OrtTileRunner, build_ort_engine
 
 log = logging.getLogger("2dq-build-engine")
@@ -192,8 +190,10 @@ def _verify(args: argparse.Namespace) -> dict[str, Any]:
     check_provenance(meta, args.weights, args.calib, where=str(args.out))
     sets = [name.strip() for name in args.sets.split(",") if name.strip()]
     images = benchmark_images(args.data, sets, runner.scale)
+    reference = reference_upscaler(args.weights, args.calib, runner.tile, overlap=args.overlap, batch=args.batch,
+                                   device=args.device)   # one clean pass, shared by the engine check and the noise
     agreement = verify_engine(runner, args.weights, args.calib, images, overlap=args.overlap, batch=args.batch,
-                              device=args.device, progress=not args.no_progress)
+                              progress=not args.no_progress, reference=reference)
     fixed, _ = THRESHOLDS[(args.backend, float_dtype)]
     fixed = args.min_psnr if args.min_psnr is not None else fixed
     floor = None
@@ -201,8 +201,7 @@ def _verify(args: argparse.Namespace) -> dict[str, Any]:
     spread = None
     if args.noise_floor > 0:
         draws = noise_floor(args.weights, args.calib, images, runner.tile, sigma=args.noise_floor,
-                            overlap=args.overlap, batch=args.batch, device=args.device, progress=not args.no_progress,
-                            draws=args.noise_draws)
+                            progress=not args.no_progress, draws=args.noise_draws, reference=reference)
         own = draws[0]
         spread = task_noise(draws)
         print(f"noise floor (reference vs itself, input noise sigma {args.noise_floor:g}): {agreement_summary(own)}")
@@ -256,7 +255,7 @@ def _polygraphy(args: argparse.Namespace, runner: Any, images: list) -> dict[str
 
 def _main(args: argparse.Namespace) -> int:
     if args.onnx is None:
-        args.onnx = str(defaults.existing(defaults.onnx_path(defaults.artifact_path()), "--onnx",
+        args.onnx = str(defaults.existing(defaults.MAIN_ONNX, "--onnx",
                                           "export first: 2dq-export --onnx"))
     if not Path(args.onnx).is_file():
         raise UsageError(f"--onnx {args.onnx}: no such file")

@@ -80,7 +80,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.engine and args.weights:
         raise UsageError("give exactly one of --engine ENGINE or --weights CKPT")
     if not args.engine and not args.weights:
-        args.engine = str(defaults.existing(defaults.engine_path(defaults.onnx_path(defaults.artifact_path())),
+        args.engine = str(defaults.existing(defaults.MAIN_ENGINE,
                                             "--engine", "build it with 2dq-build-engine, or pass --weights"))
     if args.calib and not args.weights:
         raise UsageError("--calib goes with --weights")

@@ -32,7 +32,6 @@ from toolchain.backends import Upscaler, to_batch
 from toolchain.data.io import to_uint8
 from toolchain.extras import import_extra
 from toolchain.inference import TileSpec, pad_symmetric, round_up, tile_starts
-from toolchain.models import info_of
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +43,6 @@ TASK_PSNR_TOLERANCE = 0.02
 TASK_SSIM_TOLERANCE = 0.0005
 #: the engine may sit this far below the reference's own noise floor (s. 7)
 NOISE_FLOOR_MARGIN = 1.0
-DEFAULT_NOISE_SIGMA = 1e-6
-#: noise draws of the reference against itself: the first sets the PSNR floor, all of them the task spread
-NOISE_DRAWS = 4
 #: the task tolerance widens to this many times the RMS of the reference's own task differences under
 #: noise when that is larger than the fixed tolerance (a sensitive 4-bit model on 5 images: DAT-light x4
 #: W4A4 moves its own Set5 PSNR by +0.024 dB under 2e-6 input noise)
@@ -332,42 +328,19 @@ def check_provenance(metadata: Mapping[str, Any], weights: str | os.PathLike, ca
             raise ValueError(f"{where} was built from a file with {key} {expected}, but {path} has {digest}")
 
 
-def verify_engine(runner: Any, weights: str | os.PathLike, calib: str | os.PathLike,
-                  images: Sequence[tuple[str, np.ndarray]], *, overlap: int = 16, batch: int = 4,
-                  device: str = "cpu", progress: bool = False) -> Agreement:
-    """Agreement of a tile runner with the fake-quant model of ``weights`` + ``calib`` on ``images``.
-
-    The reference runs the same tiles (``runner.tile``, ``overlap``, ``batch``) on ``device``.
-    """
+def reference_upscaler(weights: str | os.PathLike, calib: str | os.PathLike, tile: int, *, overlap: int = 16,
+                       batch: int = 4, device: str = "cpu") -> Upscaler:
+    """The fake-quant model of ``weights`` + ``calib`` run in ``tile`` tiles, each image computed once
+    (:class:`Remembered`: the engine comparison and every noise draw share its outputs)."""
     from calib.artifact import load_quantized_model
-    from toolchain.backends import TiledUpscaler, TorchUpscaler
+    from toolchain.backends import TorchUpscaler
 
     model = load_quantized_model(weights, calib, device=device)
-    if info_of(model).scale != int(runner.scale):
-        raise ValueError(f"the engine upscales x{runner.scale}, the model of {weights} x{info_of(model).scale}")
-    reference = TorchUpscaler(model, device, TileSpec(runner.tile, overlap, batch))
-    engine = TiledUpscaler(runner, overlap=overlap, batch=batch)
-    return compare_upscalers(engine, reference, images, progress)
+    return Remembered(TorchUpscaler(model, device, TileSpec(tile, overlap, batch)))
 
 
-@dataclass
-class _Perturbed:
-    """An upscaler fed its input plus seeded Gaussian noise of standard deviation ``sigma``."""
-
-    upscaler: Upscaler
-    sigma: float
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.scale = self.upscaler.scale
-
-    def upscale(self, lr: np.ndarray) -> np.ndarray:
-        noise = np.random.default_rng(self.seed).standard_normal(lr.shape).astype(np.float32)
-        return self.upscaler.upscale(lr + self.sigma * noise)
-
-
-class _Remembered:
-    """An upscaler that computes each image once (the clean reference shared by several noise draws)."""
+class Remembered:
+    """An upscaler that computes each image once, keyed by the image array itself."""
 
     def __init__(self, upscaler: Upscaler) -> None:
         self.upscaler, self.scale, self._outputs = upscaler, upscaler.scale, {}
@@ -379,31 +352,19 @@ class _Remembered:
         return self._outputs[key][1]
 
 
-def noise_floor(weights: str | os.PathLike, calib: str | os.PathLike, images: Sequence[tuple[str, np.ndarray]],
-                tile: int, *, sigma: float = 1e-6, overlap: int = 16, batch: int = 4, device: str = "cpu",
-                progress: bool = False, draws: int = 1) -> list[Agreement]:
-    """Agreements of the fake-quant model with itself when its input moves by ``sigma`` (float noise),
-    one per seeded noise draw (``draws`` of them; the clean reference is computed once).
+def verify_engine(runner: Any, weights: str | os.PathLike, calib: str | os.PathLike,
+                  images: Sequence[tuple[str, np.ndarray]], *, overlap: int = 16, batch: int = 4,
+                  device: str = "cpu", progress: bool = False, reference: Upscaler | None = None) -> Agreement:
+    """Agreement of a tile runner with the fake-quant model of ``weights`` + ``calib`` on ``images``.
 
-    An engine cannot be expected to agree with the reference better than this: float layers that
-    differ in the last bits move values by about as much, and a quantized model that is sensitive
-    to that (each flipped code feeds later quantizers) shows it here without any engine involved.
+    The reference runs the same tiles (``runner.tile``, ``overlap``, ``batch``) on ``device``; pass
+    ``reference`` (:func:`reference_upscaler`) to share it with :func:`engines.noise.noise_floor`.
     """
-    from calib.artifact import load_quantized_model
-    from toolchain.backends import TorchUpscaler
+    from toolchain.backends import TiledUpscaler
 
-    if draws < 1:
-        raise ValueError(f"noise draws must be positive, got {draws}")
-    model = load_quantized_model(weights, calib, device=device)
-    reference = _Remembered(TorchUpscaler(model, device, TileSpec(tile, overlap, batch)))
-    return [compare_upscalers(_Perturbed(reference.upscaler, sigma, seed), reference, images, progress)
-            for seed in range(draws)]
-
-
-def task_noise(draws: Sequence[Agreement]) -> tuple[float, float] | None:
-    """RMS of the task (PSNR, SSIM) differences of noise draws (None without HR)."""
-    tasks = [draw.task for draw in draws]
-    if not tasks or any(task is None for task in tasks):
-        return None
-    return (math.sqrt(sum(t["psnr_difference"] ** 2 for t in tasks) / len(tasks)),
-            math.sqrt(sum(t["ssim_difference"] ** 2 for t in tasks) / len(tasks)))
+    if reference is None:
+        reference = reference_upscaler(weights, calib, runner.tile, overlap=overlap, batch=batch, device=device)
+    if int(reference.scale) != int(runner.scale):
+        raise ValueError(f"the engine upscales x{runner.scale}, the model of {weights} x{reference.scale}")
+    engine = TiledUpscaler(runner, overlap=overlap, batch=batch)
+    return compare_upscalers(engine, reference, images, progress)

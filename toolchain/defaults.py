@@ -22,6 +22,8 @@ DEFAULT_CALIB_IMAGES = ASSETS / "calib"
 #: a benchmark root holding ``Set5/HR`` and ``Set5/LR_bicubic/X{2,3,4}``
 DEFAULT_DATA = ASSETS / "datasets"
 DEFAULT_SETS = "Set5"
+#: the benchmark sets of a data root given by hand (the team's ../shared/datasets layout)
+BENCHMARK_SETS = "Set5,Set14,B100"
 RUNS = Path("runs")
 #: the method whose artifacts get the plain name (others add ``_<method>``)
 PLAIN_METHOD = "dobi"
@@ -66,6 +68,11 @@ def artifact_of_onnx(onnx: PathLike) -> Path:
     return Path(onnx).with_suffix(".safetensors")
 
 
+def sets_for(data: Optional[PathLike]) -> str:
+    """The default ``--sets``: the shipped Set5 without ``--data``, the three benchmark sets with it."""
+    return DEFAULT_SETS if data is None else BENCHMARK_SETS
+
+
 def existing(path: PathLike, option: str, how: Optional[str] = None) -> Path:
     """``path`` if it exists; else a usage error (exit 2) naming the option, its default and how to make it."""
     from .cli.common import UsageError
@@ -75,3 +82,9 @@ def existing(path: PathLike, option: str, how: Optional[str] = None) -> Path:
         hint = f" ({how})" if how else ""
         raise UsageError(f"{option}: the default {path} does not exist{hint}; pass {option}")
     return path
+
+
+#: the default chain's files (what the tools write and read when no path is given)
+MAIN_ARTIFACT = artifact_path()
+MAIN_ONNX = onnx_path(MAIN_ARTIFACT)
+MAIN_ENGINE = engine_path(MAIN_ONNX)

@@ -83,7 +83,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         args.calib = str(defaults.existing(defaults.artifact_path(args.weights), "--calib",
                                            "calibrate first: 2dq-calibrate"))
     if args.sets is None:
-        args.sets = defaults.DEFAULT_SETS if args.data is None else "Set5,Set14,B100"
+        args.sets = defaults.sets_for(args.data)
     args.data = args.data or str(defaults.DEFAULT_DATA)
     args.out = args.out or str(defaults.RUNS / f"{Path(args.calib).stem}_report")
     sets = [name.strip() for name in args.sets.split(",") if name.strip()]

@@ -13,7 +13,6 @@ import torch
 from engines.cli_build import main as build_main
 from engines.code_agreement import code_agreement
 from engines.compare import (
-    DEFAULT_NOISE_SIGMA,
     NOISE_FLOOR_MARGIN,
     ORT_MIN_IDENTICAL,
     ORT_MIN_PSNR,
@@ -24,13 +23,12 @@ from engines.compare import (
     check_provenance,
     compare_images,
     cut_tiles,
-    noise_floor,
     polygraphy_compare,
     pool,
-    task_noise,
     verify_engine,
 )
 from toolchain.quant import quantizers
+from engines.noise import DEFAULT_NOISE_SIGMA, noise_floor, task_noise
 from engines.ort_engine import OrtTileRunner
 from toolchain.data.benchmark import benchmark_pairs, load_pair
 from toolchain.data.io import write_image

@@ -32,10 +32,9 @@ from engines.compare import (
     ORT_MIN_IDENTICAL,
     ORT_MIN_PSNR,
     Verdict,
-    noise_floor,
-    task_noise,
     verify_engine,
 )
+from engines.noise import noise_floor, task_noise
 from engines.ort_engine import OrtTileRunner, build_ort_engine
 from export.onnx_export import ExportOptions, Provenance, export_model, export_onnx
 from toolchain import load_model

@@ -55,10 +55,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.backend == "torch" and not (args.weights or args.model):
         args.weights = str(defaults.DEFAULT_WEIGHTS)
     if args.backend != "torch" and not args.engine:
-        args.engine = str(defaults.existing(defaults.engine_path(defaults.onnx_path(defaults.artifact_path())),
+        args.engine = str(defaults.existing(defaults.MAIN_ENGINE,
                                             "--engine", "build it with 2dq-build-engine"))
     if args.sets is None:
-        args.sets = defaults.DEFAULT_SETS if args.data is None else "Set5,Set14,B100"
+        args.sets = defaults.sets_for(args.data)
     if args.data is None:
         args.data = str(defaults.DEFAULT_DATA)
     if args.backend != "torch" and (args.weights or args.model or args.calib):
