@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -28,13 +27,14 @@ from torch import nn
 
 from calib.dobi import calibrate_dobi
 from calib.observers import batch_forward_loop
-from calib.shift import add_shifts, calibrate_shifts, find_shift_sites, init_shifts
-from calib.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant
+from calib.transforms import (add_shifts, add_smoothing, calibrate_shifts, find_shift_sites, find_smoothing_groups,
+                              init_shifts, init_smoothquant)
 from toolchain import load_model
 from toolchain.backends import TorchUpscaler
 from toolchain.data.patches import sample_patches, split_train_val
 from toolchain.evaluate import evaluate_set
 from toolchain.files import atomic_path
+from toolchain.metrics import psnr_from_mse
 from toolchain.quant import QuantConfig, QuantLinear, float_mode, quantize_model
 
 log = logging.getLogger("beyond_2dquant")
@@ -55,8 +55,8 @@ VARIANTS = {
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float((a.clamp(0, 1) - b.clamp(0, 1)).square().mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+    """PSNR (dB) of two outputs clamped to [0, 1], the MSE in their dtype."""
+    return psnr_from_mse(float((a.clamp(0, 1) - b.clamp(0, 1)).square().mean()), 1.0)
 
 
 def explicit_smoothing(model: nn.Module, forward_loop, alpha: float, covered: set[str]) -> int:

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from calib.artifact import load_quantized_model
-from calib.dqc_cli import validation_batch
+from calib.dqc_run import validation_batch
 from toolchain.data.patches import list_images, split_train_val
 from toolchain.metrics import psnr
 from toolchain.models import info_of

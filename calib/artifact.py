@@ -6,7 +6,7 @@ the sidecar sits beside it with the suffix ``.json`` (``run/w4a4.safetensors`` -
 
 - bounds: one float32 tensor per bound, ``<quantizer name>.lower`` / ``<quantizer name>.upper``
   (shape ``()`` per tensor, ``(C_out, 1, ...)`` per channel), exactly
-  :func:`toolchain.quant.bounds_state`; with folds (:mod:`calib.smoothing`, :mod:`calib.shift`)
+  :func:`toolchain.quant.bounds_state`; with folds (:mod:`calib.transforms`)
   also their learned parameters under ``transforms/`` (``transforms/smoothing.<group>.log_scale``,
   ``transforms/shift.<site>.offset``); with GPTQ (:mod:`calib.gptq`) the refined float weights of the
   linears under ``weights/`` (``weights/<module>.weight``: the checkpoint's parameter, replaced).
@@ -15,12 +15,12 @@ the sidecar sits beside it with the suffix ``.json`` (``run/w4a4.safetensors`` -
   ``method_options``, ``calibration`` (data folder, image count and list hash, patches, patch
   size, seed), ``versions`` (torch, numpy, 2dq), ``created`` (UTC, ISO 8601), and
   ``bounds_sha256``, the hash of the bounds file, so that a sidecar paired with another bounds
-  file is refused; ``transforms`` (:func:`calib.shift.transforms_spec`) when the model has folds.
+  file is refused; ``transforms`` (:func:`calib.transforms.transforms_spec`) when the model has folds.
 
 :func:`load_quantized_model` rebuilds the fake-quant model from the float checkpoint and an
 artifact, refusing a checkpoint whose SHA-256 differs from the one calibrated; refined weights are
 written into the float model first, then folds are re-created, loaded and baked
-(:func:`calib.smoothing.bake_transforms`), so the model it returns is a plain quantized model whose
+(:func:`calib.transforms.bake_transforms`), so the model it returns is a plain quantized model whose
 outputs are the calibrated model's bit for bit.
 """
 from __future__ import annotations
@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolchain.files import atomic_path, sha256_file
+from toolchain.files import atomic_path, check_sha256, sha256_file
 from toolchain.quant import QuantConfig, bounds_state, load_bounds, quantize_model
 
-from .shift import bake_transforms, restore_transforms, transforms_spec, transforms_state
+from .transforms import bake_transforms, restore_transforms, transforms_spec, transforms_state
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +212,8 @@ def load_artifact(path: PathLike) -> Artifact:
         raise ArtifactError(f"{sidecar}: missing keys {missing}")
     if meta["format_version"] != FORMAT_VERSION:
         raise ArtifactError(f"{sidecar}: format_version {meta['format_version']!r}, this 2dq reads {FORMAT_VERSION}")
-    digest = sha256_file(path)
-    if digest != meta["bounds_sha256"]:
-        raise ArtifactError(f"{path} (SHA-256 {digest}) is not the bounds file described by {sidecar} "
-                            f"(bounds_sha256 {meta['bounds_sha256']})")
+    check_sha256(path, meta["bounds_sha256"], f"{path} is not the bounds file described by {sidecar} "
+                 "(its bounds_sha256)", error=ArtifactError)
     try:
         bounds = load_file(str(path), device="cpu")
     except Exception as err:  # safetensors raises its own error types for every kind of damage
@@ -253,11 +251,8 @@ def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
 
     artifact = load_artifact(artifact_path)
     meta = artifact.meta
-    digest = sha256_file(weights_path)
-    if digest != meta["checkpoint_sha256"]:
-        raise ArtifactError(f"checkpoint mismatch: {artifact_path} was calibrated on a checkpoint with SHA-256 "
-                            f"{meta['checkpoint_sha256']} ({meta.get('checkpoint', '?')}), but {weights_path} "
-                            f"has SHA-256 {digest}")
+    check_sha256(weights_path, meta["checkpoint_sha256"], f"checkpoint mismatch: {artifact_path} was calibrated on "
+                 f"another checkpoint ({meta.get('checkpoint', '?')})", error=ArtifactError)
     model = load_model(weights_path, device=device)
     want = meta["model"]
     got = model_description(model)

@@ -35,7 +35,7 @@ from .baselines import DEFAULT_PERCENTILE, calibrate_minmax, calibrate_percentil
 from .dobi import DEFAULT_CANDIDATES, MODES, calibrate_dobi
 from .gptq import DEFAULT_DAMP
 from .observers import DEFAULT_BINS, batch_forward_loop
-from .transforms import add_transform_arguments, attach_transforms, finish_transforms
+from .transforms import add_transform_arguments, attach_transforms, finish_transforms, transforms_config_from_args
 from toolchain.models import info_of
 
 log = logging.getLogger("2dq-calibrate")
@@ -132,11 +132,13 @@ def _2dquant_arguments(group: argparse._ArgumentGroup) -> None:
 
 def run_2dquant(ctx: CalibrationContext) -> dict[str, Any]:
     """2DQuant: DOBI bounds, then DQC distillation of every bound from the float teacher."""
-    from .dqc_cli import run_dqc
+    from .dqc_cli import dqc_configs_from_args
+    from .dqc_run import run_dqc
 
+    config, data, run = dqc_configs_from_args(ctx.args, images=ctx.images)  # before DOBI: bad options fail fast
     options = run_dobi(ctx)
     finish_transforms(ctx.model)  # DQC starts from exact shifted grids
-    options["dqc"] = run_dqc(ctx.args, ctx.model, images=ctx.images, progress=ctx.progress)
+    options["dqc"] = run_dqc(ctx.model, config, data, run, progress=ctx.progress)
     return options
 
 
@@ -282,7 +284,8 @@ def _main(args: argparse.Namespace) -> int:
     log.info("%d LR patches %dx%d from %d images in %s (seed %d)", lr.shape[0], args.patch_size,
              args.patch_size, len(images), args.calib_images, args.seed)
     ctx = CalibrationContext(model, Path(args.weights), lr, images, args, args.device, not args.no_progress)
-    transforms = attach_transforms(model, lr, ctx.forward_loop("smoothing statistics"), args)
+    transforms = attach_transforms(model, lr, ctx.forward_loop("smoothing statistics"),
+                                   transforms_config_from_args(args))
     options = METHODS[args.method].run(ctx)
     finish_transforms(model)
     if transforms:

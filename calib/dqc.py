@@ -27,7 +27,7 @@ from torch import nn
 
 from toolchain.quant import bound_parameters, bounds_state, load_bounds, quantizers
 
-from .shift import load_transforms_state, transform_parameters, transforms_state
+from .transforms import load_transforms_state, transform_parameters, transforms_state
 from toolchain.quant.grid import order_bounds_
 
 from . import distributed
@@ -198,7 +198,7 @@ def distill(
     model.to(device).eval()
     if teacher is not None:
         teacher.to(device).eval()
-    bounds = bound_parameters(model) + transform_parameters(model)  # folds (calib.smoothing/shift) train too
+    bounds = bound_parameters(model) + transform_parameters(model)  # folds (calib.transforms) train too
     frozen = [p for m in (model, teacher) if m is not None for p in m.parameters()]
     flags = [p.requires_grad for p in frozen]
     start = time.perf_counter()

@@ -1,10 +1,11 @@
-"""Command-line face of DQC: ``add_dqc_arguments(parser)`` and ``run_dqc(args, model, ...)``.
+"""Command-line face of DQC: ``add_dqc_arguments(parser)`` and ``dqc_configs_from_args(args)``.
 
-``2dq-calibrate --method 2dquant`` runs DOBI, then :func:`run_dqc` on the same model. DQC draws
-random LR patches (bicubic degradation of random HR crops, :class:`toolchain.data.patches.PatchDataset`)
-from the training images, holds out ``--val-fraction`` of the images (``split_train_val``) for a fixed
-validation batch, and keeps the bounds of the best validation step. Never point it at Set5, Set14
-or B100.
+``2dq-calibrate --method 2dquant`` runs DOBI, then :func:`calib.dqc_run.run_dqc` on the same model
+with the configs :func:`dqc_configs_from_args` builds from the flags (the only reader of DQC's flags;
+the library takes the frozen :class:`~calib.dqc.DQCConfig`, :class:`~calib.dqc_run.DQCData` and
+:class:`~calib.dqc_run.DQCRun`). DQC draws random LR patches from the training images, holds out
+``--val-fraction`` of them for a fixed validation batch, and keeps the bounds of the best validation
+step. Never point it at Set5, Set14 or B100.
 
 CPU budget (default): the paper runs 4000 steps of batch 16 (64x64 LR) on a GPU. One step of
 SwinIR-light x4 W4A4 at batch 4 of 48x48 costs about 10 CPU-seconds here (fake quantization and
@@ -21,25 +22,18 @@ checkpoints (callers write artifacts only where :func:`calib.distributed.is_main
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-import torch
-from torch import nn
+from .dqc import SCHEDULES, DQCConfig
+from .dqc_run import (CHECKPOINT_SUFFIX, DEFAULT_PATCH, DEFAULT_VAL_FRACTION, DEFAULT_VAL_PATCHES, DQCData, DQCRun,
+                      default_checkpoint_path)
 
-from . import distributed
-from .dqc import SCHEDULES, DQCConfig, distill
-from toolchain.models import info_of
-
-log = logging.getLogger(__name__)
+__all__ = ["CHECKPOINT_SUFFIX", "DEFAULT_BATCH", "DEFAULT_ITERS", "DEFAULT_PATCH", "DEFAULT_VAL_PATCHES",
+           "add_dqc_arguments", "dqc_configs_from_args"]
 
 DEFAULT_ITERS = 40
 DEFAULT_BATCH = 4
-DEFAULT_PATCH = 48
-DEFAULT_VAL_PATCHES = 16
-CHECKPOINT_SUFFIX = ".dqc-checkpoint.safetensors"
 
 Parser = Union[argparse.ArgumentParser, argparse._ArgumentGroup]
 
@@ -67,7 +61,7 @@ def add_dqc_arguments(parser: Parser, *, common: bool = False) -> None:
                         "model's repeated top-level stages, e.g. SwinIR's residual groups)")
     parser.add_argument("--dqc-schedule", choices=SCHEDULES, default=defaults.schedule,
                         help="learning-rate schedule over the DQC steps (default: %(default)s)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
+    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                         help="share of the training images held out for DQC validation (default: %(default)s)")
     parser.add_argument("--val-every", type=int, default=defaults.val_every,
                         help="steps between validations; the bounds of the best one are kept; 0: keep the "
@@ -97,96 +91,67 @@ def add_dqc_arguments(parser: Parser, *, common: bool = False) -> None:
         parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
 
 
-def dqc_config_from_args(args: argparse.Namespace, world: int = 1) -> DQCConfig:
-    """The :class:`DQCConfig` of the parsed options (``ValueError`` naming the option if invalid)."""
+def _launched_world() -> int:
+    """How many processes the run joins (as :func:`calib.distributed.init_from_env` will find them): the
+    live process group's size, else ``torchrun``'s ``WORLD_SIZE``, else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+
+
+def dqc_configs_from_args(args: argparse.Namespace, world: Optional[int] = None, *,
+                          images: Optional[Sequence[Union[str, os.PathLike]]] = None
+                          ) -> tuple[DQCConfig, DQCData, DQCRun]:
+    """The DQC configs the parsed options describe: the one place that reads DQC's flags.
+
+    ``world``: processes the global ``--batch`` is split over (default: those of the ``torchrun``
+    launch, 1 alone). ``images``: the training image files (default: those under ``args.calib_images``).
+    The checkpoint is ``--dqc-checkpoint``, else the one beside ``--out`` (:func:`default_checkpoint_path`),
+    else none. ``ValueError`` naming the option when one is invalid.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> add_dqc_arguments(parser, common=True)
+    >>> args = parser.parse_args(["--dqc-iters", "2", "--batch", "2", "--dqc-patch-size", "16"])
+    >>> config, data, run = dqc_configs_from_args(args, images=["a.png", "b.png"])
+    >>> config.iters, config.batch, data.patch_size, data.images[0], run.checkpoint
+    (2, 2, 16, PosixPath('a.png'), None)
+    >>> dqc_configs_from_args(parser.parse_args(["--batch", "6"]), world=4, images=["a.png"])
+    Traceback (most recent call last):
+    ValueError: --batch 6 must be a multiple of processes (4) x --dqc-accumulation (1)
+    """
+    world = _launched_world() if world is None else world
     for option in ("dqc_iters", "dqc_batch", "val_patches", "dqc_accumulation"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
     if args.dqc_batch % (world * args.dqc_accumulation):
         raise ValueError(f"--batch {args.dqc_batch} must be a multiple of processes ({world}) x "
                          f"--dqc-accumulation ({args.dqc_accumulation})")
-    try:
-        return DQCConfig(iters=args.dqc_iters, batch=args.dqc_batch, lr=args.dqc_lr,
-                         feature_weight=args.feature_weight, schedule=args.dqc_schedule, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every, val_every=args.val_every,
-                         accumulation=args.dqc_accumulation, feature_taps=args.feature_taps)
-    except ValueError as err:
-        raise ValueError(f"DQC options: {err}") from None
-
-
-def checkpoint_path_from_args(args: argparse.Namespace) -> Optional[Path]:
-    """``--dqc-checkpoint``, else the artifact path (``--out``) with :data:`CHECKPOINT_SUFFIX`."""
-    if args.dqc_checkpoint:
-        return Path(args.dqc_checkpoint)
-    out = getattr(args, "out", None)
-    if out is None:
-        return None
-    out = Path(out)
-    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    return out.with_name(stem + CHECKPOINT_SUFFIX)
-
-
-def validation_batch(val_files: list, patch: int, scale: int, seed: int, n: int) -> tuple[torch.Tensor, int]:
-    """DQC's fixed held-out batch: ``n`` LR patches ``(n, 3, patch, patch)`` of ``val_files`` (the held-out
-    part of ``split_train_val(images, val_fraction, seed)``), and how many of the files were usable."""
-    from toolchain.data.patches import PatchDataset
-
-    val = PatchDataset(val_files, patch, scale, seed=seed + 2, length=n)
-    return torch.stack([val[i][0] for i in range(len(val))]), len(val.paths)
-
-
-def run_dqc(args: argparse.Namespace, model: nn.Module, teacher: Optional[nn.Module] = None, *,
-            images: Optional[Sequence[Union[str, os.PathLike]]] = None, progress: bool = True,
-            checkpoint_path: Optional[Union[str, os.PathLike]] = None) -> dict[str, Any]:
-    """Run DQC on ``model`` (quantized, bounds from DOBI) with the parsed options; returns JSON metadata.
-
-    ``images``: the training image files (default: those under ``args.calib_images``). The returned
-    dict (``{"config", "data", "result"}``) belongs in the artifact's ``method_options``; ``model``
-    ends with the bounds of the best validation step. Joins a ``torchrun`` process group if the
-    environment describes one, and leaves it at the end.
-
-    >>> from toolchain.models.examples import tiny_swinir
-    >>> model = tiny_swinir()   # random weights; real ones: load_model
-    >>> from toolchain.defaults import DEFAULT_CALIB_IMAGES
-    >>> from calib import quantize
-    >>> model = quantize(model, forward_loop=lambda m: m(torch.rand(8, 3, 16, 16)))   # DOBI bounds
-    >>> parser = argparse.ArgumentParser()
-    >>> add_dqc_arguments(parser, common=True)
-    >>> args = parser.parse_args(["--dqc-iters", "2", "--batch", "2", "--dqc-patch-size", "16", "--val-every", "0"])
-    >>> options = run_dqc(args, model, images=sorted(DEFAULT_CALIB_IMAGES.glob("*.png")), progress=False)
-    >>> options["result"]["iterations"], options["data"]["train_images"], options["checkpoint"]
-    (2, 25, None)
-    """
-    from toolchain.data.patches import PatchDataset, list_images, split_train_val
-
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    if images is None:
-        images = list_images(args.calib_images)
-    patch = args.dqc_patch_size
-    if patch < 1 or not 0.0 < args.val_fraction < 1.0 or args.val_every < 0 or args.checkpoint_every < 0:
+    if args.dqc_patch_size < 1 or not 0.0 < args.val_fraction < 1.0 or args.val_every < 0 or args.checkpoint_every < 0:
         raise ValueError("DQC options: --dqc-patch-size must be positive, --val-fraction in (0, 1), "
                          "--val-every and --checkpoint-every >= 0")
-    context = distributed.init_from_env(args.device)
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be positive, got {threads}")
+    out = getattr(args, "out", None)
+    checkpoint = args.dqc_checkpoint or (default_checkpoint_path(out) if out is not None else None)
+    if args.resume and checkpoint is None:
+        raise ValueError("--resume needs the checkpoint to continue: --dqc-checkpoint (or --out)")
+    if images is None:
+        from toolchain.data.patches import list_images
+
+        images = list_images(args.calib_images)
+        if not images:
+            raise ValueError(f"--calib-images {args.calib_images}: no image files found")
     try:
-        config = dqc_config_from_args(args, context.world)
-        checkpoint = Path(checkpoint_path) if checkpoint_path is not None else checkpoint_path_from_args(args)
-        train_files, val_files = split_train_val(list(images), args.val_fraction, args.seed)
-        train = PatchDataset(train_files, patch, info_of(model).scale, seed=args.seed + 1, length=config.iters * config.batch)
-        data = {"train_images": len(train.paths), "patch_size": patch, "scale": info_of(model).scale, "seed": args.seed,
-                "files": sorted(Path(p).name for p in train_files + val_files)}
-        val_batch = None
-        if config.val_every:
-            val_batch, val_images = validation_batch(val_files, patch, info_of(model).scale, args.seed, args.val_patches)
-            data.update(val_images=val_images, val_fraction=args.val_fraction, val_patches=args.val_patches)
-        log.info("DQC: %d steps of %d LR patches %dx%d from %d training images (%s), on %d process(es)",
-                 config.iters, config.batch, patch, patch, len(train.paths),
-                 f"validation on {len(val_batch)} patches of {data['val_images']} held-out images"
-                 if val_batch is not None else "no validation: the last step's bounds are kept", context.world)
-        result = distill(model, train, config, val_batch=val_batch, teacher=teacher, checkpoint_path=checkpoint,
-                         resume=args.resume, context=context, description=data, progress=progress)
-    finally:
-        distributed.shutdown(context)
-    data.pop("files")
-    return {"config": config.to_dict(), "data": data, "result": result.to_dict(),
-            "checkpoint": None if checkpoint is None else str(checkpoint), "processes": context.world}
+        config = DQCConfig(iters=args.dqc_iters, batch=args.dqc_batch, lr=args.dqc_lr,
+                           feature_weight=args.feature_weight, schedule=args.dqc_schedule, seed=args.seed,
+                           checkpoint_every=args.checkpoint_every, val_every=args.val_every,
+                           accumulation=args.dqc_accumulation, feature_taps=args.feature_taps)
+        data = DQCData(tuple(images), patch_size=args.dqc_patch_size, val_fraction=args.val_fraction,
+                       val_patches=args.val_patches)
+        run = DQCRun(device=args.device, threads=threads, checkpoint=checkpoint, resume=args.resume)
+    except ValueError as err:
+        raise ValueError(f"DQC options: {err}") from None
+    return config, data, run

@@ -5,13 +5,13 @@ weights here) are in ``benchmarks/dqc_speed.md``; ``tests/calib/test_dqc.py`` ch
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from toolchain.metrics import psnr_from_mse
 from toolchain.quant import float_mode
 
 
@@ -146,5 +146,5 @@ class Validation:
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = F.mse_loss(a.clamp(0, 1), b.clamp(0, 1)).item()
-    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    """PSNR (dB) of two outputs clamped to [0, 1], the MSE in the outputs' dtype (as DQC logs it)."""
+    return psnr_from_mse(F.mse_loss(a.clamp(0, 1), b.clamp(0, 1)).item(), 1.0)

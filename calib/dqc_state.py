@@ -67,7 +67,7 @@ def run_hash(description: dict[str, Any]) -> str:
 
 def weights_fingerprint(model: nn.Module) -> str:
     """SHA-256 over every tensor but the bounds and fold parameters of ``model``'s state dict (names, dtypes, shapes, bytes)."""
-    from .shift import transform_parameters  # fold parameters train with the bounds: not "weights"
+    from .transforms import transform_parameters  # fold parameters train with the bounds: not "weights"
 
     bound_ids = {id(p) for p in bound_parameters(model) + transform_parameters(model)}
     digest = hashlib.sha256()

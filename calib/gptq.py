@@ -17,7 +17,7 @@ they were trained with.
 
 - ``u`` is what the weight multiplies in the quantized model: the quantized input
   (:meth:`QuantLinear.quantized_input`) plus the linear's input offset where it has one
-  (:mod:`calib.input_shift`; its bias fold ``b + W_q c`` follows the new codes by itself), so ``H`` is
+  (:mod:`calib.transforms.input_shift`; its bias fold ``b + W_q c`` follows the new codes by itself), so ``H`` is
   measured on the quantized model (one pass over the calibration patches; every linear's statistics
   come from the same pass, with its upstream layers rounded to nearest);
 - the folds stay parametrized: the refined weight is written back through them (each fold's inverse
@@ -184,8 +184,8 @@ def _write_weight(linear: QuantLinear, codes: torch.Tensor) -> torch.Tensor:
 
 
 def _unfold(fold: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """The inverse of one weight fold of :mod:`calib.smoothing` (exact up to float rounding)."""
-    from .smoothing import DivideRows, ScaleColumns
+    """The inverse of one weight fold of :mod:`calib.transforms.smoothing` (exact up to float rounding)."""
+    from .transforms import DivideRows, ScaleColumns
 
     if isinstance(fold, ScaleColumns):
         return t / torch.exp(fold.log_scale)

@@ -4,10 +4,11 @@ Examples::
 
     2dq-upscale photo.png --engine w4a4.ort.onnx --out photo_x4.png
     2dq-upscale photo.png --engine w4a4.plan --out photo_x4.png --batch 8
+    2dq-upscale photo.png --engine w4a4.ov.xml --threads 2
     2dq-upscale photo.png --weights x4.pth --calib w4a4.safetensors --tile 64 --out photo_fq.png
 
 The backend follows the engine's suffix: ``.plan`` / ``.engine`` -> TensorRT, ``.onnx`` / ``.ort`` ->
-ONNX Runtime; without ``--engine``, ``--weights`` runs PyTorch (the fake-quant model with
+ONNX Runtime, ``.xml`` -> OpenVINO; without ``--engine``, ``--weights`` runs PyTorch (the fake-quant model with
 ``--calib``). Engines run fixed-size tiles (their export's tile); the image is mirror-padded, cut
 into overlapping tiles, and the outputs are blended (:mod:`toolchain.inference`).
 
@@ -27,21 +28,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from toolchain import defaults
-from toolchain.backends import make_upscaler
 from toolchain.cli.common import EXIT_OK, UsageError, add_logging_arguments, run_cli
 from toolchain.data.image_modes import Layout, probe_layout, read_planes, storage_problem, upscale_alpha, write_planes
 
-log = logging.getLogger(__name__)
+from . import upscalers
 
-ENGINE_BACKENDS = {".plan": "trt", ".engine": "trt", ".onnx": "ort", ".ort": "ort"}
+log = logging.getLogger(__name__)
 
 
 def engine_backend(path: str) -> str:
-    """``"trt"`` or ``"ort"`` from an engine file's suffix."""
-    backend = ENGINE_BACKENDS.get(Path(path).suffix.lower())
-    if backend is None:
-        raise UsageError(f"--engine {path}: unknown engine suffix; expected one of {', '.join(ENGINE_BACKENDS)}")
-    return backend
+    """The backend of an engine file from its suffix (:func:`engines.upscalers.engine_backend`); a usage error
+    naming ``--engine`` for an unknown suffix."""
+    try:
+        return upscalers.engine_backend(path)
+    except ValueError as err:
+        raise UsageError(f"--engine {err}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "IMAGE's folder and name with _x<scale>.png)")
     parser.add_argument("--color", action="store_true",
                         help="write a grayscale input's output as RGB (default: grayscale stays one channel)")
-    parser.add_argument("--engine", metavar="ENGINE", help="engine: .onnx/.ort (ONNX Runtime) or .plan/.engine (TensorRT) "
+    parser.add_argument("--engine", metavar="ENGINE", help="engine: .onnx/.ort (ONNX Runtime), .xml (OpenVINO IR) or "
+                        ".plan/.engine (TensorRT) "
                         "(default without --weights: runs/dat_light_x4_w4a4.ort.onnx, what 2dq-build-engine builds "
                         "by default)")
     parser.add_argument("--weights", metavar="CKPT", help="run this checkpoint in PyTorch instead of an engine")
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=4, help="tiles per backend call (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device; TensorRT uses cuda (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="threads of the CPU engines (ort, openvino) (default: all cores)")
     add_logging_arguments(parser)
     return parser
 
@@ -86,14 +89,17 @@ def _main(args: argparse.Namespace) -> int:
         raise UsageError("--calib goes with --weights")
     if args.engine and args.tile:
         raise UsageError("an engine has a fixed tile (its export's); --tile applies to --weights")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be positive, got {args.threads}")
     backend = engine_backend(args.engine) if args.engine else "torch"
     layout = output_layout(probe_layout(args.image), color=args.color)  # header only: refuse before any work
     problem = storage_problem(args.out, layout) if args.out else None  # the default, .png, stores everything
     if problem:
         raise UsageError(f"--out {args.out}: {problem}")
     planes = read_planes(args.image)
-    upscaler = make_upscaler(backend, weights=args.weights, calib=args.calib, engine=args.engine, device=args.device,
-                             tile=args.tile, overlap=args.overlap, batch=args.batch)
+    upscaler = upscalers.make_upscaler(backend, weights=args.weights, calib=args.calib, engine=args.engine,
+                                       device=args.device, tile=args.tile, overlap=args.overlap, batch=args.batch,
+                                       threads=args.threads)
     start = time.perf_counter()
     sr = upscaler.upscale(planes.rgb)
     alpha = None if planes.alpha is None else upscale_alpha(planes.alpha, upscaler.scale)

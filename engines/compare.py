@@ -9,6 +9,7 @@ comparison is like for like. Measured per image and pooled over all images:
 - ``identical_pixels``: share of identical uint8 values (``round(clip(x) * 255)``, every channel);
 - ``max_abs_error``: largest absolute difference of the raw float outputs.
 
+All three come from :func:`toolchain.metrics.output_difference`, the statistics every comparison uses.
 Used by the ONNX Runtime and TensorRT backends alike (``2dq-build-engine --verify``). The same check
 is offered through Polygraphy's comparator (:func:`polygraphy_compare`): ONNX Runtime runs the
 engine on the tiles, the reference outputs are loaded into Polygraphy's ``RunResults`` as a second
@@ -32,24 +33,16 @@ from toolchain.backends import Upscaler, to_batch
 from toolchain.data.io import to_uint8
 from toolchain.extras import import_extra
 from toolchain.inference import TileSpec, pad_symmetric, round_up, tile_starts
+from toolchain.metrics import output_difference, psnr_from_mse, psnr_y, ssim_y
+from toolchain.tolerances import (
+    POLYGRAPHY_ATOL,
+    POLYGRAPHY_QUANTILE,
+    TASK_NOISE_FACTOR,
+    TASK_PSNR_TOLERANCE,
+    TASK_SSIM_TOLERANCE,
+)
 
 log = logging.getLogger(__name__)
-
-#: ORT on the QDQ graph vs fake-quant (ARCHITECTURE.md s. 7)
-ORT_MIN_PSNR = 60.0
-ORT_MIN_IDENTICAL = 0.99
-#: the task check of the verification criterion (ARCHITECTURE.md s. 7): engine vs reference against HR
-TASK_PSNR_TOLERANCE = 0.02
-TASK_SSIM_TOLERANCE = 0.0005
-#: the engine may sit this far below the reference's own noise floor (s. 7)
-NOISE_FLOOR_MARGIN = 1.0
-#: the task tolerance widens to this many times the RMS of the reference's own task differences under
-#: noise when that is larger than the fixed tolerance (a sensitive 4-bit model on 5 images: DAT-light x4
-#: W4A4 moves its own Set5 PSNR by +0.024 dB under 2e-6 input noise)
-TASK_NOISE_FACTOR = 3.0
-#: Polygraphy check: the 99th percentile of |engine - reference| below half a uint8 level
-POLYGRAPHY_QUANTILE = 0.99
-POLYGRAPHY_ATOL = 0.5 / 255
 
 
 @dataclass(frozen=True)
@@ -114,31 +107,20 @@ def _finite(value: float) -> float | str:
     return value if math.isfinite(value) else "inf"
 
 
-def _psnr(squared_error: float, values: int) -> float:
-    mse = squared_error / values
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
 def compare_images(name: str, engine: np.ndarray, reference: np.ndarray, hr: np.ndarray | None = None,
                    scale: int = 0) -> ImageAgreement:
     """Agreement of two SR outputs ``(H, W, 3)`` float (not clamped); with ``hr`` (mod-cropped, float
     [0, 1]) also both outputs' PSNR-Y / SSIM-Y against it (crop = ``scale``)."""
     if engine.shape != reference.shape:
         raise ValueError(f"{name}: engine output {engine.shape} and reference {reference.shape} differ in shape")
-    a, b = engine.astype(np.float64), reference.astype(np.float64)
-    squared = float(np.sum((np.clip(a, 0, 1) - np.clip(b, 0, 1)) ** 2))
-    engine8, reference8 = to_uint8(engine), to_uint8(reference)
-    identical = int(np.count_nonzero(engine8 == reference8))
-    values = int(engine.size)
+    difference = output_difference(engine, reference)
     task = None
     if hr is not None:
-        from toolchain.metrics import psnr_y, ssim_y
-
-        hr8 = to_uint8(hr)
+        engine8, reference8, hr8 = to_uint8(engine), to_uint8(reference), to_uint8(hr)
         task = {"engine_psnr": psnr_y(engine8, hr8, scale), "reference_psnr": psnr_y(reference8, hr8, scale),
                 "engine_ssim": ssim_y(engine8, hr8, scale), "reference_ssim": ssim_y(reference8, hr8, scale)}
-    return ImageAgreement(name, _psnr(squared, values), identical / values, float(np.max(np.abs(a - b))),
-                          squared, identical, values, task)
+    return ImageAgreement(name, difference.psnr, difference.identical_pixels, difference.max_abs_error,
+                          difference.squared_error, difference.identical, difference.values, task)
 
 
 def pool(images: Sequence[ImageAgreement]) -> Agreement:
@@ -147,7 +129,7 @@ def pool(images: Sequence[ImageAgreement]) -> Agreement:
         raise ValueError("no images to compare")
     squared = sum(i.squared_error for i in images)
     values = sum(i.values for i in images)
-    return Agreement(_psnr(squared, values), sum(i.identical for i in images) / values,
+    return Agreement(psnr_from_mse(squared / values, 1.0), sum(i.identical for i in images) / values,
                      max(i.max_abs_error for i in images), min(i.psnr for i in images), tuple(images))
 
 
@@ -296,9 +278,9 @@ def polygraphy_compare(engine_path: str | os.PathLike, reference: Callable[[torc
     accuracy = Comparator.compare_accuracy(results, compare_func=compare)
     stats = []
     for engine_iter, ref_out in zip(results[0][1], outputs):
-        error = np.abs(engine_iter["output"].astype(np.float64) - ref_out)
-        stats.append({"max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
-                      f"q{quantile:g}_abs_error": float(np.quantile(error, quantile))})
+        difference = output_difference(engine_iter["output"], ref_out, quantiles=(quantile,))
+        stats.append({"max_abs_error": difference.max_abs_error, "mean_abs_error": difference.mean_abs_error,
+                      f"q{quantile:g}_abs_error": difference.abs_error_quantiles[quantile]})
     return bool(accuracy), stats
 
 
@@ -317,15 +299,13 @@ def check_provenance(metadata: Mapping[str, Any], weights: str | os.PathLike, ca
     ``metadata`` holds ``checkpoint_sha256`` and ``artifact_sha256`` (the export's ``2dq.*`` metadata
     without the prefix, or a TensorRT plan's sidecar).
     """
-    from toolchain.files import sha256_file
+    from toolchain.files import check_sha256
 
     for key, path in (("checkpoint_sha256", weights), ("artifact_sha256", calib)):
         expected = metadata.get(key)
         if not expected:
             raise ValueError(f"{where} does not record {key}; cannot tell which model it belongs to")
-        digest = sha256_file(path)
-        if digest != expected:
-            raise ValueError(f"{where} was built from a file with {key} {expected}, but {path} has {digest}")
+        check_sha256(path, expected, f"{where} was built from another file (its {key})")
 
 
 def reference_upscaler(weights: str | os.PathLike, calib: str | os.PathLike, tile: int, *, overlap: int = 16,

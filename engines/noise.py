@@ -15,12 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from toolchain.backends import Upscaler
+from toolchain.tolerances import DEFAULT_NOISE_SIGMA
 
 from .compare import Agreement, compare_upscalers, reference_upscaler
-
-DEFAULT_NOISE_SIGMA = 1e-6
-#: noise draws of the reference against itself: the first sets the PSNR floor, all of them the task spread
-NOISE_DRAWS = 4
 
 
 @dataclass

@@ -1,5 +1,8 @@
 """Export of fake-quant models to QDQ ONNX (:mod:`export.onnx_export`), TensorRT-rules lint (:mod:`export.lint`).
 
+Owns the QDQ graph and its metadata schema (:mod:`export.metadata`, read by every engine). Imports
+:mod:`toolchain` and :mod:`calib`; its command-line module (``cli.py``) may import anything.
+
 >>> import torch, calib
 >>> from toolchain.models.examples import tiny_swinir
 >>> model = tiny_swinir()   # random weights; real ones: load_model

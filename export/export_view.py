@@ -5,8 +5,8 @@
 that ``torch.export`` can trace into a QDQ graph (:mod:`export.qdq_ops`):
 
 - an activation quantizer becomes ``twodq::quantize_dequantize`` with its fp32 bounds as constants;
-- a linear's ``input_multiplier`` (explicit smoothing, :mod:`calib.smoothing` kind ``"input"``)
-  becomes one ``Mul`` before that input's quantizer, its ``input_offset`` (:mod:`calib.input_shift`)
+- a linear's ``input_multiplier`` (explicit smoothing, :mod:`calib.transforms.smoothing` kind ``"input"``)
+  becomes one ``Mul`` before that input's quantizer, its ``input_offset`` (:mod:`calib.transforms.input_shift`)
   one ``Sub`` after it (the bias already carries the offset back);
 - a weight quantizer becomes integer codes (:func:`toolchain.quant.grid.integer_codes`, int8
   buffers) with their step as the scale, feeding ``twodq::dequantize``. Linear weights are stored

@@ -17,7 +17,6 @@ Writes ``toolchain/assets/`` from the data room ``../shared`` (run from the repo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import sys
 from pathlib import Path
@@ -35,22 +34,13 @@ SET5_SCALES = (2, 3, 4)
 TEST_SETS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def pack_model(shared: Path) -> None:
     from toolchain import load_model
+    from toolchain.files import check_sha256
     from toolchain.slim import save_slim
 
     source = shared / MODEL_SOURCE
-    found = sha256(source)
-    if found != MODEL_SHA256:
-        raise SystemExit(f"{source}: SHA-256 {found}, expected {MODEL_SHA256} (not the official DAT-light x4)")
+    check_sha256(source, MODEL_SHA256, "not the official DAT-light x4", error=SystemExit)
     model = load_model(source)
     target = ASSETS / "dat_light_x4.safetensors"
     facts = save_slim(model, target, {
@@ -85,8 +75,10 @@ def pack_images(shared: Path) -> None:
 
 
 def write_sums() -> None:
+    from toolchain.files import sha256_file
+
     files = sorted(p for p in ASSETS.rglob("*") if p.is_file() and p.name not in ("SHA256SUMS", "README.md"))
-    lines = [f"{sha256(p)}  {p.relative_to(ASSETS).as_posix()}" for p in files]
+    lines = [f"{sha256_file(p)}  {p.relative_to(ASSETS).as_posix()}" for p in files]
     (ASSETS / "SHA256SUMS").write_text("\n".join(lines) + "\n")
     total = sum(p.stat().st_size for p in files)
     print(f"{len(files)} files, {total / 1e6:.1f} MB in {ASSETS.relative_to(ROOT)}")

@@ -18,6 +18,7 @@ import onnx
 import pytest
 
 from toolchain.quant import QuantConfig, quantize_model, quantizers
+from toolchain.tolerances import TASK_PSNR_TOLERANCE
 
 from . import tiny_models
 
@@ -91,7 +92,7 @@ def test_dobi_chain_on_every_family(family: str, tmp_path: Path, datasets_dir: P
     verdict = result["verification"]
     assert verdict["passed"] and verdict["psnr_passed"] and verdict["task_passed"]
     assert verdict["psnr_vs_reference"] == "inf" or verdict["psnr_vs_reference"] >= verdict["floor"]
-    assert abs(verdict["task"]["psnr_difference"]) <= 0.02
+    assert abs(verdict["task"]["psnr_difference"]) <= TASK_PSNR_TOLERANCE
     assert result["eval"]["results"][0]["images"] == 5
     assert result["upscaled"].stat().st_size > 0
     assert (tmp_path / "report" / "index.html").stat().st_size > 0

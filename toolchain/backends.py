@@ -1,4 +1,4 @@
-"""Backends that upscale an image: one interface for PyTorch, fake-quant, ONNX Runtime and TensorRT.
+"""What upscales an image: one interface for PyTorch, fake-quant, bicubic and every engine.
 
 ``2dq-eval`` and ``2dq-upscale`` see only :class:`Upscaler`: ``scale`` and
 ``upscale(lr) -> sr`` on HxWx3 float32 RGB arrays in [0, 1] (the output is not clamped; metrics
@@ -8,6 +8,9 @@ Engine backends provide a *tile runner*: an object with ``scale``, ``tile`` (the
 tile of the engine), ``multiple`` and ``__call__(tiles)`` mapping a float32 tensor (N, 3, T, T) to
 (N, 3, sT, sT). :class:`TiledUpscaler` turns any tile runner into an :class:`Upscaler` with the shared
 tiling code of :mod:`toolchain.inference`, so every backend upscales through the same code.
+
+The engines themselves live above this layer (:mod:`engines`); :func:`engines.upscalers.make_upscaler`
+picks one by name for the command lines.
 """
 from __future__ import annotations
 
@@ -20,9 +23,6 @@ from torch import nn
 
 from .inference import TileSpec, tiled_upscale, upscale_padded
 from .models.info import info_of
-
-BACKENDS = ("torch", "ort", "trt", "bicubic")
-
 
 class Upscaler(Protocol):
     scale: int
@@ -105,53 +105,3 @@ class BicubicUpscaler:
         from .data.imresize import imresize
 
         return imresize(lr.astype(np.float64), self.scale).astype(np.float32)
-
-
-def make_upscaler(
-    backend: str,
-    *,
-    weights: str | None = None,
-    calib: str | None = None,
-    engine: str | None = None,
-    scale: int | None = None,
-    device: str = "cpu",
-    tile: int | None = None,
-    overlap: int = 16,
-    batch: int = 4,
-) -> Upscaler:
-    """Build the upscaler for ``backend`` (one of :data:`BACKENDS`) from the files the user named.
-
-    ``torch``: ``weights`` (and ``calib`` for the fake-quant model), optionally tiled with ``tile``.
-    ``ort`` / ``trt``: an ``engine`` file (ONNX Runtime model or TensorRT plan), always tiled.
-    ``bicubic``: needs ``scale``.
-    """
-    if backend == "bicubic":
-        if scale is None:
-            raise ValueError("the bicubic backend needs a scale")
-        return BicubicUpscaler(scale)
-    if backend == "torch":
-        if weights is None:
-            raise ValueError("the torch backend needs --weights")
-        if calib is not None:
-            from calib.artifact import load_quantized_model
-
-            model = load_quantized_model(weights, calib, device=device)
-        else:
-            from .loading import load_model
-
-            model = load_model(weights)
-        tiles = TileSpec(tile, overlap, batch) if tile else None
-        return TorchUpscaler(model, device, tiles)
-    if backend in ("ort", "trt"):
-        if engine is None:
-            raise ValueError(f"the {backend} backend needs --engine")
-        if backend == "ort":
-            from engines.ort_engine import OrtTileRunner
-
-            runner = OrtTileRunner(engine)
-        else:
-            from engines.trt.runner import TrtTileRunner
-
-            runner = TrtTileRunner(engine, device=device if device != "cpu" else "cuda")
-        return TiledUpscaler(runner, overlap=overlap, batch=batch)
-    raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")

@@ -53,14 +53,22 @@ def onnx_path(artifact: PathLike) -> Path:
     return Path(artifact).with_suffix(".onnx")
 
 
-def engine_path(onnx: PathLike) -> Path:
-    """The ONNX Runtime engine built from an export: ``<stem>.ort.onnx``.
+#: the file name an engine of each CPU backend gets beside its export (an OpenVINO IR's weights go to .ov.bin)
+ENGINE_SUFFIXES = {"ort": ".ort.onnx", "openvino": ".ov.xml"}
+
+
+def engine_path(onnx: PathLike, backend: str = "ort") -> Path:
+    """The engine ``backend`` builds from an export by default: ``<stem>.ort.onnx`` / ``<stem>.ov.xml``.
 
     >>> engine_path("runs/dat_light_x4_w4a4.onnx").as_posix()
     'runs/dat_light_x4_w4a4.ort.onnx'
+    >>> engine_path("runs/dat_light_x4_w4a4.onnx", "openvino").as_posix()
+    'runs/dat_light_x4_w4a4.ov.xml'
     """
+    if backend not in ENGINE_SUFFIXES:
+        raise ValueError(f"no default engine file for backend {backend!r}; expected one of {', '.join(ENGINE_SUFFIXES)}")
     onnx = Path(onnx)
-    return onnx.with_name(onnx.stem + ".ort.onnx")
+    return onnx.with_name(onnx.stem + ENGINE_SUFFIXES[backend])
 
 
 def artifact_of_onnx(onnx: PathLike) -> Path:

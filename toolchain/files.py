@@ -1,4 +1,5 @@
-"""File helpers shared by every stage: content hashes and atomic writes."""
+"""File helpers shared by every stage: content hashes, the check of a file against a recorded hash, and
+atomic writes."""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +17,39 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_mismatch(path: str | os.PathLike, expected: str | None, what: str, *,
+                    digest: str | None = None) -> str | None:
+    """Why ``path`` is not the file recorded by SHA-256 ``expected``, or None when its bytes hash to it.
+
+    ``what`` says which file was expected and by whom (it starts the message); ``digest``: the file's
+    SHA-256 when already computed (``path`` then only names the file in the message).
+
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "model.onnx"
+    ...     _ = path.write_bytes(b"onnx")
+    ...     print(sha256_mismatch(path, sha256_file(path), "the exported ONNX"))
+    ...     print(sha256_mismatch("the given ONNX", "ab12...", "built from another ONNX", digest="cd34..."))
+    None
+    built from another ONNX: expected SHA-256 ab12..., but the given ONNX has cd34...
+    """
+    actual = sha256_file(path) if digest is None else digest
+    if actual == expected:
+        return None
+    return f"{what}: expected SHA-256 {expected}, but {path} has {actual}"
+
+
+def check_sha256(path: str | os.PathLike, expected: str | None, what: str, *,
+                 error: type[BaseException] = ValueError) -> None:
+    """Raise ``error`` naming ``path`` and both digests unless the file's SHA-256 is ``expected``.
+
+    ``what`` says which file was expected and by whom (:func:`sha256_mismatch`); ``error``: the caller's
+    exception type (e.g. ``calib.artifact.ArtifactError``).
+    """
+    problem = sha256_mismatch(path, expected, what)
+    if problem is not None:
+        raise error(problem)
 
 
 @contextlib.contextmanager

@@ -1,20 +1,25 @@
-"""Image quality metrics: PSNR and SSIM on the Y channel as the SR literature reports them.
+"""Image quality metrics: PSNR and SSIM on the Y channel as the SR literature reports them, and the
+statistics of the difference between two outputs (:func:`output_difference`) every comparison uses.
 
 The convention is BasicSR's ``calculate_psnr`` / ``calculate_ssim`` with ``test_y_channel=True``
 (ARCHITECTURE.md section 8): uint8 RGB images, ``crop_border`` pixels removed from every side, luma
 ``Y = 16 + 65.481 R + 128.553 G + 24.966 B`` (ITU-R BT.601, RGB in [0, 1], Y in [16, 235], not
 rounded), PSNR against a peak of 255, SSIM with an 11x11 Gaussian window (sigma 1.5) over the
 positions where the window fits. We compute Y in float64; BasicSR does it in float32, which moves
-PSNR by far less than 0.001 dB.
+PSNR by far less than 0.001 dB. Every PSNR here comes from :func:`psnr_from_mse`.
 """
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from scipy.ndimage import correlate1d
+
+from .data.io import to_uint8
 
 #: BT.601 luma weights for RGB in [0, 1] and the offset, giving Y in [16, 235]
 Y_WEIGHTS = np.array([65.481, 128.553, 24.966], dtype=np.float64)
@@ -24,6 +29,17 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_C1 = (0.01 * PEAK) ** 2
 SSIM_C2 = (0.03 * PEAK) ** 2
+
+
+def psnr_from_mse(mse: float, peak: float) -> float:
+    """PSNR (dB) of a mean squared error ``mse`` against the peak value ``peak``; ``inf`` for a zero error.
+
+    >>> psnr_from_mse(0.01, peak=1.0), psnr_from_mse(0.0, peak=255.0)
+    (20.0, inf)
+    """
+    if mse < 0:
+        raise ValueError(f"a mean squared error cannot be negative, got {mse!r}")
+    return math.inf if mse == 0.0 else 10.0 * math.log10(peak * peak / mse)
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
@@ -58,8 +74,7 @@ def psnr_y(sr: np.ndarray, hr: np.ndarray, crop_border: int) -> float:
     inf
     """
     y_sr, y_hr = _y_pair(sr, hr, crop_border)
-    mse = float(np.mean((y_sr - y_hr) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(PEAK * PEAK / mse)
+    return psnr_from_mse(float(np.mean((y_sr - y_hr) ** 2)), PEAK)
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:
@@ -117,10 +132,83 @@ def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_range:
     mse = float(np.mean((x - y) ** 2))
     if math.isnan(mse):
         raise ValueError("psnr: inputs contain NaN")
-    return math.inf if mse == 0.0 else 10.0 * math.log10(data_range * data_range / mse)
+    return psnr_from_mse(mse, data_range)
 
 
 def _as_float64(value: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", torch.float64).numpy()
     return np.asarray(value, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class OutputDifference:
+    """How far an output is from a reference output of the same shape (float images in [0, 1]).
+
+    Sums and counts rather than means, so that several pairs pool with every value weighing the same:
+    ``squared_error`` is the sum of squared differences of the outputs clipped to [0, 1] (what a viewer
+    sees); ``identical`` counts values with equal 8-bit levels (:func:`toolchain.data.io.to_uint8`);
+    ``abs_error`` and ``max_abs_error`` are the sum and maximum of the raw absolute differences (values
+    outside [0, 1] included). ``abs_error_quantiles``: ``{q: quantile of the raw absolute differences}``
+    for the quantiles asked for.
+    """
+
+    values: int
+    squared_error: float
+    identical: int
+    abs_error: float
+    max_abs_error: float
+    abs_error_quantiles: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def psnr(self) -> float:
+        """PSNR (dB, peak 1) of the clipped outputs; ``inf`` when they are equal."""
+        return psnr_from_mse(self.squared_error / self.values, 1.0)
+
+    @property
+    def identical_pixels(self) -> float:
+        """Share of values whose 8-bit levels are equal."""
+        return self.identical / self.values
+
+    @property
+    def mean_abs_error(self) -> float:
+        return self.abs_error / self.values
+
+
+def output_difference(output: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor,
+                      quantiles: Sequence[float] = ()) -> OutputDifference:
+    """The statistics of ``output - reference`` (same shape, any layout; float), computed in float64.
+
+    The 8-bit levels are rounded in each side's own float dtype (float32 stays float32, as written images).
+
+    >>> ref = np.zeros((2, 2, 3), np.float32)
+    >>> out = ref.copy(); out[0, 0, 0] = 0.5; out[1, 1, 2] = -0.25   # one value off, one below 0
+    >>> d = output_difference(out, ref, quantiles=(0.5,))
+    >>> d.values, d.identical, d.max_abs_error, d.mean_abs_error, d.abs_error_quantiles
+    (12, 11, 0.5, 0.0625, {0.5: 0.0})
+    >>> round(d.psnr, 6)   # from the clipped outputs: the negative value does not count
+    16.812412
+    """
+    a, b = _as_array(output), _as_array(reference)
+    if a.shape != b.shape:
+        raise ValueError(f"output {a.shape} and reference {b.shape} differ in shape")
+    if a.size == 0:
+        raise ValueError("output_difference: empty outputs")
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    error = np.abs(x - y)
+    return OutputDifference(
+        values=int(a.size),
+        squared_error=float(np.sum((np.clip(x, 0, 1) - np.clip(y, 0, 1)) ** 2)),
+        identical=int(np.count_nonzero(to_uint8(a) == to_uint8(b))),
+        abs_error=float(np.sum(error)),
+        max_abs_error=float(np.max(error)),
+        abs_error_quantiles={q: float(np.quantile(error, q)) for q in quantiles},
+    )
+
+
+def _as_array(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A numpy array of ``value`` in its own float dtype (bfloat16, which numpy lacks, as float32)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu")
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    return np.asarray(value)

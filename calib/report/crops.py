@@ -99,6 +99,16 @@ def write_crops(folder: Path, stem: str, window: Window, images: dict[str, np.nd
     return paths
 
 
+
+@dataclass(frozen=True)
+class CropChoice:
+    """A crop chosen for the page: which image, where, and how much the models disagree there."""
+
+    set: str
+    image: str
+    window: Window
+
+
 def choose_crops(methods: Sequence, data_root: Path, sets: Sequence[str], scale: int, outputs: Path,
                  count: int, size: int = CROP_SIZE) -> tuple[list, list[dict[str, np.ndarray]], list[np.ndarray]]:
     """The ``count`` images (one crop each) whose best window has the highest score, over all sets.
@@ -111,7 +121,6 @@ def choose_crops(methods: Sequence, data_root: Path, sets: Sequence[str], scale:
     from toolchain.data.benchmark import benchmark_pairs, load_pair
     from toolchain.data.io import read_image, to_uint8
 
-    from .sections import CropChoice
     from .tables import output_path
 
     if count == 0:

@@ -9,7 +9,6 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from toolchain.metrics import psnr_y
 
 from . import figures
-from .crops import Window, write_crops
+from .crops import CropChoice, write_crops
 from .html import Cell, Section, esc, image, paragraph, preformatted, table
 from .stats import QuantizerStats, rank_affected
 from .tables import Method, PaperRow, quality_table, quantizer_table
@@ -83,15 +82,6 @@ def quality_section(methods: Sequence[Method], results: dict, sets: Sequence[str
     body = [quality_table(methods, results, sets, scale, paper, "The 2DQuant paper, Table 3 (SwinIR-light)")]
     body += [paragraph(note, "note") for note in notes]
     return Section("quality", "Quality (PSNR / SSIM, Y channel)", "\n".join(body))
-
-
-@dataclass(frozen=True)
-class CropChoice:
-    """A crop chosen for the page: which image, where, and how much the models disagree there."""
-
-    set: str
-    image: str
-    window: Window
 
 
 def crops_section(root: Path, choices: Sequence[CropChoice], images: Sequence[dict[str, np.ndarray]],

@@ -3,6 +3,8 @@
 ``build_engine(onnx, plan, TrtBuildOptions(...))`` parses the ONNX model, builds a plan with one
 optimization profile over the batch of tiles (min 1 / opt / max, fixed ``(3, T, T)`` tile), writes it
 atomically with its ``<plan>.json`` sidecar (:mod:`engines.trt.sidecar`) and keeps a timing cache.
+The frozen :class:`TrtBuildOptions` is the whole build config; the command-line flags become one in
+:mod:`engines.trt.cli_args`.
 
 Typing mode, decided by the pure function :func:`build_mode` from ``tensorrt.__version__``:
 
@@ -48,7 +50,6 @@ TensorRT here (none is installable in this environment). Doc pages used:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -162,7 +163,7 @@ def check_precision(info: OnnxInfo, precision: str) -> None:
 
 @dataclass(frozen=True)
 class TrtBuildOptions:
-    """Knobs of one plan build.
+    """Knobs of one plan build (frozen; every field is checked on construction, errors name the field).
 
     ``tile``: input tile size ``T`` (default: the ONNX model's own); ``max_batch``/``opt_batch``: the
     optimization profile over the number of tiles per call (min is 1, opt defaults to max);
@@ -294,6 +295,8 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, opt
 
         build_engine("swinir_x2_w4a4.onnx", "swinir_x2_w4a4.plan", TrtBuildOptions(max_batch=8))
     """
+    if not isinstance(options, TrtBuildOptions):  # e.g. parsed flags: engines.trt.cli_args.trt_options_from_args
+        raise TypeError(f"build_engine: options must be a TrtBuildOptions, got {type(options).__name__}")
     trt = import_tensorrt()
     info = read_onnx_info(onnx_path)
     check_precision(info, options.precision)
@@ -367,68 +370,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, opt
     return BuildResult(Path(plan_path), sidecar, mode, seconds)
 
 
-def add_trt_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the TensorRT build options to ``2dq-build-engine`` (dests are prefixed ``trt_``)."""
-    group = parser.add_argument_group("TensorRT build (--backend trt)")
-    group.add_argument(
-        "--precision",
-        dest="trt_precision",
-        choices=PRECISIONS,
-        default="int8",
-        help="int8: the trt-int8 QDQ export; int4: the trt-int4 export (INT4 weights, fp16 "
-        "activations); fp16: a float16 float graph (default: int8)",
-    )
-    group.add_argument(
-        "--tile", dest="trt_tile", type=int, default=None, help="input tile size T (default: the ONNX model's own tile)"
-    )
-    group.add_argument(
-        "--max-batch",
-        dest="trt_max_batch",
-        type=int,
-        default=8,
-        help="most tiles per engine call; larger batches are split (default: 8)",
-    )
-    group.add_argument(
-        "--opt-batch",
-        dest="trt_opt_batch",
-        type=int,
-        default=None,
-        help="batch size TensorRT tunes kernels for (default: --max-batch)",
-    )
-    group.add_argument(
-        "--timing-cache",
-        dest="trt_timing_cache",
-        default=None,
-        help="timing cache file: loaded if it exists, saved after the build",
-    )
-    group.add_argument(
-        "--workspace-mb",
-        dest="trt_workspace_mb",
-        type=int,
-        default=4096,
-        help="builder workspace memory pool in MiB (default: 4096)",
-    )
-    group.add_argument(
-        "--builder-opt-level",
-        dest="trt_opt_level",
-        type=int,
-        default=3,
-        help=f"builder optimization level 0..{MAX_OPT_LEVEL} (default: 3)",
-    )
-
-
-def options_from_args(args: argparse.Namespace) -> TrtBuildOptions:
-    return TrtBuildOptions(
-        precision=args.trt_precision,
-        tile=args.trt_tile,
-        max_batch=args.trt_max_batch,
-        opt_batch=args.trt_opt_batch,
-        timing_cache=args.trt_timing_cache,
-        workspace_mb=args.trt_workspace_mb,
-        builder_optimization_level=args.trt_opt_level,
-    )
-
-
-def run_trt_build(args: argparse.Namespace, onnx_path: str | os.PathLike, plan_path: str | os.PathLike) -> BuildResult:
-    """What ``2dq-build-engine --backend trt ONNX PLAN`` does with the parsed arguments."""
-    return build_engine(onnx_path, plan_path, options_from_args(args))
+def run_trt_build(options: TrtBuildOptions, onnx_path: str | os.PathLike, plan_path: str | os.PathLike) -> BuildResult:
+    """What ``2dq-build-engine --backend trt`` runs: :func:`build_engine` with the options its flags describe
+    (:func:`engines.trt.cli_args.trt_options_from_args`)."""
+    return build_engine(onnx_path, plan_path, options)

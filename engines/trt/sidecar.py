@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from export.metadata import ExportMetadata, key
-from toolchain.files import atomic_path, sha256_file
+from toolchain.files import atomic_path, sha256_file, sha256_mismatch
 
 SIDECAR_FORMAT = "2dq-trt-plan"
 SIDECAR_VERSION = 1
@@ -317,22 +317,25 @@ def check_plan(
         problems.append(
             f"it was built with TensorRT {record['tensorrt_version']}, TensorRT {tensorrt_version} is installed"
         )
-    if onnx_sha256 is not None and record["onnx"].get("sha256") != onnx_sha256:
+    if onnx_sha256 is not None:
         problems.append(_source_problem(record, onnx_sha256))
-    if plan_sha256 is not None and record["plan_sha256"] != plan_sha256:
-        problems.append("the plan file's sha256 differs from the one recorded at build time (plan replaced or corrupt)")
-    return problems
+    if plan_sha256 is not None:
+        problems.append(sha256_mismatch("the plan file", record["plan_sha256"],
+                                        "plan replaced or corrupt since its build", digest=plan_sha256))
+    return [problem for problem in problems if problem]  # the hash checks give None when the file matches
 
 
-def _source_problem(record: Mapping[str, Any], onnx_sha256: str) -> str:
-    return f"it was built from ONNX sha256 {record['onnx'].get('sha256')}, the given ONNX has {onnx_sha256}"
+def _source_problem(record: Mapping[str, Any], onnx_sha256: str) -> str | None:
+    return sha256_mismatch("the given ONNX", record["onnx"].get("sha256"), "it was built from another ONNX",
+                           digest=onnx_sha256)
 
 
 def validate_source(plan_path: str | os.PathLike, record: Mapping[str, Any], onnx_sha256: str) -> None:
     """Raise :class:`PlanMismatchError` unless the plan of ``record`` was built from the ONNX whose
     SHA-256 is ``onnx_sha256``; needs neither TensorRT nor a GPU (the runner checks it first)."""
-    if record["onnx"].get("sha256") != onnx_sha256:
-        raise PlanMismatchError(f"refusing to run {plan_path}: {_source_problem(record, onnx_sha256)}; {REBUILD_HINT}")
+    problem = _source_problem(record, onnx_sha256)
+    if problem:
+        raise PlanMismatchError(f"refusing to run {plan_path}: {problem}; {REBUILD_HINT}")
 
 
 def validate_plan(plan_path: str | os.PathLike, record: Mapping[str, Any], **checks: Any) -> None:

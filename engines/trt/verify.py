@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from toolchain.extras import import_extra
+from toolchain.tolerances import TRT_ORT_MEDIAN_ATOL
 
 
 def polygraphy_compare_command(
@@ -101,7 +102,7 @@ def polygraphy_compare(
     input_dtype: str = "float32",
     strongly_typed: bool = True,
     builder_flags: Sequence[str] = (),
-    atol: float = 1e-2,
+    atol: float = TRT_ORT_MEDIAN_ATOL,
     seed: int = 0,
 ) -> Any:
     """Run the comparison in-process; returns Polygraphy's ``AccuracyResult`` (truthy when it passed).

@@ -2,7 +2,7 @@
 
 Builds the tiny SwinIR x2 (spandrel's class, ``tests/tiny_models.py``: embed 12, depths [2, 2],
 heads [2, 2], window 8) with seeded random weights, attaches W4A4 quantizers, runs DOBI on 8 training patches, then
-:func:`calib.dqc_cli.run_dqc` with the DQC options given on the command line, and writes every
+:func:`calib.dqc_run.run_dqc` with the DQC options given on the command line, and writes every
 rank's final bounds to ``--bounds-out`` (``{rank}`` in the name is replaced by the rank).
 
     python tests/calib/dqc_worker.py --calib-images DIR --bounds-out OUT.safetensors --dqc-checkpoint C ...
@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from calib.distributed import is_main_process
 from calib.dobi import calibrate_dobi
-from calib.dqc_cli import add_dqc_arguments, run_dqc
+from calib.dqc_cli import add_dqc_arguments, dqc_configs_from_args
+from calib.dqc_run import run_dqc
 from calib.observers import batch_forward_loop
 from toolchain.data.patches import sample_patches
 from toolchain.models import info_of
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
     model = tiny_quantized_model(images, args.patch_size)
     if args.dobi_out and is_main_process():
         save_file({k: v.contiguous() for k, v in bounds_state(model).items()}, args.dobi_out)
-    options = run_dqc(args, model, images=images, progress=False)
+    config, data, run = dqc_configs_from_args(args, images=images)
+    options = run_dqc(model, config, data, run, progress=False)
     rank = int(os.environ.get("RANK", "0"))
     save_file({k: v.contiguous() for k, v in bounds_state(model).items()}, args.bounds_out.replace("{rank}", str(rank)))
     if is_main_process():

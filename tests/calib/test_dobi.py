@@ -18,10 +18,9 @@ from calib.dobi import (
 from calib.observers import StreamingHistogram, batch_forward_loop, observe
 from toolchain.quant import QuantConfig, quantize_model, quantizers
 from toolchain.quant.grid import fake_quantize, levels
+from toolchain.tolerances import DOBI_STEP_SLACK
 
 N = 100
-#: relative slack on "within one candidate step" (float32 bounds vs float64 candidates)
-STEP_SLACK = 1e-4
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -77,8 +76,8 @@ def plain_search(x: torch.Tensor, bits: int, mode: str, symmetric: bool = False,
 
 def assert_within_one_step(lower, upper, ref):
     ref_lower, ref_upper, _, step_lower, step_upper = ref
-    assert abs(float(lower) - ref_lower) <= step_lower * (1 + STEP_SLACK) + 1e-7
-    assert abs(float(upper) - ref_upper) <= step_upper * (1 + STEP_SLACK) + 1e-7
+    assert abs(float(lower) - ref_lower) <= step_lower * (1 + DOBI_STEP_SLACK) + 1e-7
+    assert abs(float(upper) - ref_upper) <= step_upper * (1 + DOBI_STEP_SLACK) + 1e-7
 
 
 # --- mode choice -------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ import torch
 from torch.nn import functional as F
 
 from calib.dqc import DQCConfig, DQCDivergedError, FeatureTap, distill, distillation_loss, feature_distance
-from calib.dqc_cli import add_dqc_arguments, checkpoint_path_from_args, dqc_config_from_args
+from calib.dqc_cli import add_dqc_arguments, dqc_configs_from_args
 from calib.dqc_state import global_indices, load_checkpoint
 from calib.feature_taps import feature_modules
+from toolchain.defaults import DEFAULT_CALIB_IMAGES
 from toolchain.quant import bound_parameters, bounds_state, float_mode, load_bounds, quantizers
 from toolchain.quant.grid import BOUND_EPS
 
@@ -246,13 +247,15 @@ def test_config_and_options_validate():
     add_dqc_arguments(parser, common=True)
     args = parser.parse_args(["--dqc-iters", "7", "--batch", "6", "--lr", "0.02", "--feature-weight", "1",
                               "--val-every", "3", "--checkpoint-every", "2"])
-    config = dqc_config_from_args(args)
+    images = sorted(DEFAULT_CALIB_IMAGES.glob("*.png"))
+    config, _, run = dqc_configs_from_args(args, images=images)
     assert (config.iters, config.batch, config.lr, config.feature_weight, config.val_every,
             config.checkpoint_every) == (7, 6, 0.02, 1.0, 3, 2)
+    assert run.checkpoint is None  # neither --dqc-checkpoint nor --out
     with pytest.raises(ValueError, match="multiple of processes"):
-        dqc_config_from_args(args, world=4)
+        dqc_configs_from_args(args, world=4, images=images)
     args.out = "run/w4a4.safetensors"
-    assert checkpoint_path_from_args(args) == Path("run/w4a4.dqc-checkpoint.safetensors")
+    assert dqc_configs_from_args(args, images=images)[2].checkpoint == Path("run/w4a4.dqc-checkpoint.safetensors")
 
 
 class PoisonedPatches:

@@ -3,7 +3,7 @@
 Exactness: a rank computes the gradient of its half of the batch; gloo sums the two halves. One
 process with ``--dqc-accumulation 2`` computes the same two half-batch gradients and sums them in
 the same way, so the bounds agree bit for bit. One process on the whole batch at once sums over the
-batch inside each kernel, in another order: equal within :data:`WHOLE_BATCH_ATOL`.
+batch inside each kernel, in another order: equal within :data:`toolchain.tolerances.WHOLE_BATCH_ATOL`.
 """
 from __future__ import annotations
 
@@ -19,16 +19,11 @@ from safetensors.torch import load_file
 
 from calib.distributed import DistContext, shard
 from calib.dqc_state import load_checkpoint
+from toolchain.tolerances import WHOLE_BATCH_ATOL
 
 WORKER = Path(__file__).with_name("dqc_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300
-#: bounds after 4 steps, two half-batch gradients vs one whole-batch gradient: the float32 sums differ
-#: in the last bits, and Adam's first steps (about sign(grad) * lr) carry that into the bounds; measured
-#: up to 2e-5 on the project's former SwinIR copy, and on spandrel's tiny SwinIR (other random weights)
-#: up to 1.05e-4 (one bound, attn.matmul.0.a.lower of layers.0 block 1; all others <= 5.2e-5), against
-#: steps of 1e-2. 2e-4 is 2% of one step.
-WHOLE_BATCH_ATOL = 2e-4
 
 
 def _run(command: list[str]) -> dict:

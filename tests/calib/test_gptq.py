@@ -7,10 +7,9 @@ import torch
 from calib.artifact import load_artifact, load_quantized_model, save_artifact
 from calib.baselines import calibrate_minmax
 from calib.gptq import gptq_codes, refine_weights, relative_error
-from calib.input_shift import add_input_shifts, init_input_shifts
 from calib.observers import batch_forward_loop
-from calib.shift import add_shifts, bake_transforms, find_shift_sites, init_shifts
-from calib.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant
+from calib.transforms import (add_input_shifts, add_shifts, add_smoothing, bake_transforms, find_shift_sites,
+                              find_smoothing_groups, init_input_shifts, init_shifts, init_smoothquant)
 from toolchain.quant import QuantConfig, QuantLinear, grid, quantize_model
 
 from ..tiny_models import tiny_swinir

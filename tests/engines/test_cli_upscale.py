@@ -14,9 +14,8 @@ from toolchain.data.benchmark import benchmark_pairs, load_pair
 from toolchain.data.imresize import imresize
 from toolchain.data.io import read_image, to_uint8, write_image
 from toolchain.metrics import psnr
+from toolchain.tolerances import ORT_MIN_PSNR
 
-#: engine vs fake-quant checkpoint on the same tiles (ARCHITECTURE.md s. 7)
-MIN_PSNR_DB = 60.0
 #: LR side of the synthetic mode tests: one engine tile
 SIDE = 16
 
@@ -43,7 +42,7 @@ def test_upscale_with_ort_engine(built, small_image, tmp_path, capsys):
     fake_quant = tmp_path / "fq.png"
     assert main([str(small_image), "--weights", str(made.checkpoint), "--calib", str(made.artifact), "--tile", "16",
                  "--overlap", "4", "--out", str(fake_quant), "-q"]) == 0
-    assert psnr(read_image(fake_quant), sr, data_range=1.0) >= MIN_PSNR_DB
+    assert psnr(read_image(fake_quant), sr, data_range=1.0) >= ORT_MIN_PSNR
 
 
 def test_usage_errors(built, small_image, tmp_path, capsys):

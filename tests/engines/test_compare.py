@@ -13,10 +13,6 @@ import torch
 from engines.cli_build import main as build_main
 from engines.code_agreement import code_agreement
 from engines.compare import (
-    NOISE_FLOOR_MARGIN,
-    ORT_MIN_IDENTICAL,
-    ORT_MIN_PSNR,
-    TASK_PSNR_TOLERANCE,
     Agreement,
     ImageAgreement,
     Verdict,
@@ -28,11 +24,13 @@ from engines.compare import (
     verify_engine,
 )
 from toolchain.quant import quantizers
-from engines.noise import DEFAULT_NOISE_SIGMA, noise_floor, task_noise
+from engines.noise import noise_floor, task_noise
 from engines.ort_engine import OrtTileRunner
 from toolchain.data.benchmark import benchmark_pairs, load_pair
 from toolchain.data.io import write_image
 from toolchain.inference import TileSpec, tiled_upscale
+from toolchain.tolerances import (DEFAULT_NOISE_SIGMA, NOISE_FLOOR_MARGIN, ORT_MIN_IDENTICAL, ORT_MIN_PSNR,
+                                  TASK_PSNR_TOLERANCE)
 from toolchain.models import info_of
 
 

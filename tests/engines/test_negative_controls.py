@@ -27,13 +27,7 @@ from calib.artifact import load_artifact, load_quantized_model, save_artifact
 from calib.baselines import calibrate_minmax
 from calib.observers import batch_forward_loop
 from engines.code_agreement import code_agreement
-from engines.compare import (
-    NOISE_FLOOR_MARGIN,
-    ORT_MIN_IDENTICAL,
-    ORT_MIN_PSNR,
-    Verdict,
-    verify_engine,
-)
+from engines.compare import Verdict, verify_engine
 from engines.noise import noise_floor, task_noise
 from engines.ort_engine import OrtTileRunner, build_ort_engine
 from export.onnx_export import ExportOptions, Provenance, export_model, export_onnx
@@ -42,6 +36,7 @@ from toolchain.data.benchmark import benchmark_pairs, load_pair
 from toolchain.defaults import DEFAULT_DATA
 from toolchain.files import sha256_file
 from toolchain.quant import QuantConfig, quantize_model, set_quant_enabled
+from toolchain.tolerances import FP16_MIN_PSNR, NOISE_FLOOR_MARGIN, ORT_MIN_IDENTICAL, ORT_MIN_PSNR
 
 from ..export.conftest import TILE, TINY
 from ..tiny_models import save_checkpoint, tiny_swinir
@@ -49,8 +44,6 @@ from ..tiny_models import save_checkpoint, tiny_swinir
 #: every Linear weight of the tiny model times this: quantization then changes the output visibly
 LOUD_GAIN = 10.0
 BITS = 4
-#: ORT with fp16 float layers (engines.cli_build.THRESHOLDS)
-FP16_MIN_PSNR = 45.0
 
 
 def _perturb_one_scale(qdq: Path, out: Path, node_name: str) -> None:
@@ -166,3 +159,24 @@ def test_integer_codes_agree_exactly_on_the_engine_only(controls: dict) -> None:
     assert row.identical < ORT_MIN_IDENTICAL, row
     with pytest.raises(ValueError, match="no QuantizeLinear nodes"):
         code_agreement(controls["engines"]["unquantized"], controls["reference"], controls["tiles"])
+
+
+def _openvino_verdict(controls: dict, kind: str, folder: Path) -> Verdict:
+    from engines.openvino_engine import OpenVinoTileRunner, build_openvino_engine
+
+    engine = folder / f"{kind}.ov.xml"
+    build_openvino_engine(controls["graphs"][kind], engine, threads=2)
+    agreement = verify_engine(OpenVinoTileRunner(engine, threads=2), controls["checkpoint"], controls["artifact"],
+                              controls["crops"], overlap=4)
+    floor, spread = controls["noise"]
+    return Verdict(agreement, ORT_MIN_PSNR, floor, NOISE_FLOOR_MARGIN, 0.0, spread)
+
+
+def test_openvino_passes_the_engine_and_fails_the_float_graph_and_the_perturbed_scale(controls: dict,
+                                                                                      tmp_path: Path) -> None:
+    """The same criterion on OpenVINO IR built from the same three graphs (the CPU plugin's own int8 kernels)."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra")
+    assert _openvino_verdict(controls, "quantized", tmp_path).passed
+    for kind in ("unquantized", "perturbed"):
+        failed = _openvino_verdict(controls, kind, tmp_path)
+        assert not failed.passed, (kind, failed.summary())

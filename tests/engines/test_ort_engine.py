@@ -16,24 +16,18 @@ from engines.cli_build import main as build_main
 from engines.ort_engine import OrtTileRunner, build_ort_engine, op_counts
 from export.metadata import ExportMetadata
 from toolchain.files import sha256_file
-from toolchain.metrics import psnr
+from toolchain.metrics import output_difference
 from toolchain.models import info_of
 from toolchain.quant import grid, quantizers
+from toolchain.tolerances import CODE_ATOL, ORT_MIN_IDENTICAL, ORT_MIN_PSNR
 
 from ..export.conftest import TILE
 
-#: whole-model agreement of the engine with the fake-quant model (ARCHITECTURE.md s. 7); float
-#: layers (LayerNorm, softmax, GELU) may differ in the last ulp and flip a rounding now and then
-MIN_PSNR_DB = 60.0
-MIN_IDENTICAL = 0.99
-#: integer codes of a quantizer given the same float input: exact
-CODE_ATOL = 0
-
 
 def outputs_agree(engine_out: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    a, b = engine_out.clamp(0, 1), reference.clamp(0, 1)
-    identical = (torch.round(a * 255) == torch.round(b * 255)).float().mean().item()
-    return psnr(a, b, data_range=1.0), identical
+    """Whole-model agreement (ARCHITECTURE.md s. 7): PSNR of the clamped outputs, share of identical uint8 values."""
+    difference = output_difference(engine_out, reference)
+    return difference.psnr, difference.identical_pixels
 
 
 def quantizer_inputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -126,7 +120,7 @@ def test_engine_equals_fake_quant(built, tile_batch, bits):
     with torch.no_grad():
         reference = made.model(tile_batch)
     db, identical = outputs_agree(runner(tile_batch), reference)
-    assert db >= MIN_PSNR_DB and identical >= MIN_IDENTICAL, (bits, db, identical)
+    assert db >= ORT_MIN_PSNR and identical >= ORT_MIN_IDENTICAL, (bits, db, identical)
 
 
 def test_mixed_precision_engine_equals_fake_quant(built, tile_batch):
@@ -146,7 +140,7 @@ def test_mixed_precision_engine_equals_fake_quant(built, tile_batch):
     with torch.no_grad():
         reference = made.model(tile_batch)
     db, identical = outputs_agree(OrtTileRunner(made.engine, threads=2)(tile_batch), reference)
-    assert db >= MIN_PSNR_DB and identical >= MIN_IDENTICAL, (db, identical)
+    assert db >= ORT_MIN_PSNR and identical >= ORT_MIN_IDENTICAL, (db, identical)
 
 
 def test_int4_weight_only_graph_runs_in_ort(built, tile_batch):
@@ -157,7 +151,7 @@ def test_int4_weight_only_graph_runs_in_ort(built, tile_batch):
     with torch.no_grad():
         reference = made.model(tile_batch)
     db, identical = outputs_agree(OrtTileRunner(made.engine, threads=2)(tile_batch), reference)
-    assert db >= MIN_PSNR_DB and identical >= MIN_IDENTICAL, (db, identical)
+    assert db >= ORT_MIN_PSNR and identical >= ORT_MIN_IDENTICAL, (db, identical)
 
 
 def test_ort_format_engine(built, tile_batch, tmp_path):

@@ -1,8 +1,10 @@
 """TensorRT plan building (engines/trt/builder.py).
 
 Without TensorRT: the typing-mode decision per version string, option validation, precision checks
-against the ONNX facts, parser-error messages, the CLI option pair, and the clear error when
-``tensorrt`` is missing. The test marked ``tensorrt`` needs TensorRT and a GPU and skips otherwise.
+against the ONNX facts, parser-error messages, the CLI options (engines/trt/cli_args.py: flags become a
+``TrtBuildOptions`` in one place, a bad flag is a usage error naming it, the library refuses parsed
+flags), and the clear error when ``tensorrt`` is missing. The test marked ``tensorrt`` needs TensorRT and a
+GPU and skips otherwise.
 """
 
 from __future__ import annotations
@@ -25,16 +27,17 @@ from engines.trt.builder import (
     ParserErrorInfo,
     TensorRTUnavailable,
     TrtBuildOptions,
-    add_trt_arguments,
     build_engine,
     build_mode,
     check_precision,
     format_parser_errors,
-    options_from_args,
     parse_trt_version,
+    run_trt_build,
     trt_severity_level,
 )
+from engines.trt.cli_args import add_trt_arguments, trt_options_from_args
 from engines.trt.sidecar import OnnxInfo
+from toolchain.cli.common import UsageError
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 REPO = Path(__file__).resolve().parents[2]
@@ -214,7 +217,7 @@ def test_cli_arguments_become_build_options():
             "5",
         ]
     )
-    assert options_from_args(args) == TrtBuildOptions(
+    assert trt_options_from_args(args) == TrtBuildOptions(
         precision="int4",
         tile=64,
         max_batch=16,
@@ -223,13 +226,51 @@ def test_cli_arguments_become_build_options():
         workspace_mb=2048,
         builder_optimization_level=5,
     )
-    assert options_from_args(parser.parse_args([])) == TrtBuildOptions()
+    assert trt_options_from_args(parser.parse_args([])) == TrtBuildOptions()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tile", "0"], "--tile: tile must be positive, got 0"),
+        (["--max-batch", "0"], "--max-batch: max_batch must be >= 1, got 0"),
+        (["--max-batch", "4", "--opt-batch", "5"], r"--opt-batch: opt_batch must be in \[1, max_batch=4\], got 5"),
+        (["--workspace-mb", "0"], "--workspace-mb: workspace_mb must be positive, got 0"),
+        (["--builder-opt-level", "6"], r"--builder-opt-level: builder_optimization_level must be in \[0, 5\], got 6"),
+    ],
+)
+def test_a_bad_flag_is_a_usage_error_naming_it(argv, message):
+    parser = argparse.ArgumentParser()
+    add_trt_arguments(parser)
+    with pytest.raises(UsageError, match=message):
+        trt_options_from_args(parser.parse_args(argv))
+
+
+def test_the_build_command_refuses_a_bad_flag_before_building(tmp_path, capsys):
+    from engines.cli_build import main
+
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"")  # never read: the flags are checked first
+    assert main(["--backend", "trt", "--onnx", str(onnx), "--out", str(tmp_path / "m.plan"), "--max-batch", "0"]) == 2
+    assert "--max-batch: max_batch must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_the_library_takes_build_options_not_parsed_flags(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_trt_arguments(parser)
+    args = parser.parse_args([])
+    with pytest.raises(TypeError, match="options must be a TrtBuildOptions, got Namespace"):
+        run_trt_build(args, tmp_path / "m.onnx", tmp_path / "m.plan")
+    with pytest.raises(TypeError, match="options must be a TrtBuildOptions, got Namespace"):
+        build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", args)
+    assert not (tmp_path / "m.plan").exists()
 
 
 def test_modules_import_without_tensorrt_or_pycuda():
     code = (
-        "import sys; import engines.trt, engines.trt.builder, engines.trt.runner, engines.trt.sidecar, "
-        "engines.trt.trtexec, engines.trt.verify, engines.cli_profile; "
+        "import sys; import engines.trt, engines.trt.builder, engines.trt.cli_args, engines.trt.runner, "
+        "engines.trt.sidecar, engines.trt.trtexec, engines.trt.verify, engines.cli_profile; "
         "assert 'tensorrt' not in sys.modules and 'pycuda' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
@@ -239,6 +280,8 @@ def test_modules_import_without_tensorrt_or_pycuda():
 def test_build_without_tensorrt_says_how_to_install_it(tmp_path):
     with pytest.raises(TensorRTUnavailable, match=re.escape(f"`{INSTALL_HINT}`")):
         build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", TrtBuildOptions())
+    with pytest.raises(TensorRTUnavailable, match=re.escape(f"`{INSTALL_HINT}`")):
+        run_trt_build(TrtBuildOptions(), tmp_path / "m.onnx", tmp_path / "m.plan")
     assert not (tmp_path / "m.plan").exists()
 
 

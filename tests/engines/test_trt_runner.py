@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engines.trt.runner import TrtTileRunner, cuda_index, pick_buffers, split_batches, torch_dtype
 from engines.trt.sidecar import sidecar_path
+from toolchain.tolerances import TRT_MAX_ABS_ERROR
 
 from ..export.conftest import hand_metadata
 
@@ -26,8 +27,6 @@ HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 NEEDS_TRT = pytest.mark.skipif(
     not HAVE_TENSORRT or not torch.cuda.is_available(), reason="needs the tensorrt package and a CUDA GPU"
 )
-#: TensorRT's integer convolution vs ONNX Runtime's float one on identical codes: rounding only
-MAX_ABS_ERROR = 1e-3
 ACT_STEP = 1.0 / 127  # symmetric 8-bit activation grid over [-128 s, 127 s]
 WEIGHT_STEP = 0.01
 
@@ -189,7 +188,7 @@ def test_int8_plan_matches_onnx_runtime_and_splits_batches(tmp_path):
         out = run(tiles)  # 5 tiles through a max-batch-2 profile: three engine calls
     reference = ort_run(onnx_path, tiles)
     assert out.shape == reference.shape == (5, 3, 32, 32) and out.dtype == torch.float32
-    assert (out - reference).abs().max().item() <= MAX_ABS_ERROR
+    assert (out - reference).abs().max().item() <= TRT_MAX_ABS_ERROR
 
 
 @pytest.mark.tensorrt
@@ -210,4 +209,4 @@ def test_plan_is_refused_for_another_onnx_and_upscales_like_onnx_runtime(tmp_pat
     lr = torch.from_numpy(image).permute(2, 0, 1)[None]
     reference = tiled_upscale(lambda t: ort_run(onnx_path, t), lr, 2, TileSpec(16, 4, 3), 1)[0].permute(1, 2, 0).numpy()
     assert sr.shape == (40, 54, 3)
-    assert np.abs(sr - reference).max() <= MAX_ABS_ERROR
+    assert np.abs(sr - reference).max() <= TRT_MAX_ABS_ERROR

@@ -22,12 +22,7 @@ from toolchain import load_model
 from toolchain.models import info_of
 from toolchain.files import sha256_file
 from toolchain.quant import grid, quantizers
-
-#: eager export view vs fake-quant model: same grids, matmul vs linear kernels may round differently
-VIEW_ATOL = 1e-5
-#: the exported graph (ORT, no optimizations) vs the fake-quant model; measured 7.2e-7 on the tiny
-#: W4A4 SwinIR at batches 1-8 (a batch fixed at the trace's 2 gave 1e-3)
-GRAPH_ATOL = 1e-5
+from toolchain.tolerances import EXPORT_GRAPH_ATOL, EXPORT_VIEW_ATOL
 
 
 def nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -102,7 +97,7 @@ def test_graph_runs_any_batch(w4a4):
         with torch.no_grad():
             reference = made.model(x).numpy()
         output = session.run(None, {"input": x.numpy()})[0]
-        assert np.abs(output - reference).max() <= GRAPH_ATOL, batch
+        assert np.abs(output - reference).max() <= EXPORT_GRAPH_ATOL, batch
         alone = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(batch)])
         np.testing.assert_allclose(output, alone, rtol=0, atol=1e-6)
 
@@ -220,7 +215,7 @@ def test_export_view_computes_the_fake_quant_model(calibrated):
     view = build_export_view(made.model)
     x = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert (view(x) - made.model(x)).abs().max().item() <= VIEW_ATOL
+        assert (view(x) - made.model(x)).abs().max().item() <= EXPORT_VIEW_ATOL
 
 
 def test_export_is_deterministic_and_cli_writes_it(w4a4, tmp_path, export_tile, capsys):

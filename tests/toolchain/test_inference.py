@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from toolchain.inference import TileSpec, mirror_indices, pad_symmetric, tile_starts, tiled_upscale, upscale_padded
-
-#: tiled vs whole-image output of a position-independent operator: blending must be exact up to fp32
-BLEND_ATOL = 1e-6
+from toolchain.tolerances import TILE_BLEND_ATOL
 
 
 def nearest_x2(tiles: torch.Tensor) -> torch.Tensor:
@@ -50,7 +48,7 @@ def test_tile_starts_cover_axis_with_overlap():
 def test_tiled_equals_untiled_for_position_independent_operator(shape, spec):
     x = torch.rand(1, 3, *shape)
     tiled = tiled_upscale(nearest_x2, x, 2, spec, multiple=8)
-    torch.testing.assert_close(tiled, nearest_x2(x), rtol=0, atol=BLEND_ATOL)
+    torch.testing.assert_close(tiled, nearest_x2(x), rtol=0, atol=TILE_BLEND_ATOL)
 
 
 def test_single_covering_tile_reproduces_whole_image_exactly():
@@ -100,4 +98,4 @@ def test_large_image_runs_in_bounded_batches():
     out = tiled_upscale(run, x, 2, TileSpec(64, 8, 8), multiple=8)
     assert out.shape == (1, 3, 4000, 4000)
     assert max(seen) == 8 * 3 * 64 * 64
-    torch.testing.assert_close(out[..., :512, :512], nearest_x2(x[..., :256, :256]), rtol=0, atol=BLEND_ATOL)
+    torch.testing.assert_close(out[..., :512, :512], nearest_x2(x[..., :256, :256]), rtol=0, atol=TILE_BLEND_ATOL)

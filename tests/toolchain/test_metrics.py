@@ -2,6 +2,7 @@
 bicubic baseline on Set5."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,15 +13,12 @@ import torch
 from toolchain.data.benchmark import benchmark_pairs, load_pair
 from toolchain.data.imresize import imresize
 from toolchain.data.io import to_uint8
-from toolchain.metrics import psnr, psnr_y, rgb_to_y, ssim_y
+from toolchain.metrics import output_difference, psnr, psnr_from_mse, psnr_y, rgb_to_y, ssim_y
+from toolchain.tolerances import MATLAB_SSIM_TOLERANCE, PUBLISHED_PSNR_TOLERANCE, SSIM_ATOL
 
-#: agreement of the filtered SSIM with the per-window formula (float64)
-SSIM_ATOL = 1e-10
 #: bicubic Set5 PSNR-Y (ARCHITECTURE.md section 8) and SSIM-Y as published in the SR literature (e.g.
 #: RCAN, ECCV 2018, Table 3); computed there in MATLAB, which rounds Y to 8 bits (we do not, as BasicSR)
 SET5_BICUBIC = {2: (33.66, 0.9299), 3: (30.39, 0.8682), 4: (28.42, 0.8104)}
-PSNR_LITERATURE_TOL = 0.02
-SSIM_LITERATURE_TOL = 0.001
 
 
 def luma(img: np.ndarray) -> np.ndarray:
@@ -97,6 +95,40 @@ def test_generic_psnr() -> None:
         psnr(a, np.zeros(6), data_range=1.0)
 
 
+def test_psnr_from_mse_is_every_psnr() -> None:
+    """One formula: the image PSNR-Y, the generic PSNR and the pooled statistics all reduce to it."""
+    assert psnr_from_mse(0.01, 1.0) == pytest.approx(20.0, abs=1e-12)
+    assert psnr_from_mse(255.0**2 / 1000, 255.0) == pytest.approx(30.0, abs=1e-12)
+    assert psnr_from_mse(0.0, 1.0) == math.inf
+    with pytest.raises(ValueError, match="negative"):
+        psnr_from_mse(-1e-3, 1.0)
+    rng = np.random.default_rng(4)
+    a, b = rng.random((6, 7, 3)), rng.random((6, 7, 3))
+    assert psnr(a, b, data_range=1.0) == psnr_from_mse(float(np.mean((a - b) ** 2)), 1.0)
+
+
+def test_output_difference_by_hand() -> None:
+    reference = np.full((4, 5, 3), 0.5, np.float32)
+    output = reference.copy()
+    output[0, 0, 0] = 0.625      # 1/8 off, exact in float32: 32 levels apart
+    output[1, 1, 1] = 1.5        # far above the range: clipped to 1 for PSNR, raw for the absolute errors
+    output[2, 2, 2] = 0.5 + 1e-4  # rounds to the same 8-bit level
+    d = output_difference(output, reference, quantiles=(0.5, 1.0))
+    assert (d.values, d.identical) == (60, 58)
+    assert d.identical_pixels == 58 / 60
+    assert d.squared_error == pytest.approx(1 / 64 + 1 / 4 + 1e-8, rel=1e-6)
+    assert d.psnr == pytest.approx(10 * math.log10(60 / (1 / 64 + 1 / 4 + 1e-8)), rel=1e-6)
+    assert d.max_abs_error == 1.0 and d.abs_error_quantiles == {0.5: 0.0, 1.0: 1.0}
+    assert d.mean_abs_error == pytest.approx((0.125 + 1.0 + 1e-4) / 60, rel=1e-5)
+    same = output_difference(torch.from_numpy(reference), torch.from_numpy(reference))
+    assert same.psnr == math.inf and same.identical_pixels == 1.0 and same.max_abs_error == 0.0
+    assert output_difference(torch.from_numpy(output), reference) == dataclasses.replace(d, abs_error_quantiles={})
+    with pytest.raises(ValueError, match="differ in shape"):
+        output_difference(output, reference[:2])
+    with pytest.raises(ValueError, match="NaN"):
+        output_difference(np.full(3, np.nan, np.float32), np.zeros(3, np.float32))
+
+
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_set5_bicubic_baseline(datasets_dir: Path, scale: int) -> None:
     """MATLAB bicubic upscaling of the Set5 LR (uint8 path) against the published baseline."""
@@ -106,5 +138,5 @@ def test_set5_bicubic_baseline(datasets_dir: Path, scale: int) -> None:
         sr = imresize(to_uint8(lr), float(scale))
         scores.append((psnr_y(sr, to_uint8(hr), scale), ssim_y(sr, to_uint8(hr), scale)))
     mean_psnr, mean_ssim = np.mean(scores, axis=0)
-    assert mean_psnr == pytest.approx(SET5_BICUBIC[scale][0], abs=PSNR_LITERATURE_TOL)
-    assert mean_ssim == pytest.approx(SET5_BICUBIC[scale][1], abs=SSIM_LITERATURE_TOL)
+    assert mean_psnr == pytest.approx(SET5_BICUBIC[scale][0], abs=PUBLISHED_PSNR_TOLERANCE)
+    assert mean_ssim == pytest.approx(SET5_BICUBIC[scale][1], abs=MATLAB_SSIM_TOLERANCE)

@@ -5,7 +5,10 @@ Examples::
     2dq-eval --model bicubic --data ../shared/datasets --sets Set5,B100 --scales 2,3,4
     2dq-eval --weights models/swinir_light_x4.safetensors --data ../shared/datasets --json fp.json
     2dq-eval --weights CKPT --calib run/w4a4.safetensors --data ../shared/datasets
-    2dq-eval --backend ort --engine w4a4.ort.onnx --data ../shared/datasets --sets Set5
+    2dq-eval --engine w4a4.ort.onnx --data ../shared/datasets --sets Set5
+    2dq-eval --backend openvino --threads 1
+
+A command-line module: it may import from every layer (the engines live in :mod:`engines`).
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ..backends import BACKENDS, make_upscaler
+from engines.upscalers import BACKENDS, ENGINE_BACKENDS, engine_backend, make_upscaler
+
 from ..evaluate import SetResult, evaluate_set, markdown_table
 from .. import defaults
 from ..files import atomic_path
@@ -33,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", metavar="CKPT", help="model checkpoint (.pth or .safetensors)")
     source.add_argument("--model", choices=["bicubic"], help="a reference method instead of a checkpoint")
     parser.add_argument("--calib", metavar="ARTIFACT", help="calibration artifact: evaluate the fake-quant model")
-    parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "bicubic"], default="torch",
-                        help="torch (PyTorch, float or fake-quant), ort (ONNX Runtime engine), trt (TensorRT plan)")
-    parser.add_argument("--engine", metavar="PATH", help="engine file for --backend ort/trt")
+    parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "bicubic"],
+                        help="torch (PyTorch, float or fake-quant), ort (ONNX Runtime engine), openvino (OpenVINO IR), "
+                        "trt (TensorRT plan) (default: from --engine's suffix, else torch)")
+    parser.add_argument("--engine", metavar="PATH", help="engine file: .onnx/.ort (ONNX Runtime), .xml (OpenVINO), "
+                        ".plan/.engine (TensorRT) (default with --backend ort/openvino: the default chain's engine)")
+    parser.add_argument("--threads", type=int, help="threads of the CPU engines (ort, openvino) (default: all cores)")
     parser.add_argument("--data", metavar="ROOT", help="folder holding <Set>/HR and <Set>/LR_bicubic/X<s> (default: the "
                         "shipped Set5)")
     parser.add_argument("--sets", help="comma-separated set names (default: Set5,Set14,B100 with --data, Set5 without)")
@@ -52,11 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.backend is None:
+        try:
+            args.backend = engine_backend(args.engine) if args.engine else "torch"
+        except ValueError as err:
+            raise UsageError(f"--engine {err}") from None
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be positive, got {args.threads}")
     if args.backend == "torch" and not (args.weights or args.model):
         args.weights = str(defaults.DEFAULT_WEIGHTS)
-    if args.backend != "torch" and not args.engine:
-        args.engine = str(defaults.existing(defaults.MAIN_ENGINE,
-                                            "--engine", "build it with 2dq-build-engine"))
+    if args.backend in ENGINE_BACKENDS and not args.engine:
+        if args.backend == "trt":
+            raise UsageError("--backend trt needs --engine PLAN")
+        args.engine = str(defaults.existing(defaults.engine_path(defaults.MAIN_ONNX, args.backend), "--engine",
+                                            f"build it with 2dq-build-engine --backend {args.backend}"))
     if args.sets is None:
         args.sets = defaults.sets_for(args.data)
     if args.data is None:
@@ -76,7 +92,7 @@ def _main(args: argparse.Namespace) -> int:
     else:
         upscaler = make_upscaler(
             args.backend, weights=args.weights, calib=args.calib, engine=args.engine, device=args.device,
-            tile=args.tile, overlap=args.overlap, batch=args.batch,
+            tile=args.tile, overlap=args.overlap, batch=args.batch, threads=args.threads,
         )
         if scales and scales != [upscaler.scale]:
             raise UsageError(f"the model upscales x{upscaler.scale}; --scales {args.scales} asks for other scales")

@@ -161,9 +161,9 @@ class QuantLinear(nn.Module):
         self.input_quantizer = input_quantizer
         self.weight_quantizer = weight_quantizer
         # optional (C_in,) factor applied to the input before its quantizer: explicit channel
-        # smoothing (calib.smoothing, kind "input"), exported as one Mul; None: no op
+        # smoothing (calib.transforms.smoothing, kind "input"), exported as one Mul; None: no op
         self.register_buffer("input_multiplier", None)
-        # optional (C_in,) offset subtracted after the multiplier (calib.input_shift; the bias carries
+        # optional (C_in,) offset subtracted after the multiplier (calib.transforms.input_shift; the bias carries
         # it back), exported as one Sub; None: no op
         self.register_buffer("input_offset", None)
 

@@ -24,7 +24,7 @@ from calib.report.cli import main as report, staged_folder
 from calib.report.crops import best_window
 from calib.report.sources import calibration_patches, dobi_options
 from calib.report.stats import CountHistogram, bound_specs, collect_stats, rank_affected
-from toolchain.backends import make_upscaler
+from engines.upscalers import make_upscaler
 from toolchain.data.imresize import bicubic_degrade
 from toolchain.data.io import read_image, to_uint8, write_image
 from toolchain.evaluate import evaluate_set

@@ -16,9 +16,8 @@ from toolchain.data.image_modes import (
 )
 from toolchain.data.imresize import imresize
 from toolchain.data.io import ImageError, WRITE_FORMATS
+from toolchain.tolerances import JPEG_MEAN_ERROR
 
-#: JPEG is lossy: mean absolute error allowed on the smooth test image, in [0, 1] units
-JPEG_MEAN_ERROR = 0.02
 LAYOUTS = [Layout(gray, alpha, bits) for gray, alpha, bits in itertools.product((True, False), (False, True), (8, 16))]
 
 

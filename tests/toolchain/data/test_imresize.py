@@ -11,13 +11,8 @@ import pytest
 from toolchain.data.benchmark import benchmark_pairs, load_pair
 from toolchain.data.imresize import bicubic_degrade, imresize, mod_crop, output_size
 from toolchain.data.io import to_uint8
-
-#: agreement of the vectorized resize with the per-pixel reference (float64)
-REFERENCE_ATOL = 1e-12
-#: float path (resize in float, round once) vs MATLAB's LR: measured 85.6 / 88.3 / 89.7 % exact
-#: pixels on Set5 x2 / x3 / x4, max difference 2 levels (MATLAB rounds to uint8 after each axis)
-FLOAT_PATH_MIN_EXACT = 0.85
-FLOAT_PATH_MAX_LEVELS = 2
+from toolchain.tolerances import (IMRESIZE_FLOAT_PATH_MAX_LEVELS, IMRESIZE_FLOAT_PATH_MIN_EXACT,
+                                  IMRESIZE_REFERENCE_ATOL)
 
 
 def reference_cubic(t: float) -> float:
@@ -60,7 +55,7 @@ def reference_resize(img: np.ndarray, scale: float, antialiasing: bool) -> np.nd
 def test_matches_per_pixel_reference(scale: float, antialiasing: bool) -> None:
     img = np.random.default_rng(0).random((13, 10))
     expected = reference_resize(img, scale, antialiasing)
-    np.testing.assert_allclose(imresize(img, scale, antialiasing), expected, rtol=0, atol=REFERENCE_ATOL)
+    np.testing.assert_allclose(imresize(img, scale, antialiasing), expected, rtol=0, atol=IMRESIZE_REFERENCE_ATOL)
 
 
 def test_output_size_rule() -> None:
@@ -124,5 +119,5 @@ def test_set5_lr_reproduced(datasets_dir: Path, scale: int) -> None:
         floating_max = max(floating_max, int(np.abs(floating - matlab).max()))
         total += matlab.size
     assert exact == total  # MATLAB's uint8 path: bit-exact
-    assert floating_exact / total >= FLOAT_PATH_MIN_EXACT
-    assert floating_max <= FLOAT_PATH_MAX_LEVELS
+    assert floating_exact / total >= IMRESIZE_FLOAT_PATH_MIN_EXACT
+    assert floating_max <= IMRESIZE_FLOAT_PATH_MAX_LEVELS

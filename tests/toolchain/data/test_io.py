@@ -11,9 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from toolchain.data.io import ImageError, read_image, to_uint8, write_image
-
-#: JPEG round trips are lossy; mean absolute error allowed on a smooth test image (in [0, 1] units)
-JPEG_MEAN_ERROR = 0.02
+from toolchain.tolerances import JPEG_MEAN_ERROR
 
 
 def smooth_rgb(height: int = 24, width: int = 32) -> np.ndarray:

@@ -18,8 +18,8 @@ from toolchain.loading import load_state_dict_model
 from toolchain.models import info_of, ngswin, registry
 from toolchain.models.ngswin_blocks import CosineWindowAttention
 from toolchain.quant import QuantConfig, quantize_model, quantizers
+from toolchain.tolerances import NGSWIN_GOLDEN_ATOL
 
-GOLDEN_MAX_ABS = 1e-4  # float32 outputs in [0, 1]
 SCALES = (2, 3)
 TINY = dict(scale=2, embed_dim=16, depths=[2, 1], num_heads=[2, 4], dec_depth=2, dec_num_heads=2,
             window_size=4, ngrams=[2, 3, 2], mlp_ratio=1.5, in_chans=3)
@@ -59,7 +59,7 @@ def test_matches_official_outputs(official, shared_dir, crop):
     with torch.no_grad():
         sr = model(lr)
     assert sr.shape == (1, 3, scale * lr.shape[2], scale * lr.shape[3]) == expected.shape
-    assert (sr - expected).abs().max().item() <= GOLDEN_MAX_ABS
+    assert (sr - expected).abs().max().item() <= NGSWIN_GOLDEN_ATOL
 
 
 def test_stages_work_at_their_resolutions(official):

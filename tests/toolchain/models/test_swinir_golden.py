@@ -15,9 +15,10 @@ import torch
 from safetensors import safe_open
 from spandrel.architectures.SwinIR import SwinIR
 
+from toolchain.tolerances import SWINIR_GOLDEN_ATOL
+
 from ...tiny_models import SWINIR_TINY
 
-TOLERANCE = 1e-5
 GOLDEN = ("swinir_tiny_x4", "swinir_tiny_x2_oddsize")
 #: buffers the architecture computes from its configuration; the golden files omit them
 COMPUTED_BUFFERS = ("relative_position_index", "attn_mask")
@@ -74,7 +75,7 @@ def test_spandrel_swinir_matches_the_official_outputs(golden):
     net = build(config, weights)
     if "oddsize" in name:
         assert lr.shape[2] % config["window_size"] and lr.shape[3] % config["window_size"]  # padded inside
-    assert max_error(net, lr, expected) <= TOLERANCE
+    assert max_error(net, lr, expected) <= SWINIR_GOLDEN_ATOL
     assert expected.abs().max().item() > 0.5  # a real image-scale output, not a degenerate one
 
 
@@ -85,4 +86,4 @@ def test_a_perturbed_weight_fails_the_check(golden, key):
     _, config, weights, lr, expected = golden
     noise = torch.randn(weights[key].shape, generator=torch.Generator().manual_seed(0))
     perturbed = {**weights, key: weights[key] + 0.05 * weights[key].std() * noise}
-    assert max_error(build(config, perturbed), lr, expected) > TOLERANCE
+    assert max_error(build(config, perturbed), lr, expected) > SWINIR_GOLDEN_ATOL

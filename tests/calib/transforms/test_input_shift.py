@@ -1,17 +1,18 @@
-"""Per-channel input shifts (calib/input_shift.py): exact in float, midpoint start, bake, refusals."""
+"""Per-channel input shifts (calib/transforms/input_shift.py): exact in float, midpoint start, bake, refusals."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from calib.dobi import calibrate_dobi
-from calib.input_shift import add_input_shifts, init_input_shifts, input_shift_parameters, input_shift_paths
 from calib.observers import batch_forward_loop
-from calib.shift import transform_parameters, transforms_spec, transforms_state, restore_transforms
-from calib.smoothing import add_smoothing, bake_transforms, find_smoothing_groups, init_smoothquant
+from calib.transforms.fold import bake_transforms
+from calib.transforms.input_shift import add_input_shifts, init_input_shifts, input_shift_parameters, input_shift_paths
+from calib.transforms.registry import restore_transforms, transform_parameters, transforms_spec, transforms_state
+from calib.transforms.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant
 from toolchain.quant import QuantConfig, float_mode, quantize_model
 
-from ..tiny_models import tiny_swinir
+from ...tiny_models import tiny_swinir
 
 
 def tiny(seed: int = 0) -> torch.nn.Module:

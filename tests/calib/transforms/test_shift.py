@@ -1,7 +1,7 @@
-"""Exact asymmetric grids by folded shifts: detection, algebra, exactness, restore, baking."""
+"""Exact asymmetric grids by folded shifts (calib/transforms/shift.py): detection, algebra, exactness, restore,
+baking."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -10,33 +10,27 @@ from torch.nn.utils import parametrize
 
 from calib.dobi import calibrate_dobi
 from calib.observers import batch_forward_loop
-from calib.shift import (
+from calib.transforms.fold import bake_transforms
+from calib.transforms.registry import restore_transforms, transforms_spec, transforms_state
+from calib.transforms.shift import (
     ShiftSite,
     SubtractOffset,
     add_shifts,
-    bake_transforms,
     calibrate_shifts,
     find_shift_sites,
     init_shifts,
-    restore_transforms,
     shift_parameters,
     shift_sites,
-    transforms_spec,
-    transforms_state,
 )
-from calib.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant, smoothing_parameters
+from calib.transforms.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant, smoothing_parameters
 from toolchain.loading import load_state_dict_model
 from toolchain.models import ngswin
+from toolchain.metrics import output_difference
 from toolchain.quant import QuantConfig, bounds_state, float_mode, load_bounds, quantize_model, quantizers, grid
+from toolchain.tolerances import FLOAT_FOLD_RTOL, GRID_TOL_STEPS, ORT_MIN_PSNR
 
-from ..tiny_models import tiny_swinir as _tiny_swinir
+from ...tiny_models import tiny_swinir as _tiny_swinir
 
-#: float model with random offsets vs without: max |difference| / output range
-FLOAT_FOLD_RTOL = 1e-5
-#: shifted grid vs 2DQuant's lower + k*s: max |difference| in steps (fp32 rounding of the offset algebra)
-GRID_TOL_STEPS = 1e-4
-#: ONNX Runtime vs the fake-quant model (ARCHITECTURE.md section 7)
-ORT_MIN_PSNR = 60.0
 NGSWIN = dict(scale=2, embed_dim=16, depths=(2, 1), num_heads=(2, 4), dec_depth=2, dec_num_heads=2,
               window_size=4, ngrams=(2, 3, 2), mlp_ratio=1.5, in_chans=3)
 
@@ -276,16 +270,15 @@ def test_baked_model_exports_with_no_extra_op_and_runs_exactly_on_onnx_runtime()
     out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         reference = model(x)
-    mse = float((out.clamp(0, 1) - reference.clamp(0, 1)).square().mean())
-    assert mse == 0 or 10 * math.log10(1 / mse) >= ORT_MIN_PSNR
+    assert output_difference(out, reference).psnr >= ORT_MIN_PSNR
 
 
 def test_two_attention_branches_on_one_qkv_get_distinct_key_shifts():
     """DAT's spatial attention splits one qkv linear into two branches: each branch's k is its own slice,
     so each gets its own shift site (distinct names, disjoint slices), and both fold exactly."""
-    from calib.shift import ShiftSite, add_shifts, find_shift_sites
+    from calib.transforms.shift import ShiftSite, add_shifts, find_shift_sites
 
-    from ..tiny_models import tiny_dat
+    from ...tiny_models import tiny_dat
     from toolchain.models import example_input
 
     model = quantize_model(tiny_dat(scale=2), QuantConfig(w_bits=4, a_bits=4))

@@ -27,16 +27,17 @@ the all-ones vector):
 
 Not folded: q (``(q - c).k`` varies along the keys), the softmax probabilities (their zero is
 meaningful), and the GELU output into ``fc2`` (no affine op before it: a shift there needs an
-explicit ``Sub`` in the graph; :mod:`calib.input_shift` offers that per channel, ``--input-shifts``).
+explicit ``Sub`` in the graph; :mod:`calib.transforms.input_shift` offers that per channel,
+``--input-shifts``).
 
-Sites are found from data flow like :mod:`calib.smoothing` (per-channel statistics of one float
-forward: a LayerNorm output equal to a linear input, an attention operand equal to a slice of a
+Sites are found from data flow like smoothing groups (:mod:`calib.transforms.trace`: per-channel
+statistics of one float forward: a LayerNorm output equal to a linear input, an attention operand equal to a slice of a
 linear's output), then confirmed by a float forward with random offsets. Each site's offset is a
 learnable scalar Parameter (:func:`shift_parameters`), set from the calibrated bounds by
 :func:`init_shifts` and trainable in DQC; quantizers keep their own bounds, which are the bounds of
-the shifted tensor (what the engine uses). :func:`bake_transforms` writes everything into plain
-biases for export; :func:`transforms_spec` / :func:`transforms_state` / :func:`restore_transforms`
-carry smoothing and shifts through an artifact.
+the shifted tensor (what the engine uses). :func:`calib.transforms.fold.bake_transforms` writes
+everything into plain biases for export; :mod:`calib.transforms.registry` carries the folds through
+an artifact.
 
 Offsets: :func:`init_shifts` makes the current bounds' 2DQuant grid exact (after DQC, or after DOBI
 for a quick start); :func:`calibrate_shifts` re-runs DOBI's search for the shifted quantizers scored
@@ -44,8 +45,24 @@ on the grid the shift realizes (DOBI's own bounds are the best integer-zero-poin
 2DQuant grids).
 
 Order: detect (smoothing groups, shift sites) -> add smoothing, SmoothQuant -> add shifts (offset 0)
--> DOBI -> :func:`calibrate_shifts` -> DQC (bounds, offsets, factors) -> :func:`bake_transforms` ->
-export.
+-> DOBI -> :func:`calibrate_shifts` -> DQC (bounds, offsets, factors) -> bake -> export.
+
+>>> from toolchain.models.examples import tiny_swinir
+>>> from toolchain.quant import QuantConfig, quantize_model
+>>> model = quantize_model(tiny_swinir(), QuantConfig())
+>>> x = torch.rand(1, 3, 16, 16)
+>>> with float_mode(model):
+...     before = model(x)
+>>> sites = find_shift_sites(model, x)
+>>> [(site.kind, site.producer.split(".")[-1]) for site in sites]
+[('norm_output', 'norm1'), ('attn_key', 'qkv'), ('attn_value', 'qkv'), ('norm_output', 'norm2')]
+>>> offsets = add_shifts(model, sites)
+>>> with torch.no_grad():
+...     for offset in offsets.values():
+...         _ = offset.fill_(0.25)
+>>> with float_mode(model):   # the folds leave the float model's output unchanged
+...     torch.allclose(model(x), before, atol=1e-5)
+True
 """
 from __future__ import annotations
 
@@ -61,34 +78,14 @@ from torch.nn.utils import parametrize
 
 from toolchain.quant import QuantLinear, float_mode, grid, quantizers
 
-from .dobi import DEFAULT_CANDIDATES, candidate_bounds, choose_mode
-from .input_shift import add_input_shifts, input_shift_owners, input_shift_parameters, input_shift_paths
-from .observers import DEFAULT_BINS, StreamingHistogram
-
-from .smoothing import (
-    FoldParametrization,
-    SmoothingGroup,
-    _check_unfolded,
-    _fold_modules,
-    _module,
-    add_smoothing,
-    attention_operands,
-    bake_transforms,
-    norm_consumers,
-    quantized_weight,
-    smoothing_groups,
-    smoothing_owners,
-    smoothing_parameters,
-    trace_channels,
-    verify_folds,
-)
+from ..dobi import DEFAULT_CANDIDATES, candidate_bounds, choose_mode
+from ..observers import DEFAULT_BINS, StreamingHistogram
+from .fold import FoldParametrization, _check_unfolded, _fold_modules, _module, quantized_weight
+from .trace import attention_operands, norm_consumers, trace_channels, verify_folds
 
 log = logging.getLogger(__name__)
 
 KINDS = ("norm_output", "attn_value", "attn_key")
-__all__ = ["KINDS", "ShiftSite", "add_shifts", "bake_transforms", "calibrate_shifts", "find_shift_sites", "init_shifts",
-           "load_transforms_state", "restore_transforms", "shift_parameters", "shift_sites", "transform_parameters", "transforms_spec",
-           "transforms_state"]
 
 
 @dataclass(frozen=True)
@@ -254,18 +251,19 @@ def _remove_shifts(model: nn.Module, sites: Iterable[ShiftSite]) -> None:
                 parametrize.remove_parametrizations(modules[path], "bias", leave_parametrized=False)
 
 
-def _owners(model: nn.Module) -> list[SubtractOffset]:
+def shift_owners(model: nn.Module) -> list[SubtractOffset]:
+    """The parametrizations that own each site's offset, in module order."""
     return [p for m in model.modules() for p in _fold_modules(m, "bias", SubtractOffset)]
 
 
 def shift_sites(model: nn.Module) -> list[ShiftSite]:
     """The sites currently folded into ``model``."""
-    return [p.site for p in _owners(model)]
+    return [p.site for p in shift_owners(model)]
 
 
 def shift_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The scalar ``offset`` Parameters of every shift site (what DQC trains with the bounds)."""
-    return [p.offset for p in _owners(model)]
+    return [p.offset for p in shift_owners(model)]
 
 
 @torch.no_grad()
@@ -279,7 +277,7 @@ def init_shifts(model: nn.Module) -> dict[str, float]:
     """
     found = quantizers(model)
     offsets = {}
-    for owner in _owners(model):
+    for owner in shift_owners(model):
         site = owner.site
         exact = found[site.exact]
         if not exact.initialized:
@@ -320,7 +318,7 @@ def calibrate_shifts(model: nn.Module, forward_loop: Callable[[nn.Module], None]
     bounds of every quantizer that sees the tensor then move as in :func:`init_shifts`. Run after
     DOBI (the other quantizers keep DOBI's bounds). Returns the offsets by site name.
     """
-    owners = _owners(model)
+    owners = shift_owners(model)
     found = quantizers(model)
     histograms = {owner.site.exact: StreamingHistogram(bins) for owner in owners}
     try:
@@ -357,75 +355,3 @@ def calibrate_shifts(model: nn.Module, forward_loop: Callable[[nn.Module], None]
         offsets[site.name] = float(owner.offset)
     log.info("calibrate_shifts: %d offsets and exact grids set", len(offsets))
     return offsets
-
-
-def transform_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every learnable fold parameter: smoothing ``log_scale`` s, shift ``offset`` s, input-shift offsets."""
-    return smoothing_parameters(model) + shift_parameters(model) + input_shift_parameters(model)
-
-
-@torch.no_grad()
-def load_transforms_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy :func:`transforms_state` values back into the folds ``model`` already has (strict)."""
-    current = _fold_parameters(model)
-    if set(state) != set(current):
-        raise ValueError(f"fold parameters do not fit the model: missing {sorted(set(current) - set(state))[:5]}, "
-                         f"unexpected {sorted(set(state) - set(current))[:5]}")
-    for key, parameter in current.items():
-        parameter.copy_(_checked(state, key, parameter).to(parameter))
-
-
-def transforms_spec(model: nn.Module) -> dict[str, Any]:
-    """JSON description of the folds of ``model`` (smoothing groups, shift sites, input shifts), for a sidecar."""
-    spec = {"smoothing": [g.to_dict() for g in smoothing_groups(model)],
-            "shifts": [s.to_dict() for s in shift_sites(model)]}
-    inputs = input_shift_paths(model)
-    if inputs:
-        spec["input_shifts"] = inputs
-    return spec
-
-
-def transforms_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The learned fold parameters: ``smoothing.<producer>.log_scale`` ``(C,)``, ``shift.<site>.offset`` ``()``,
-    ``input_shift.<linear>.offset`` ``(C_in,)``."""
-    return {key: parameter.detach().clone() for key, parameter in _fold_parameters(model).items()}
-
-
-def _fold_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every learnable fold parameter of ``model`` under its state key (see :func:`transforms_state`)."""
-    params = {f"smoothing.{p.group.key}.log_scale": p.log_scale for p in smoothing_owners(model)}
-    params.update({f"shift.{p.site.name}.offset": p.offset for p in _owners(model)})
-    params.update({f"input_shift.{p.path}.offset": p.offset for p in input_shift_owners(model)})
-    return params
-
-
-@torch.no_grad()
-def restore_transforms(model: nn.Module, spec: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
-    """Re-create the folds of :func:`transforms_spec` on a fresh quantized model and load their parameters.
-
-    Strict: every parameter of the spec must be in ``state`` with its shape, and nothing else.
-    Load the quantizer bounds (:func:`toolchain.quant.load_bounds`) as saved: they already are the
-    bounds of the shifted tensors.
-    """
-    groups = [SmoothingGroup.from_dict(g) for g in spec.get("smoothing", [])]
-    sites = [ShiftSite.from_dict(s) for s in spec.get("shifts", [])]
-    inputs = [str(path) for path in spec.get("input_shifts", [])]
-    expected = {f"smoothing.{g.key}.log_scale" for g in groups} | {f"shift.{s.name}.offset" for s in sites} \
-        | {f"input_shift.{path}.offset" for path in inputs}
-    if set(state) != expected:
-        raise ValueError(f"fold parameters do not fit the spec: missing {sorted(expected - set(state))[:5]}, "
-                         f"unexpected {sorted(set(state) - expected)[:5]}")
-    for name, parameter in list(add_smoothing(model, groups).items()):
-        parameter.copy_(_checked(state, f"smoothing.{name}.log_scale", parameter))
-    for name, parameter in add_shifts(model, sites).items():
-        parameter.copy_(_checked(state, f"shift.{name}.offset", parameter))
-    for path, parameter in add_input_shifts(model, inputs).items():
-        parameter.copy_(_checked(state, f"input_shift.{path}.offset", parameter))
-
-
-def _checked(state: Mapping[str, torch.Tensor], key: str, parameter: nn.Parameter) -> torch.Tensor:
-    value = state[key]
-    if tuple(value.shape) != tuple(parameter.shape) or not torch.isfinite(value).all():
-        raise ValueError(f"fold parameter {key}: shape {tuple(value.shape)} (expected {tuple(parameter.shape)}) "
-                         "or non-finite values")
-    return value

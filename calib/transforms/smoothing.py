@@ -28,20 +28,18 @@ A third kind does not fold and is opt-in (:data:`EXPLICIT_KINDS`):
 The fold is written as :mod:`torch.nn.utils.parametrize` parametrizations of the producer's
 ``weight``/``bias`` and of each consumer ``QuantLinear.weight``, driven by one learnable
 ``log_scale`` ``(C,)`` per group (:func:`smoothing_parameters`): DQC trains it with the bounds and
-gradients flow through the fold. :func:`bake_transforms` writes the folded values into plain
-Parameters for export (bit-identical outputs).
+gradients flow through the fold. :func:`calib.transforms.fold.bake_transforms` writes the folded
+values into plain Parameters for export (bit-identical outputs).
 
-Groups are found from data flow, model-agnostically (:func:`find_smoothing_groups`): one float
-forward records per-channel sums and sums of squares of every LayerNorm output, every quantized
-linear's input and output, and the attention operands. Token permutations, rolls and window
-partitions keep these per channel, so a linear reading a LayerNorm's output (through any reshaping of
-tokens) matches it, and an attention's v matches a slice of the qkv output. Then a forward with
-random factors confirms that the fold leaves the float output unchanged (a LayerNorm output that
-also feeds a residual stream fails this and is dropped). The example input must need no padding
-inside the model (:func:`toolchain.models.example_input`).
+Groups are found from data flow, model-agnostically (:func:`find_smoothing_groups`, over the trace of
+:mod:`calib.transforms.trace`): a linear whose input has the per-channel statistics of a LayerNorm's
+output reads that output, an attention's v is the qkv output slice with its statistics; a forward
+with random factors then confirms that the fold leaves the float output unchanged (a LayerNorm
+output that also feeds a residual stream fails this and is dropped). The example input must need no
+padding inside the model (:func:`toolchain.models.example_input`).
 
 Order: find groups (and shift sites) -> :func:`add_smoothing` -> :func:`init_smoothquant` (float
-statistics) -> shifts -> DOBI -> DQC -> :func:`bake_transforms` -> export.
+statistics) -> shifts -> DOBI -> DQC -> :func:`~calib.transforms.fold.bake_transforms` -> export.
 
 >>> from toolchain.models.examples import tiny_swinir
 >>> model = tiny_swinir()   # random weights; real ones: load_model
@@ -65,23 +63,21 @@ True
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from toolchain.quant import QuantLinear, QuantMatMul, float_mode
+from toolchain.quant import QuantLinear, float_mode
+
+from .fold import FoldParametrization, _check_unfolded, _fold_modules, _folds, _module, _original
+from .trace import attention_operands, norm_consumers, trace_channels, verify_folds
 
 log = logging.getLogger(__name__)
 
-#: relative agreement of per-channel sums that counts as "the same tensor" (float64 sums of fp32 values)
-MATCH_RTOL = 1e-6
-#: a fold passes verification when the float output moves by at most this fraction of its range
-VERIFY_RTOL = 1e-4
 DEFAULT_ALPHA = 0.5
 FOLDED_KINDS = ("norm", "value")
 #: kinds that leave one Mul in the deployed graph
@@ -89,154 +85,6 @@ EXPLICIT_KINDS = ("input",)
 GROUP_KINDS = FOLDED_KINDS + EXPLICIT_KINDS
 #: floor on max|X_j| and max|W_j| in the SmoothQuant rule (dead channels get finite factors)
 STAT_FLOOR = 1e-5
-
-
-# --------------------------------------------------------------------------------------------------
-# data-flow trace
-
-
-@dataclass
-class ChannelStats:
-    """Per-channel ``count`` (values per channel), ``sum`` and ``sumsq`` ``(C,)`` float64 of one tensor."""
-
-    count: int
-    sum: torch.Tensor
-    sumsq: torch.Tensor
-
-    @staticmethod
-    def of(t: torch.Tensor, channel_dims: tuple[int, ...]) -> ChannelStats:
-        """Statistics of ``t`` per entry of ``channel_dims`` (flattened in order); other dims reduced."""
-        dims = [d % t.dim() for d in channel_dims]
-        rest = [d for d in range(t.dim()) if d not in dims]
-        flat = t.detach().permute(*rest, *dims).reshape(-1, math.prod(t.shape[d] for d in dims)).double()
-        return ChannelStats(flat.shape[0], flat.sum(0), flat.square().sum(0))
-
-    def narrow(self, start: int, length: int) -> ChannelStats:
-        return ChannelStats(self.count, self.sum[start:start + length], self.sumsq[start:start + length])
-
-    def matches(self, other: ChannelStats, rtol: float = MATCH_RTOL) -> bool:
-        """Same count and channels, sums equal to ``rtol`` of their magnitude (``sqrt(count*sumsq)``)."""
-        if self.count != other.count or self.sum.shape != other.sum.shape:
-            return False
-        scale = (self.sumsq * self.count).sqrt() + 1e-30
-        return bool(((self.sum - other.sum).abs() <= rtol * scale).all()
-                    and ((self.sumsq - other.sumsq).abs() <= rtol * self.sumsq + 1e-30).all())
-
-
-@dataclass
-class Trace:
-    """Per-call :class:`ChannelStats` of a float forward, keyed ``(what, module path)``.
-
-    ``what``: ``"norm_out"`` (LayerNorm output, channels last), ``"linear_in"`` / ``"linear_out"``
-    (QuantLinear, channels last), ``"matmul_b_heads"`` (right operand, channels = heads x features:
-    dims ``(-3, -1)`` for v, ``(-3, -2)`` for k^T chosen by the operand's role) and
-    ``"matmul_out_heads"`` (dims ``(-3, -1)``).
-    """
-
-    calls: dict[tuple[str, str], list[ChannelStats]] = field(default_factory=dict)
-
-    def add(self, key: tuple[str, str], stats: ChannelStats) -> None:
-        self.calls.setdefault(key, []).append(stats)
-
-    def get(self, what: str, path: str) -> list[ChannelStats]:
-        return self.calls.get((what, path), [])
-
-
-def _head_dims(t: torch.Tensor, feature_dim: int) -> tuple[int, ...]:
-    """Channel dims of an attention operand: (heads, features) when it has a head axis."""
-    return (-3, feature_dim) if t.dim() >= 4 else (feature_dim,)
-
-
-def trace_channels(model: nn.Module, example: torch.Tensor) -> Trace:
-    """One float forward of ``example`` recording the statistics :class:`Trace` describes."""
-    trace = Trace()
-    handles = []
-
-    def norm_hook(path: str) -> Callable:
-        return lambda module, args, out: trace.add(("norm_out", path), ChannelStats.of(out, (-1,)))
-
-    def linear_hook(path: str) -> Callable:
-        def hook(module, args, out):
-            trace.add(("linear_in", path), ChannelStats.of(args[0], (-1,)))
-            trace.add(("linear_out", path), ChannelStats.of(out, (-1,)))
-        return hook
-
-    def matmul_hook(path: str, role: Optional[str]) -> Callable:
-        def hook(module, args, out):
-            b = args[1]
-            trace.add(("matmul_b_heads", path), ChannelStats.of(b, _head_dims(b, -2 if role == "attn_k" else -1)))
-            trace.add(("matmul_out_heads", path), ChannelStats.of(out, _head_dims(out, -1)))
-        return hook
-
-    for path, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm):
-            handles.append(module.register_forward_hook(norm_hook(path)))
-        elif isinstance(module, QuantLinear):
-            handles.append(module.register_forward_hook(linear_hook(path)))
-        elif isinstance(module, QuantMatMul):
-            role = module.b_quantizer.role if module.b_quantizer is not None else None
-            handles.append(module.register_forward_hook(matmul_hook(path, role)))
-    try:
-        with torch.no_grad(), float_mode(model):
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return trace
-
-
-def calls_match(consumer: list[ChannelStats], producer: list[ChannelStats], rtol: float = MATCH_RTOL) -> bool:
-    """Whether every call of ``consumer`` matches some call of ``producer`` (and there is at least one)."""
-    return bool(consumer) and all(any(c.matches(p, rtol) for p in producer) for c in consumer)
-
-
-def verify_folds(model: nn.Module, example: torch.Tensor, candidates: list[Any],
-                 apply: Callable[[nn.Module, list[Any]], Callable[[], None]],
-                 rtol: float = VERIFY_RTOL) -> list[Any]:
-    """The candidates whose fold (random parameters) leaves the float output of ``example`` unchanged.
-
-    ``apply(model, subset)`` folds ``subset`` with random parameters and returns an undo function
-    that restores the model exactly. Subsets that fail are bisected, so one bad candidate costs
-    about ``2 log2(n)`` extra forwards.
-    """
-    with torch.no_grad(), float_mode(model):
-        reference = model(example)
-        tolerance = rtol * float((reference.amax() - reference.amin()).clamp_min(1e-12))
-
-        def passes(subset: list[Any]) -> bool:
-            undo = apply(model, subset)
-            try:
-                error = float((model(example) - reference).abs().max())
-            finally:
-                undo()
-            return error <= tolerance
-
-        def search(subset: list[Any]) -> list[Any]:
-            if not subset or passes(subset):
-                return subset
-            if len(subset) == 1:
-                log.info("fold of %s changes the float output: dropped", subset[0])
-                return []
-            half = len(subset) // 2
-            return search(subset[:half]) + search(subset[half:])
-
-        return search(list(candidates))
-
-
-# --------------------------------------------------------------------------------------------------
-# parametrizations
-
-
-class FoldParametrization(nn.Module):
-    """Base of every fold of :mod:`calib.smoothing` and :mod:`calib.shift` (what :func:`bake_transforms` bakes)."""
-
-    def _share(self, name: str, parameter: nn.Parameter, owner: bool) -> None:
-        # one Parameter drives several tensors; only its owner registers it (one state-dict entry,
-        # one optimizer entry), the others keep a plain reference
-        if owner:
-            self.register_parameter(name, parameter)
-        else:
-            object.__setattr__(self, name, parameter)
 
 
 class DivideRows(FoldParametrization):
@@ -341,54 +189,6 @@ def find_smoothing_groups(model: nn.Module, example: torch.Tensor, kinds: Iterab
                                                                  for k in kinds))
     return groups
 
-
-def norm_consumers(modules: dict[str, nn.Module], trace: Trace) -> dict[str, list[str]]:
-    """``{LayerNorm path: [paths of the input-quantized linears that read exactly its output]}``."""
-    norms = [path for path, m in modules.items()
-             if isinstance(m, nn.LayerNorm) and m.weight is not None and trace.get("norm_out", path)]
-    consumers: dict[str, list[str]] = {}
-    for path, module in modules.items():
-        if not isinstance(module, QuantLinear) or module.input_quantizer is None:
-            continue
-        found = [n for n in norms if calls_match(trace.get("linear_in", path), trace.get("norm_out", n))]
-        if len(found) == 1:
-            consumers.setdefault(found[0], []).append(path)
-        elif len(found) > 1:
-            log.warning("%s: input matches several LayerNorms %s; not folded", path, found)
-    return consumers
-
-
-def attention_operands(modules: dict[str, nn.Module], trace: Trace, role: str
-                       ) -> list[tuple[str, Optional[tuple[str, int, int]], list[str]]]:
-    """For every MatMul whose right operand has ``role`` (``"attn_v"``, ``"attn_k"``): its path, the
-    ``(linear, start, stop)`` output slice that operand is (None if not exactly one), and the linears
-    that read the MatMul's output (channels heads x features, as the attention's out-projection)."""
-    linears = {p: m for p, m in modules.items() if isinstance(m, QuantLinear)}
-    found = []
-    for path, matmul in modules.items():
-        if not isinstance(matmul, QuantMatMul) or matmul.b_quantizer is None or matmul.b_quantizer.role != role:
-            continue
-        source = _slice_source(linears, trace, trace.get("matmul_b_heads", path))
-        readers = [p for p in linears if calls_match(trace.get("linear_in", p), trace.get("matmul_out_heads", path))]
-        found.append((path, source, readers))
-    return found
-
-
-def _slice_source(linears: dict[str, QuantLinear], trace: Trace, operand: list[ChannelStats]
-                  ) -> Optional[tuple[str, int, int]]:
-    """``(linear path, start, stop)``: the unique linear whose output slice equals ``operand``."""
-    if not operand:
-        return None
-    width = operand[0].sum.shape[0]
-    found = []
-    for path in linears:
-        outputs = trace.get("linear_out", path)
-        if not outputs or outputs[0].sum.shape[0] % width:
-            continue
-        for start in range(0, outputs[0].sum.shape[0], width):
-            if calls_match(operand, [s.narrow(start, width) for s in outputs]):
-                found.append((path, start, start + width))
-    return found[0] if len(found) == 1 else None
 
 
 def _random_smoothing(model: nn.Module, groups: list[SmoothingGroup]) -> Callable[[], None]:
@@ -530,79 +330,3 @@ def init_smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None]
         log.debug("SmoothQuant %s: factors in [%.3g, %.3g]", group.producer, float(scale.min()), float(scale.max()))
     log.info("SmoothQuant (alpha %.2f) set %d groups", alpha, len(owners))
     return factors
-
-
-# --------------------------------------------------------------------------------------------------
-# baking and helpers shared with calib.shift
-
-
-def bake_transforms(model: nn.Module) -> nn.Module:
-    """Write every fold (smoothing and shifts) into plain Parameters, in place; returns ``model``.
-
-    The baked model computes bit for bit what the parametrized model computed; it has no
-    ``log_scale`` / ``offset`` Parameters left, only the folded LayerNorm affine parameters, weights
-    and biases under their usual names. Bias folds of shifts read the quantized weights of their
-    linears, so those weight quantizers must be enabled and calibrated (``ValueError`` otherwise).
-    """
-    readers = [p.linear for m in model.modules() for n in _parametrized_names(m) for p in _fold_modules(m, n)
-               if getattr(p, "linear", None) is not None]
-    idle = sorted({r.weight_quantizer.name for r in readers if r.weight_quantizer is not None and (
-        not r.weight_quantizer.enabled or not r.weight_quantizer.initialized or r.weight_quantizer.observer is not None)})
-    if idle:
-        raise ValueError(f"bake_transforms: {len(idle)} weight quantizers that bias folds read are disabled, "
-                         f"uncalibrated or observed (e.g. {idle[0]}); bake the calibrated quantized model")
-    baked = 0
-    with torch.no_grad():
-        for module in list(model.modules()):
-            for name in _parametrized_names(module):
-                folds = _fold_modules(module, name)
-                if not folds:
-                    continue
-                if len(folds) != len(module.parametrizations[name]):
-                    raise ValueError(f"bake_transforms: {type(module).__name__}.{name} carries foreign "
-                                     "parametrizations; refusing to bake them")
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-                baked += 1
-    log.info("baked %d folded tensors", baked)
-    return model
-
-
-def _parametrized_names(module: nn.Module) -> list[str]:
-    return list(module.parametrizations.keys()) if parametrize.is_parametrized(module) else []
-
-
-def _fold_modules(module: nn.Module, name: str, kind: type = FoldParametrization) -> list[nn.Module]:
-    if not parametrize.is_parametrized(module, name):
-        return []
-    return [p for p in module.parametrizations[name] if isinstance(p, kind)]
-
-
-def _folds(module: nn.Module, name: str, kind: type) -> bool:
-    return bool(_fold_modules(module, name, kind))
-
-
-def _original(module: nn.Module, name: str) -> torch.Tensor:
-    """The unparametrized tensor ``module.<name>``."""
-    if parametrize.is_parametrized(module, name):
-        return module.parametrizations[name].original
-    return getattr(module, name)
-
-
-def quantized_weight(linear: QuantLinear) -> torch.Tensor:
-    """The weight ``linear`` multiplies with in its forward (same call, same values)."""
-    weight, quantizer = linear.weight, linear.weight_quantizer
-    if quantizer is None or not quantizer.enabled or not quantizer.initialized or quantizer.observer is not None:
-        return weight
-    return quantizer(weight)
-
-
-def _module(modules: dict[str, nn.Module], path: str, kind: type) -> nn.Module:
-    module = modules.get(path)
-    if not isinstance(module, kind):
-        raise ValueError(f"no {kind.__name__} at {path!r} (found {'nothing' if module is None else type(module).__name__})")
-    return module
-
-
-def _check_unfolded(model: nn.Module) -> None:
-    if any(_fold_modules(m, n) for m in model.modules() for n in _parametrized_names(m)):
-        raise ValueError("detection runs on a model without folds: find groups/sites before adding any")

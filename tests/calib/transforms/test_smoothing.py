@@ -1,4 +1,5 @@
-"""Channel smoothing folded into LayerNorm and linear weights: detection, exactness, SmoothQuant, baking."""
+"""Channel smoothing (calib/transforms/smoothing.py) folded into LayerNorm and linear weights: detection, exactness,
+SmoothQuant, baking."""
 from __future__ import annotations
 
 import pytest
@@ -7,11 +8,10 @@ from torch import nn
 
 from calib.dobi import calibrate_dobi
 from calib.observers import batch_forward_loop
-from calib.smoothing import (
-    ChannelStats,
+from calib.transforms.fold import bake_transforms
+from calib.transforms.smoothing import (
     SmoothingGroup,
     add_smoothing,
-    bake_transforms,
     find_smoothing_groups,
     init_smoothquant,
     smoothing_groups,
@@ -20,11 +20,10 @@ from calib.smoothing import (
 from toolchain.loading import load_state_dict_model
 from toolchain.models import ngswin
 from toolchain.quant import QuantConfig, float_mode, quantize_model
+from toolchain.tolerances import FLOAT_FOLD_RTOL
 
-from ..tiny_models import tiny_swinir as _tiny_swinir
+from ...tiny_models import tiny_swinir as _tiny_swinir
 
-#: float model with random smoothing factors in [1/e, e] vs without: max |difference| / output range
-FLOAT_FOLD_RTOL = 1e-5
 NGSWIN = dict(scale=2, embed_dim=16, depths=(2, 1), num_heads=(2, 4), dec_depth=2, dec_num_heads=2,
               window_size=4, ngrams=(2, 3, 2), mlp_ratio=1.5, in_chans=3)
 
@@ -69,14 +68,6 @@ def _randomize(model: nn.Module, seed: int = 1) -> None:
             p.copy_(torch.rand(p.shape, generator=generator) * 2 - 1)
 
 
-def test_channel_stats_survive_token_permutations():
-    x = torch.randn(2, 16, 5)
-    permuted = x.reshape(32, 5)[torch.randperm(32)].reshape(4, 8, 5)
-    assert ChannelStats.of(x, (-1,)).matches(ChannelStats.of(permuted, (-1,)))
-    assert not ChannelStats.of(x, (-1,)).matches(ChannelStats.of(permuted + 1e-3, (-1,)))
-    assert not ChannelStats.of(x, (-1,)).matches(ChannelStats.of(x[:, :, [1, 0, 2, 3, 4]], (-1,)))
-
-
 def test_swinir_groups_norm1_qkv_norm2_fc1_and_values_of_every_block():
     model = tiny_swinir()
     groups = find_smoothing_groups(model, torch.rand(1, 3, 16, 24))
@@ -106,29 +97,6 @@ def test_ngswin_blocks_have_value_groups_only():
     assert mergings == ["encoder_layer1.downsample"]  # depths (2, 1): one merge between the two encoder stages
     assert [g for g in groups if g.kind != "value"] == [
         SmoothingGroup("norm", f"{p}.norm", 0, 64, (f"{p}.reduction",)) for p in mergings]  # 4 x embed 16
-
-
-class _Branch(nn.Module):
-    """LayerNorm -> MLP; ``post`` also adds the LayerNorm output to the result (not foldable)."""
-
-    def __init__(self, post: bool) -> None:
-        super().__init__()
-        self.post = post
-        self.norm = nn.LayerNorm(6)
-        self.mlp = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 6))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm(x)
-        return (y if self.post else x) + self.mlp(y)
-
-
-@pytest.mark.parametrize("post", [False, True])
-def test_verification_drops_a_norm_that_also_feeds_the_residual(post):
-    torch.manual_seed(0)
-    example = torch.randn(1, 10, 6)
-    model = quantize_model(_Branch(post), QuantConfig(quantize=("linear",)), example)
-    groups = find_smoothing_groups(model, example)
-    assert groups == ([] if post else [SmoothingGroup("norm", "norm", 0, 6, ("mlp.0",))])
 
 
 def test_float_model_is_unchanged_by_smoothing():

@@ -1,10 +1,10 @@
 """Per-channel input shifts: center a linear's input channels before its quantizer, fold the shift into the bias.
 
-Explicit input smoothing (:mod:`calib.smoothing`, kind ``"input"``) scales the input channels of a
-linear that no fold reaches; what it cannot fix is a channel whose values sit far from zero (a
-residual-stream channel living in ``[3, 9]`` wastes most of a per-tensor grid on ``[-9, 3]``). An
-input shift subtracts a learnable per-channel offset ``c`` ``(C_in,)`` after the multiplier and adds
-it back through the bias, exactly:
+Explicit input smoothing (:mod:`calib.transforms.smoothing`, kind ``"input"``) scales the input
+channels of a linear that no fold reaches; what it cannot fix is a channel whose values sit far from
+zero (a residual-stream channel living in ``[3, 9]`` wastes most of a per-tensor grid on ``[-9, 3]``).
+An input shift subtracts a learnable per-channel offset ``c`` ``(C_in,)`` after the multiplier and
+adds it back through the bias, exactly:
 
     W_q (x*m - c) + (b + W_q c) = W_q (x*m) + b
 
@@ -15,8 +15,8 @@ Outlier Suppression+ (Wei et al., 2023) applied where no LayerNorm can absorb it
 
 Offsets start at the per-channel midpoint of the (smoothed) float input over the calibration data
 (:func:`init_input_shifts`), before the bounds are searched; DQC trains them with the bounds and the
-smoothing factors. :func:`calib.smoothing.bake_transforms` writes them into a plain ``input_offset``
-buffer and the bias for export.
+smoothing factors. :func:`calib.transforms.fold.bake_transforms` writes them into a plain
+``input_offset`` buffer and the bias for export.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from toolchain.quant import QuantLinear, float_mode
 
-from .smoothing import FoldParametrization, _fold_modules, _module, quantized_weight
+from .fold import FoldParametrization, _fold_modules, _module, quantized_weight
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def input_shift_owners(model: nn.Module) -> list[InputOffset]:
 
 
 def input_shift_paths(model: nn.Module) -> list[str]:
+    """The paths of the linears that carry an input shift, in module order."""
     return [p.path for p in input_shift_owners(model)]
 
 

@@ -1,31 +1,39 @@
-"""Transforms through the whole pipeline: ``2dq-calibrate --smooth/--shifts`` -> artifact -> DQC -> export -> ORT."""
+"""Transforms through the whole pipeline (calib/transforms/pipeline.py): :class:`TransformsConfig` and its command-line
+options, ``2dq-calibrate --smooth/--shifts`` -> artifact -> DQC -> export -> ORT."""
 from __future__ import annotations
 
-import math
+import argparse
+import dataclasses
 
 import onnx
 import pytest
 import torch
 
 from calib.artifact import TRANSFORMS_PREFIX, load_artifact, load_quantized_model
-from calib.cli import main
 from calib.dqc import DQCConfig, distill, trainable_state
 from calib.observers import batch_forward_loop
-from calib.shift import add_shifts, find_shift_sites, init_shifts, transform_parameters
-from calib.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant
 from calib.dobi import calibrate_dobi
+from calib.transforms.pipeline import (
+    TransformsConfig,
+    add_transform_arguments,
+    attach_transforms,
+    transforms_config_from_args,
+)
+from calib.transforms.registry import transform_parameters
+from calib.transforms.shift import add_shifts, find_shift_sites, init_shifts
+from calib.transforms.smoothing import add_smoothing, find_smoothing_groups, init_smoothquant
+from toolchain.cli.common import UsageError
+from toolchain.metrics import output_difference
 from toolchain.quant import QuantConfig, quantize_model
+from toolchain.tolerances import ORT_MIN_PSNR
 
-from ..tiny_models import tiny_swinir
-from .test_cli_calibrate import base_args, run
+from ...tiny_models import tiny_swinir
+from ..test_cli_calibrate import base_args, run
 
-#: ORT output vs fake-quant output (ARCHITECTURE.md section 7)
-ORT_MIN_PSNR = 60.0
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float((a.clamp(0, 1) - b.clamp(0, 1)).square().mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+    return output_difference(a, b).psnr
 
 
 def _ort_psnr(ort, onnx_path, model: torch.nn.Module) -> float:
@@ -209,3 +217,50 @@ def test_gptq_usage_errors(tmp_path, capsys, tiny_checkpoint, calib_images, opti
     code, _, err = run(capsys, *base_args(tiny_checkpoint, calib_images, tmp_path / "x.safetensors"),
                        "--gptq", *options)
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(smooth=("norm", "rows")), "--smooth: unknown kind 'rows'"),
+    (dict(smooth="norm"), "--smooth: a sequence of kinds"),
+    (dict(smooth=("norm",), alpha=1.5), r"--smooth-alpha must be in \[0, 1\], got 1.5"),
+    (dict(smooth=("norm",), alpha=float("nan")), "--smooth-alpha"),
+    (dict(alpha=-0.1), "--smooth-alpha"),
+    (dict(smooth=("norm", "value"), input_shifts=True), "--input-shifts applies to the linears of explicit input"),
+])
+def test_transforms_config_names_the_bad_option(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TransformsConfig(**fields)
+
+
+def test_transforms_config_is_frozen_and_normalized():
+    config = TransformsConfig(smooth=["input", "norm", "input"], alpha=0.25, input_shifts=True)
+    assert config.smooth == ("input", "norm") and config.enabled
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.alpha = 0.5
+    assert not TransformsConfig().enabled and TransformsConfig(shifts=True).enabled
+
+
+def test_the_command_line_maps_to_the_config_in_one_place():
+    parser = argparse.ArgumentParser()
+    add_transform_arguments(parser.add_argument_group("transforms"))
+    assert transforms_config_from_args(parser.parse_args([])) == TransformsConfig()
+    args = parser.parse_args(["--smooth", "folded,input", "--smooth-alpha", "0.7", "--shifts", "--input-shifts"])
+    assert transforms_config_from_args(args) == TransformsConfig(("norm", "value", "input"), 0.7, True, True)
+    for argv, message in ((["--smooth", "norm,rows"], "rows"), (["--smooth", "norm", "--smooth-alpha", "2"],
+                                                                 "--smooth-alpha"),
+                          (["--input-shifts"], "--input-shifts")):
+        with pytest.raises(UsageError, match=message):  # exit code 2 in 2dq-calibrate
+            transforms_config_from_args(parser.parse_args(argv))
+
+
+def test_attach_transforms_takes_a_config_and_adds_nothing_by_default():
+    model = quantize_model(tiny_swinir(scale=2, seed=0, depths=[2], num_heads=[2]), QuantConfig())
+    lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    loop = batch_forward_loop(lr, progress=False)
+    with pytest.raises(TypeError, match="TransformsConfig"):
+        attach_transforms(model, lr, loop, argparse.Namespace(smooth="all", smooth_alpha=0.5, shifts=True,
+                                                              input_shifts=False))
+    assert attach_transforms(model, lr, loop, TransformsConfig()) == {} and transform_parameters(model) == []
+    facts = attach_transforms(model, lr, loop, TransformsConfig(smooth=("input",), input_shifts=True))
+    assert facts == {"smoothing": {"alpha": 0.5, "groups": {"input": 2}}, "input_shifts": 2}  # fc2 of 2 blocks
+    assert len(transform_parameters(model)) == 4

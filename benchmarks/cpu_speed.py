@@ -1,0 +1,239 @@
+"""Benchmark: CPU speed of our engines (ONNX Runtime and OpenVINO) against the best FP32 runtime here.
+
+One process, one machine. For each model (DAT-light x4, the shipped official weights; SwinIR-light
+x4, random weights: speed does not depend on them) it exports:
+
+- ``fp32``: the float model through our exporter (same graph simplification as the QDQ exports);
+- ``fp32-plain``: the float model through the TorchScript exporter, no work done on the graph;
+- ``w8a8`` / ``w4a4`` / ``w4a8``: our QDQ exports (MinMax bounds on the shipped calibration images;
+  speed does not depend on how the bounds were found).
+
+and times these runtimes, every one in the same interleaved rounds (A, B, C, ..., then again), so
+that load from other processes falls on all of them alike:
+
+- FP32 baselines: ORT on ``fp32-plain`` and on ``fp32`` (level ``all``), OpenVINO on ``fp32``
+  (``INFERENCE_PRECISION_HINT=f32``); the best of them is "best FP32". OpenVINO's default on a CPU
+  with bf16 runs float layers in bf16: reported as ``openvino-fp32-bf16`` for information, never as
+  an FP32 baseline (it is not FP32 arithmetic).
+- Ours: ``2dq-build-engine``'s ORT engine and OpenVINO IR of each QDQ export (the engines
+  ``--verify`` checks).
+
+Timed: one 64x64 tile (batch 1), and a 256x256 image through overlapping 64x64 tiles (overlap 16, 4
+tiles per call, :class:`toolchain.backends.TiledUpscaler`), at each ``--threads`` count; medians.
+Also: on-disk size of every engine (an IR counts its ``.bin``) and the process's resident memory
+growth when the engine is loaded.
+
+    python benchmarks/cpu_speed.py --out-dir /tmp/cpu_speed --json benchmarks/results/cpu_speed.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from calib.baselines import calibrate_minmax
+from calib.observers import batch_forward_loop
+from engines.openvino_engine import OpenVinoTileRunner, build_openvino_engine, ir_weights
+from engines.ort_engine import OrtTileRunner, build_ort_engine, session_options
+from export.metadata import ExportMetadata
+from export.onnx_export import ExportOptions, Provenance, export_model
+from ort_speed import time_rounds
+from random_models import swinir_light
+from toolchain.backends import TiledUpscaler
+from toolchain.data.patches import sample_patches
+from toolchain.defaults import DEFAULT_CALIB_IMAGES, DEFAULT_WEIGHTS
+from toolchain.files import sha256_file
+from toolchain.loading import load_model
+from toolchain.quant import QuantConfig, quantize_model
+
+TILE, IMAGE, OVERLAP, TILES_PER_CALL = 64, 256, 16, 4
+WIDTHS = {"w8a8": (8, 8), "w4a4": (4, 4), "w4a8": (4, 8)}
+FP32_BASELINES = ("ort-fp32-plain", "ort-fp32", "openvino-fp32")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PlainOrt:
+    """ORT on any float ONNX (no 2dq metadata needed): the FP32 baselines."""
+
+    def __init__(self, path: Path, threads: int, scale: int, multiple: int) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), session_options("all", threads), providers=["CPUExecutionProvider"])
+        self.tile, self.scale, self.multiple = TILE, scale, multiple
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"input": tiles.numpy()})[0])
+
+
+class PlainOpenVino:
+    """OpenVINO on a float ONNX, static batch 1 or ``TILES_PER_CALL`` (``hint``: ``f32`` or the plugin's default)."""
+
+    def __init__(self, path: Path, threads: int, scale: int, multiple: int, hint: str | None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        if hint:
+            config["INFERENCE_PRECISION_HINT"] = hint
+        self.compiled = {}
+        for batch in (1, TILES_PER_CALL):
+            model = core.read_model(str(path))
+            model.reshape({"input": [batch, 3, TILE, TILE]})
+            self.compiled[batch] = core.compile_model(model, "CPU", config)
+        self.tile, self.scale, self.multiple = TILE, scale, multiple
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        n = tiles.shape[0]
+        batch = 1 if n == 1 else TILES_PER_CALL
+        x = tiles.numpy()
+        if n < batch:
+            x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)])
+        return torch.from_numpy(np.array(self.compiled[batch](x)[0][:n]))
+
+
+class OursOpenVino:
+    """Our OpenVINO engine, compiled for batch 1 (tile timing) and ``TILES_PER_CALL`` (image timing)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self.one = OpenVinoTileRunner(path, threads=threads, batch=1)
+        self.many = OpenVinoTileRunner(path, threads=threads, batch=TILES_PER_CALL)
+        self.tile, self.scale, self.multiple = self.one.tile, self.one.scale, self.one.multiple
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        return (self.one if tiles.shape[0] == 1 else self.many)(tiles)
+
+
+def export_files(name: str, make: Callable[[], torch.nn.Module], checkpoint_sha: str, patches: torch.Tensor,
+                 out: Path) -> dict[str, Path]:
+    files = {"fp32": out / f"{name}_fp32.onnx", "fp32-plain": out / f"{name}_fp32_plain.onnx"}
+    if not files["fp32"].exists():
+        export_model(make(), files["fp32"], ExportOptions(tile=TILE), Provenance(checkpoint_sha, "", {}))
+    if not files["fp32-plain"].exists():
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            torch.onnx.export(make(), (torch.zeros(1, 3, TILE, TILE),), str(files["fp32-plain"]), dynamo=False,
+                              opset_version=17, input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    for width, (w_bits, a_bits) in WIDTHS.items():
+        files[width] = out / f"{name}_{width}.onnx"
+        if files[width].exists():
+            continue
+        config = QuantConfig(w_bits=w_bits, a_bits=a_bits)
+        model = make()
+        quantize_model(model, config)
+        calibrate_minmax(model, batch_forward_loop(patches, batch_size=8, progress=False))
+        export_model(model, files[width], ExportOptions(tile=TILE), Provenance(checkpoint_sha, "", config.to_dict()))
+    return files
+
+
+def load_runners(files: dict[str, Path], out: Path, name: str, threads: int, scale: int,
+                 multiple: int) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+    """Every runtime of one model, and per runtime its on-disk bytes and resident-memory growth at load."""
+    makers: dict[str, tuple[Callable[[], Any], list[Path]]] = {
+        "ort-fp32-plain": (lambda: PlainOrt(files["fp32-plain"], threads, scale, multiple), [files["fp32-plain"]]),
+        "ort-fp32": (lambda: PlainOrt(files["fp32"], threads, scale, multiple), [files["fp32"]]),
+        "openvino-fp32": (lambda: PlainOpenVino(files["fp32"], threads, scale, multiple, "f32"), [files["fp32"]]),
+        "openvino-fp32-bf16": (lambda: PlainOpenVino(files["fp32"], threads, scale, multiple, None), [files["fp32"]]),
+    }
+    for width in WIDTHS:
+        ort_engine, ir = out / f"{name}_{width}.ort.onnx", out / f"{name}_{width}.ov.xml"
+        if not ort_engine.exists():
+            build_ort_engine(files[width], ort_engine)
+        if not ir.exists():
+            build_openvino_engine(files[width], ir)
+        makers[f"ort-{width}"] = (lambda e=ort_engine: OrtTileRunner(e, threads=threads), [ort_engine])
+        makers[f"openvino-{width}"] = (lambda e=ir: OursOpenVino(e, threads), [ir, ir_weights(ir)])
+    runners, sizes = {}, {}
+    for key, (make, paths) in makers.items():
+        gc.collect()
+        before = rss_bytes()
+        runners[key] = make()
+        sizes[key] = {"disk": sum(p.stat().st_size for p in paths), "rss_growth": rss_bytes() - before}
+    return runners, sizes
+
+
+def measure(name: str, runners: dict[str, Any], threads: int, tile_rounds: int, image_rounds: int) -> dict[str, Any]:
+    tile = torch.rand(1, 3, TILE, TILE, generator=torch.Generator().manual_seed(1))
+    tile_s = time_rounds({k: (lambda r=r: r(tile)) for k, r in runners.items()}, tile_rounds)
+    image = np.random.default_rng(2).random((IMAGE, IMAGE, 3), dtype=np.float32)
+    upscalers = {k: TiledUpscaler(r, overlap=OVERLAP, batch=TILES_PER_CALL) for k, r in runners.items()}
+    image_s = time_rounds({k: (lambda u=u: u.upscale(image)) for k, u in upscalers.items()}, image_rounds)
+    best_tile = min(FP32_BASELINES, key=lambda k: tile_s[k])
+    best_image = min(FP32_BASELINES, key=lambda k: image_s[k])
+    return {"model": name, "threads": threads, "tile_ms": {k: 1000 * v for k, v in tile_s.items()},
+            "image_ms": {k: 1000 * v for k, v in image_s.items()}, "best_fp32_tile": best_tile,
+            "best_fp32_image": best_image,
+            "x_vs_best_fp32_tile": {k: tile_s[best_tile] / v for k, v in tile_s.items()},
+            "x_vs_best_fp32_image": {k: image_s[best_image] / v for k, v in image_s.items()}}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | threads | runtime | 64x64 tile (ms) | x vs best FP32 | 256x256 image (ms) | x vs best FP32 |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        for key in row["tile_ms"]:
+            mark = lambda best: " (best FP32)" if key == best else ""  # noqa: E731
+            lines.append(f"| {row['model']} | {row['threads']} | {key}{mark(row['best_fp32_tile'])} | "
+                         f"{row['tile_ms'][key]:.1f} | {row['x_vs_best_fp32_tile'][key]:.2f} | "
+                         f"{row['image_ms'][key]:.0f}{mark(row['best_fp32_image'])} | "
+                         f"{row['x_vs_best_fp32_image'][key]:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", required=True, type=Path, help="folder for exports and engines (reused)")
+    parser.add_argument("--models", default="dat-light,swinir-light", help="comma-separated: dat-light, swinir-light")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default: %(default)s)")
+    parser.add_argument("--tile-rounds", type=int, default=7, help="interleaved rounds for the tile timing")
+    parser.add_argument("--image-rounds", type=int, default=3, help="interleaved rounds for the 256x256 image")
+    parser.add_argument("--json", type=Path, help="write the results as JSON")
+    args = parser.parse_args()
+    out = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    import onnxruntime
+    import openvino
+
+    result: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                                          "load_before": os.getloadavg()},
+                              "versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.get_version(),
+                                           "torch": torch.__version__},
+                              "rows": [], "sizes": {}}
+    models = {"dat-light": (lambda: load_model(DEFAULT_WEIGHTS), sha256_file(DEFAULT_WEIGHTS)),
+              "swinir-light": (lambda: swinir_light(4, 0), "0" * 64)}
+    patches, _ = sample_patches(DEFAULT_CALIB_IMAGES, 16, TILE, 4, seed=0)
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        make, checkpoint_sha = models[name]
+        torch.set_num_threads(2)
+        files = export_files(name, make, checkpoint_sha, patches, out)
+        for threads in [int(t) for t in args.threads.split(",")]:
+            export = ExportMetadata.read(files["w8a8"])
+            runners, sizes = load_runners(files, out, name, threads, export.scale, export.multiple)
+            result["sizes"][name] = sizes
+            row = measure(name, runners, threads, args.tile_rounds, args.image_rounds)
+            result["rows"].append(row)
+            print(table([row]), flush=True)
+            del runners
+    result["machine"]["load_after"] = os.getloadavg()
+    print(table(result["rows"]))
+    for name, sizes in result["sizes"].items():
+        print(f"{name} sizes (MB disk / MB resident growth at load): " +
+              ", ".join(f"{k} {v['disk'] / 2**20:.1f} / {v['rss_growth'] / 2**20:.0f}" for k, v in sizes.items()))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
