@@ -107,7 +107,7 @@ def test_readme_data_room_commands_run_on_tiny_stand_ins(tmp_path: Path) -> None
                  ("../shared/datasets/train", str(DEFAULT_CALIB_IMAGES)), ("../shared/datasets", str(DEFAULT_DATA)),
                  ("--sets Set5,Set14,B100", "--sets Set5")]   # the shipped data holds Set5 only
     commands = _data_room_commands()
-    assert len(commands) == 11 and {c.split()[0] for c in commands} == {
+    assert len(commands) == 13 and {c.split()[0] for c in commands} == {
         "2dq-calibrate", "2dq-eval", "2dq-export", "2dq-build-engine", "2dq-upscale", "2dq-report"}
     for command in commands:
         for real, tiny in stand_ins:
@@ -116,13 +116,14 @@ def test_readme_data_room_commands_run_on_tiny_stand_ins(tmp_path: Path) -> None
         if tool == "2dq-calibrate":
             args += ["--patches", "4", "--no-progress"]
             if "2dquant" in args:
-                args += ["--dqc-iters", "1", "--batch", "2", "--val-every", "0"]
+                args += ["--dqc-iters", "1", "--dqc-batch", "2", "--val-every", "0"]
         done = subprocess.run([str(Path(sys.executable).with_name(tool)), *args], cwd=tmp_path, capture_output=True,
                               text=True)
         assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr[-3000:]}"
     shared = tmp_path / "runs" / "shared"
     for name in ("dat_light_x4_w4a4.safetensors", "dat_light_x4_w4a4_2dq.safetensors", "dat_light_x4_w4a4_all.safetensors",
-                 "dat_light_x4_w4a4.onnx", "dat_light_x4_w4a4.ort.onnx"):
+                 "dat_light_x4_w4a4.onnx", "dat_light_x4_w4a4.ort.onnx", "dat_light_x4_w4a4.ov.xml",
+                 "dat_light_x4_w4a4.ov.bin"):
         assert (shared / name).is_file(), name
     assert (tmp_path / "photo_x4.png").is_file() and (tmp_path / "runs" / "report" / "index.html").is_file()
 
