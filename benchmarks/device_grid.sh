@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 log "torch $(python3 -c 'import torch; print(torch.__version__)')"
 
 GPU="--device cuda"
-DQC="--batch 16 --dqc-patch-size 64 --val-every 50 --checkpoint-every 50"
+DQC="--dqc-batch 16 --dqc-patch-size 64 --val-every 50 --checkpoint-every 50"
 X4=$S/models/DAT-light/DAT_light_x4.pth
 TRAIN=$S/datasets/train
 

@@ -14,7 +14,6 @@ DQC) adds an entry whose ``run`` calls the first one and continues; nothing else
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from toolchain import defaults
-from toolchain.cli.common import UsageError, add_logging_arguments, run_cli
+from toolchain.cli.common import UsageError, add_json_argument, add_logging_arguments, run_cli
 from toolchain.quant import QuantConfig, quantize_model
 from toolchain.quant.config import GRANULARITIES, SELECTABLE, TARGETS
 
@@ -58,8 +57,8 @@ class CalibrationContext:
     gptq_facts: Optional[dict[str, Any]] = None
 
     def forward_loop(self, desc: str = "calibration") -> Callable[[nn.Module], None]:
-        """One pass of the calibration patches through a model, in ``--batch-size`` batches."""
-        return batch_forward_loop(self.lr, self.args.batch_size, self.device, self.progress, desc)
+        """One pass of the calibration patches through a model, ``--batch`` patches per call."""
+        return batch_forward_loop(self.lr, self.args.batch, self.device, self.progress, desc)
 
     def refine_weights(self) -> None:
         """``--gptq`` (after the bounds are set): GPTQ weight codes on the final grids."""
@@ -155,6 +154,7 @@ METHODS: dict[str, Method] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="2dq-calibrate",
+        allow_abbrev=False,  # one name per flag: no prefix stands in for it
         description="Attach fake quantizers to a float SR checkpoint, calibrate their bounds on LR patches "
         "drawn from training images (one forward pass), and write the bounds (.safetensors) with a JSON "
         "sidecar of metadata (same name, .json).",
@@ -204,16 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--patches", type=int, default=32, help="LR patches (default: %(default)s, as the paper)")
     data.add_argument("--patch-size", type=int, default=64, help="LR patch size in pixels (default: %(default)s)")
     data.add_argument("--seed", type=int, default=0, help="patch sampling seed (default: %(default)s)")
-    data.add_argument("--batch-size", type=int, default=8,
-                      help="patches per forward batch: bounds memory; the bounds do not depend on it "
-                      "(default: %(default)s)")
+    data.add_argument("--batch", type=int, default=8,
+                      help="calibration patches per model call: bounds memory; the bounds do not depend on it "
+                      "(default: %(default)s; DQC's training batch is --dqc-batch)")
     for name, method in METHODS.items():
         if method.add_arguments is not None:
             method.add_arguments(parser.add_argument_group(f"--method {name}"))
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 helps on a "
-                        "machine shared with other jobs)")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of text")
+    parser.add_argument("--threads", type=int, help="CPU threads of the computation (torch's intra-op threads; "
+                        "default: torch's choice; 1 helps on a machine shared with other jobs)")
+    add_json_argument(parser, "a summary (artifact, sidecar, method options, seconds)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_logging_arguments(parser)
     return parser
@@ -244,7 +244,7 @@ def _check_args(args: argparse.Namespace, config: QuantConfig) -> None:
         sidecar_path(args.out)
     except ValueError as err:
         raise UsageError(f"--out: {err}") from None
-    for option in ("patches", "patch_size", "batch_size", "candidates", "bins"):
+    for option in ("patches", "patch_size", "batch", "candidates", "bins"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
     if args.threads is not None and args.threads < 1:
@@ -295,7 +295,7 @@ def _main(args: argparse.Namespace) -> int:
         options["gptq"] = ctx.gptq_facts
     calibration = {"data": str(Path(args.calib_images).resolve()), **describe_images(args.calib_images, images),
                    "patches": args.patches, "patch_size": args.patch_size, "scale": info_of(model).scale,
-                   "seed": args.seed, "augment": True, "batch_size": args.batch_size}
+                   "seed": args.seed, "augment": True, "batch_size": args.batch}
     from .distributed import is_main_process
 
     if not is_main_process():  # under torchrun only rank 0 writes
@@ -305,13 +305,12 @@ def _main(args: argparse.Namespace) -> int:
     summary = {"artifact": str(args.out), "sidecar": str(sidecar_path(args.out)), "method": args.method,
                "method_options": options, "quant_config": config.to_dict(),
                "seconds": round(time.perf_counter() - started, 3)}
+    widths = ", ".join([f"W{config.w_bits}A{config.a_bits}", *config.bits_overrides])
+    print(f"{args.method}: calibrated {info_of(model).arch} x{info_of(model).scale} ({widths}, {config.weight_granularity}, "
+          f"{config.target}) in {summary['seconds']:.1f} s")
+    print(f"wrote {summary['artifact']} and {summary['sidecar']}")
     if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        widths = ", ".join([f"W{config.w_bits}A{config.a_bits}", *config.bits_overrides])
-        print(f"{args.method}: calibrated {info_of(model).arch} x{info_of(model).scale} ({widths}, {config.weight_granularity}, "
-              f"{config.target}) in {summary['seconds']:.1f} s")
-        print(f"wrote {summary['artifact']} and {summary['sidecar']}")
+        args.json.write(summary)
     return 0
 
 

@@ -313,7 +313,7 @@ def _train(model, train_data, config, reference, tap, teacher_tap, val, state, b
                     f"(or their gradients) not finite; no bound was updated. "
                     + (f"The last checkpoint ({checkpoint_path}, step {_last_checkpoint(state, config)}) is intact; "
                        if checkpoint_path is not None else "")
-                    + "check the data for NaN/Inf, or lower --lr")
+                    + "check the data for NaN/Inf, or lower the learning rate (--dqc-lr, DQCConfig.lr)")
             for bound in bounds:
                 bound.grad.div_(shards)
             optimizer.step()

@@ -13,10 +13,10 @@ its backward dominate; ``benchmarks/dqc_speed.md``), so the default is :data:`DE
 of batch :data:`DEFAULT_BATCH` at :data:`DEFAULT_PATCH` x :data:`DEFAULT_PATCH` (``--dqc-patch-size``;
 ``--patch-size`` stays the DOBI calibration patch size), validated every 10 steps: about 7 CPU-minutes.
 On NGswin x2 W4A4, 30 such steps took the validation PSNR against the float model from 24.6 to
-28.1 dB. On a GPU, use ``--dqc-iters 4000 --batch 16 --dqc-patch-size 64`` for the paper's budget.
+28.1 dB. On a GPU, use ``--dqc-iters 4000 --dqc-batch 16 --dqc-patch-size 64`` for the paper's budget.
 
 Several processes: ``torchrun --nproc-per-node N 2dq-calibrate ... --method 2dquant`` (gloo on CPU,
-nccl on CUDA); ``--batch`` is the global batch, split evenly over the ranks; rank 0 alone writes
+nccl on CUDA); ``--dqc-batch`` is the global batch, split evenly over the ranks; rank 0 alone writes
 checkpoints (callers write artifacts only where :func:`calib.distributed.is_main_process`).
 """
 from __future__ import annotations
@@ -48,12 +48,13 @@ def add_dqc_arguments(parser: Parser, *, common: bool = False) -> None:
     defaults = DQCConfig()
     parser.add_argument("--dqc-iters", type=int, default=DEFAULT_ITERS,
                         help="DQC optimizer steps (default: %(default)s, a CPU budget; the paper: 4000 on a GPU)")
-    parser.add_argument("--batch", "--dqc-batch", dest="dqc_batch", type=int, default=DEFAULT_BATCH,
-                        help="DQC global batch of LR patches, split over processes (default: %(default)s; paper: 16)")
+    parser.add_argument("--dqc-batch", type=int, default=DEFAULT_BATCH,
+                        help="DQC training batch of LR patches per optimizer step, global: split over processes "
+                        "(default: %(default)s; paper: 16)")
     parser.add_argument("--dqc-patch-size", type=int, default=DEFAULT_PATCH,
                         help="DQC LR patch size (default: %(default)s, a CPU budget; paper: 64)")
-    parser.add_argument("--lr", dest="dqc_lr", type=float, default=defaults.lr,
-                        help="Adam learning rate of the bounds (default: %(default)s, as the paper)")
+    parser.add_argument("--dqc-lr", type=float, default=defaults.lr,
+                        help="DQC's Adam learning rate of the bounds (default: %(default)s, as the paper)")
     parser.add_argument("--feature-weight", type=float, default=defaults.feature_weight,
                         help="weight lambda of the residual-group feature term (default: %(default)s, as the paper)")
     parser.add_argument("--feature-taps", default="", metavar="PATTERN",
@@ -106,27 +107,27 @@ def dqc_configs_from_args(args: argparse.Namespace, world: Optional[int] = None,
                           ) -> tuple[DQCConfig, DQCData, DQCRun]:
     """The DQC configs the parsed options describe: the one place that reads DQC's flags.
 
-    ``world``: processes the global ``--batch`` is split over (default: those of the ``torchrun``
+    ``world``: processes the global ``--dqc-batch`` is split over (default: those of the ``torchrun``
     launch, 1 alone). ``images``: the training image files (default: those under ``args.calib_images``).
     The checkpoint is ``--dqc-checkpoint``, else the one beside ``--out`` (:func:`default_checkpoint_path`),
     else none. ``ValueError`` naming the option when one is invalid.
 
     >>> parser = argparse.ArgumentParser()
     >>> add_dqc_arguments(parser, common=True)
-    >>> args = parser.parse_args(["--dqc-iters", "2", "--batch", "2", "--dqc-patch-size", "16"])
+    >>> args = parser.parse_args(["--dqc-iters", "2", "--dqc-batch", "2", "--dqc-patch-size", "16"])
     >>> config, data, run = dqc_configs_from_args(args, images=["a.png", "b.png"])
     >>> config.iters, config.batch, data.patch_size, data.images[0], run.checkpoint
     (2, 2, 16, PosixPath('a.png'), None)
-    >>> dqc_configs_from_args(parser.parse_args(["--batch", "6"]), world=4, images=["a.png"])
+    >>> dqc_configs_from_args(parser.parse_args(["--dqc-batch", "6"]), world=4, images=["a.png"])
     Traceback (most recent call last):
-    ValueError: --batch 6 must be a multiple of processes (4) x --dqc-accumulation (1)
+    ValueError: --dqc-batch 6 must be a multiple of processes (4) x --dqc-accumulation (1)
     """
     world = _launched_world() if world is None else world
     for option in ("dqc_iters", "dqc_batch", "val_patches", "dqc_accumulation"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
     if args.dqc_batch % (world * args.dqc_accumulation):
-        raise ValueError(f"--batch {args.dqc_batch} must be a multiple of processes ({world}) x "
+        raise ValueError(f"--dqc-batch {args.dqc_batch} must be a multiple of processes ({world}) x "
                          f"--dqc-accumulation ({args.dqc_accumulation})")
     if args.dqc_patch_size < 1 or not 0.0 < args.val_fraction < 1.0 or args.val_every < 0 or args.checkpoint_every < 0:
         raise ValueError("DQC options: --dqc-patch-size must be positive, --val-fraction in (0, 1), "

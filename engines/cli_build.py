@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -29,8 +28,7 @@ from typing import Any, Optional
 
 from export.metadata import ExportMetadata
 from toolchain import defaults
-from toolchain.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, add_logging_arguments, run_cli
-from toolchain.files import atomic_path
+from toolchain.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, add_json_argument, add_logging_arguments, run_cli
 
 from toolchain.tolerances import (
     DEFAULT_NOISE_SIGMA,
@@ -77,6 +75,7 @@ def trt_backend() -> Optional[ModuleType]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="2dq-build-engine",
+        allow_abbrev=False,  # one name per flag: no prefix stands in for it
         description="Build an inference engine from a 2dq QDQ ONNX export (ONNX Runtime: an optimized model whose "
         "Q/DQ node units run as integer kernels; TensorRT: a plan), and optionally verify it against the "
         "PyTorch fake-quant model on real images.",
@@ -89,12 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="ENGINE",
                         help="engine to write (ort: .onnx, or .ort for ORT format; trt: .plan/.engine; default for ort: "
                         "<onnx stem>.ort.onnx)")
-    parser.add_argument("--json", metavar="OUT", help="write the build (and verification) report as JSON to OUT")
+    add_json_argument(parser, "the build (and verification) report")
     ort = parser.add_argument_group("ONNX Runtime build (--backend ort)")
     ort.add_argument("--level", choices=LEVELS, default=BUILD_LEVEL,
                      help="ORT graph optimization level saved into the engine (default: %(default)s; 'all' adds "
                      "machine-specific layouts)")
-    ort.add_argument("--threads", type=int, help="ORT intra-op threads for building and verifying (default: all cores)")
+    ort.add_argument("--threads", type=int, help="CPU threads of the engine (ONNX Runtime intra-op, OpenVINO) for "
+                     "building and verifying (default: all cores)")
     verify = parser.add_argument_group("verification against the fake-quant reference")
     verify.add_argument("--verify", action="store_true", help="run the engine and the reference on real images")
     verify.add_argument("--weights", metavar="CKPT", help="float checkpoint the export came from (default: the shipped "
@@ -103,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "ONNX file's name with .safetensors)")
     verify.add_argument("--data", metavar="ROOT", help="benchmark root holding <Set>/LR_bicubic/X<s> (default: the "
                         "shipped Set5)")
-    verify.add_argument("--sets", default="Set5", help="comma-separated test sets (default: %(default)s)")
+    verify.add_argument("--sets", default="Set5", help="comma-separated test sets (default: %(default)s, also with "
+                        "--data: verification runs the reference several times)")
     verify.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels (default: %(default)s)")
-    verify.add_argument("--batch", type=int, default=4, help="tiles per engine call (default: %(default)s)")
+    verify.add_argument("--batch", type=int, default=4, help="tiles per model call, engine and reference "
+                        "(default: %(default)s)")
     verify.add_argument("--device", default="cpu", help="torch device of the reference (default: %(default)s)")
     verify.add_argument("--min-psnr", type=float,
                         help="fixed PSNR floor vs the reference in dB (default: ORT 60, TensorRT 50; 45 for fp16 float "
@@ -295,8 +297,7 @@ def _main(args: argparse.Namespace) -> int:
     elif args.polygraphy:
         raise UsageError("--polygraphy is part of --verify")
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+        args.json.write(report)
     return EXIT_OK if ok else EXIT_FAILURE
 
 

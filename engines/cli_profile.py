@@ -1,13 +1,19 @@
-"""``2dq-profile``: benchmark a TensorRT plan with trtexec and summarize what runs in which precision.
+"""``2dq-profile``: benchmark an engine and summarize what runs in which precision.
 
-Runs ``trtexec --loadEngine=PLAN`` on a batch of tiles (CUDA graph, no host<->device copies, the
-per-layer profile in a separate run) and prints latency percentiles, throughput (batches and images
-per second) and, from the exported layer information, how many layers run in INT8 / FP16 / FP32 and
-how many reformat layers TensorRT inserted. The tile size and input name come from the plan's sidecar.
+A TensorRT plan (``.plan`` / ``.engine``) runs under ``trtexec --loadEngine=PLAN`` on a batch of tiles
+(CUDA graph, no host<->device copies, the per-layer profile in a separate run): latency percentiles,
+throughput (batches and images per second) and, from the exported layer information, how many layers
+run in INT8 / FP16 / FP32 and how many reformat layers TensorRT inserted (tile and input name from the
+plan's sidecar). A CPU engine (ONNX Runtime ``.onnx`` / ``.ort``, OpenVINO ``.xml``) runs in this
+process on random tiles for ``--duration`` seconds: latency percentiles, throughput, and from the
+runtime's own per-node profiler how many nodes (and milliseconds) run in int8 and in fp32
+(:mod:`engines.cpu_profile`).
 
 Exit codes: 0 success, 1 trtexec missing or failed / unreadable output, 2 bad arguments.
 
     2dq-profile swinir_x2_w4a4.plan --batch 8 --json profile.json
+    2dq-profile swinir_x2_w4a4.plan --json - | jq .throughput_images_per_s
+    2dq-profile runs/dat_light_x4_w4a4.ov.xml --threads 1
 """
 
 from __future__ import annotations
@@ -16,16 +22,17 @@ import argparse
 import json
 import logging
 import subprocess
-import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from toolchain.files import atomic_path
+from toolchain.cli.common import EXIT_OK, UsageError, add_json_argument, add_logging_arguments, run_cli
+
+from .cpu_profile import format_cpu_report, profile_cpu_engine
 
 from .trt.sidecar import read_sidecar
 from .trt.trtexec import (
-    TrtexecNotFound,
     TrtexecOutputError,
     find_trtexec,
     parse_performance_summary,
@@ -41,27 +48,31 @@ OUTPUT_TAIL = 40
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="2dq-profile",
+        allow_abbrev=False,  # one name per flag: no prefix stands in for it
         description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="The plan must have its <plan>.json sidecar (written by 2dq-build-engine --backend trt).",
+        epilog="A plan must have its <plan>.json sidecar (written by 2dq-build-engine --backend trt).",
     )
-    parser.add_argument("plan", type=Path, help="TensorRT plan file")
+    parser.add_argument("plan", type=Path, metavar="ENGINE", help="engine: .plan/.engine (TensorRT), .onnx/.ort "
+                        "(ONNX Runtime), .xml (OpenVINO IR)")
     parser.add_argument(
         "--trtexec",
         default=None,
         help="trtexec executable (default: search PATH, then /opt/tensorrt/bin, /usr/src/tensorrt/bin)",
     )
     parser.add_argument(
-        "--batch", type=int, default=None, help="tiles per inference (default: the plan's optimization batch)"
+        "--batch", type=int, default=None, help="tiles per model call (default: the plan's optimization batch; "
+        "1 for CPU engines)"
     )
     parser.add_argument("--duration", type=int, default=3, help="seconds of timed inference (default: 3)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON to this file")
+    parser.add_argument("--threads", type=int, help="CPU threads of the CPU engines (ort, openvino) (default: all "
+                        "cores)")
+    add_json_argument(parser, "the summary")
     parser.add_argument(
-        "--keep", type=Path, default=None, help="directory to keep trtexec's log and exported JSON files in"
+        "--keep", type=Path, default=None, metavar="DIR",
+        help="directory to keep trtexec's log and exported JSON files in",
     )
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    add_logging_arguments(parser)
     return parser
 
 
@@ -149,34 +160,43 @@ def _jsonable(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+def _main(args: argparse.Namespace) -> int:
     if args.batch is not None and args.batch < 1:
-        print(f"2dq-profile: --batch must be >= 1, got {args.batch}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.duration < 1:
+        raise UsageError(f"--duration must be >= 1 second, got {args.duration}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be positive, got {args.threads}")
     if not args.plan.is_file():
-        print(f"2dq-profile: plan not found: {args.plan}", file=sys.stderr)
-        return 1
+        raise FileNotFoundError(f"engine not found: {args.plan}")
+    from .upscalers import engine_backend
+
     try:
-        trtexec = find_trtexec(args.trtexec)
-        with tempfile.TemporaryDirectory(prefix="2dq-profile-") as tmp:
-            workdir = Path(tmp)
-            if args.keep is not None:
-                args.keep.mkdir(parents=True, exist_ok=True)
-                workdir = args.keep
-            report = profile_plan(args.plan, trtexec, args.batch, args.duration, workdir)
-    except (TrtexecNotFound, TrtexecOutputError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"2dq-profile: {exc}", file=sys.stderr)
-        return 1
+        backend = engine_backend(str(args.plan))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if backend != "trt":
+        report = profile_cpu_engine(args.plan, backend, args.batch or 1, args.duration, args.threads)
+        print(format_cpu_report(report))
+        if args.json:
+            args.json.write({**report, "latency": report["latency"].to_dict()})
+        return EXIT_OK
+    # TrtexecNotFound (an OSError) and TrtexecOutputError (a ValueError) exit 1 through run_cli
+    trtexec = find_trtexec(args.trtexec)
+    with tempfile.TemporaryDirectory(prefix="2dq-profile-") as tmp:
+        workdir = Path(tmp)
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            workdir = args.keep
+        report = profile_plan(args.plan, trtexec, args.batch, args.duration, workdir)
     print(format_report(report))
-    if args.json is not None:
-        with atomic_path(args.json) as tmp_json:
-            tmp_json.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-    return 0
+    if args.json:
+        args.json.write(_jsonable(report))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, build_parser(), argv)
 
 
 if __name__ == "__main__":

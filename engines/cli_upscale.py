@@ -48,6 +48,7 @@ def engine_backend(path: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="2dq-upscale",
+        allow_abbrev=False,  # one name per flag: no prefix stands in for it
         description="Super-resolve one image of any size with a 2dq engine (ONNX Runtime or TensorRT) or a "
         "checkpoint, through overlapping tiles.",
         epilog="The output keeps what the input has: alpha (upscaled bicubic beside the model's RGB), 16-bit "
@@ -70,11 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "by default)")
     parser.add_argument("--weights", metavar="CKPT", help="run this checkpoint in PyTorch instead of an engine")
     parser.add_argument("--calib", metavar="ARTIFACT", help="with --weights: run the fake-quant model of this artifact")
-    parser.add_argument("--tile", type=int, help="with --weights: tile size (default: the whole image at once)")
+    parser.add_argument("--tile", type=int, help="with --weights: tile size in LR pixels (default: the whole image at "
+                        "once; an engine has its export's tile)")
     parser.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=4, help="tiles per backend call (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=4, help="tiles per model call (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device; TensorRT uses cuda (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="threads of the CPU engines (ort, openvino) (default: all cores)")
+    parser.add_argument("--threads", type=int, help="CPU threads of the computation: the CPU engines' (ort, openvino), "
+                        "torch's intra-op threads with --weights (default: all cores)")
     add_logging_arguments(parser)
     return parser
 
@@ -92,6 +95,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     backend = engine_backend(args.engine) if args.engine else "torch"
+    if args.threads is not None and backend == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
     layout = output_layout(probe_layout(args.image), color=args.color)  # header only: refuse before any work
     problem = storage_problem(args.out, layout) if args.out else None  # the default, .png, stores everything
     if problem:

@@ -156,8 +156,9 @@ def _static(model: Any, export: ExportMetadata, batch: int) -> Any:
     return model
 
 
-def _compile(ov: Any, model: Any, threads: Optional[int]) -> Any:
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION, "PERFORMANCE_HINT": "LATENCY"}
+def _compile(ov: Any, model: Any, threads: Optional[int], profile: bool = False) -> Any:
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION, "PERFORMANCE_HINT": "LATENCY",
+                              "PERF_COUNT": profile}
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -171,13 +172,14 @@ class OpenVinoTileRunner:
 
     ``tile``, ``scale`` and ``multiple`` come from the ``2dq.*`` metadata. The model is compiled for
     ``batch`` tiles per call (the export's own static batch when it has one); ``threads`` sets the
-    CPU plugin's inference threads (None: its choice, all cores).
+    CPU plugin's inference threads (None: its choice, all cores); ``profile`` turns on the plugin's
+    per-node timing (``request.profiling_info``; :mod:`engines.cpu_profile`).
 
     Example: at the end of :func:`build_openvino_engine`'s.
     """
 
     def __init__(self, engine_path: str | os.PathLike, threads: Optional[int] = None,
-                 batch: int = DEFAULT_BATCH) -> None:
+                 batch: int = DEFAULT_BATCH, profile: bool = False) -> None:
         ov = _ov()
         self.path = Path(engine_path)
         if not self.path.is_file():
@@ -197,7 +199,7 @@ class OpenVinoTileRunner:
         if names != ["input"]:
             raise ValueError(f"{self.path}: expected one input named 'input', got {names}")
         self.batch = self.export.batch or batch
-        self.compiled = _compile(ov, _static(model, self.export, self.batch), threads)
+        self.compiled = _compile(ov, _static(model, self.export, self.batch), threads, profile)
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:

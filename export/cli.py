@@ -16,15 +16,14 @@ Every export is checked (``onnx.checker``, full) and linted against TensorRT's Q
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
 from toolchain import defaults
-from toolchain.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, add_logging_arguments, run_cli
-from toolchain.files import atomic_path
+from toolchain.cli.common import (EXIT_FAILURE, EXIT_OK, UsageError, add_json_argument, add_logging_arguments,
+                                  is_verbose, run_cli)
 from toolchain.quant.config import TARGETS
 
 from .export_view import INT4_BLOCKS
@@ -39,6 +38,7 @@ _QUIET_LOGGERS = ("onnxscript", "onnx_ir", "torch.export", "torch._export")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="2dq-export",
+        allow_abbrev=False,  # one name per flag: no prefix stands in for it
         description="Export the fake-quant model of a checkpoint and a calibration artifact as a QDQ ONNX graph "
         "(int8 / int4 weight initializers feeding DequantizeLinear, activations as Clip -> QuantizeLinear -> "
         "DequantizeLinear with the learned bounds), for a fixed tile size and a dynamic batch of tiles.",
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calib", metavar="ARTIFACT", help="calibration artifact (.safetensors + .json sidecar; default: "
                         "runs/<checkpoint>_w4a4.safetensors, what 2dq-calibrate writes by default)")
     parser.add_argument("--target", choices=TARGETS,
-                        help="trt-int8 (INT8 kernels), trt-int4 (weight-only INT4 blocks), ort (ONNX Runtime CPU) "
+                        help="export target: trt-int8 (INT8 kernels), trt-int4 (weight-only INT4 blocks), ort (ONNX Runtime CPU) "
                         "(default: the artifact's target)")
     parser.add_argument("--tile", type=int, default=64,
                         help="input tile size in LR pixels, a multiple of the model's input multiple (default: %(default)s)")
@@ -63,18 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--int4-block", type=int, choices=INT4_BLOCKS, default=64,
                         help="trt-int4 block size along the reduction axis (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=None, metavar="N",
-                        help="trace a static batch of N tiles per call (default: a dynamic batch where the model's code "
-                        "allows it, else 4)")
+                        help="tiles per model call, fixed into the graph: trace a static batch of N (default: a dynamic "
+                        "batch where the model's code allows it, else 4; an engine of a static batch splits and pads "
+                        "the other tools' --batch tiles to it)")
     parser.add_argument("--no-lint", action="store_true", help="write the graph even if it breaks TensorRT's rules")
     parser.add_argument("--lint-only", metavar="FILE.onnx", help="only lint an existing graph")
-    parser.add_argument("--json", metavar="OUT", help="write the export (or lint) report as JSON to OUT")
+    add_json_argument(parser, "the export (or lint) report")
     add_logging_arguments(parser)
     return parser
-
-
-def _write_json(path: str, report: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _lint_only(args: argparse.Namespace) -> int:
@@ -85,12 +81,12 @@ def _lint_only(args: argparse.Namespace) -> int:
         print(violation)
     print(f"{args.lint_only}: {len(violations)} violation(s)")
     if args.json:
-        _write_json(args.json, {"file": args.lint_only, "violations": [asdict(v) for v in violations]})
+        args.json.write({"file": args.lint_only, "violations": [asdict(v) for v in violations]})
     return EXIT_FAILURE if violations else EXIT_OK
 
 
 def _main(args: argparse.Namespace) -> int:
-    if not args.verbose:
+    if not is_verbose(args):
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
         # "torchvision is not installed" and the like: the exporter's registry, not our business
@@ -116,7 +112,7 @@ def _main(args: argparse.Namespace) -> int:
     for violation in result.violations:
         print(f"lint (ignored): {violation}")
     if args.json:
-        _write_json(args.json, result.to_dict())
+        args.json.write(result.to_dict())
     return EXIT_OK
 
 

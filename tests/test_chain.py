@@ -63,7 +63,7 @@ def chain(tmp: Path, checkpoint: Path, datasets: Path, scale: int, tile: int, *c
     pages = tmp / "report"
     if report:
         _run("2dq-report", "--weights", str(checkpoint), "--calib", str(artifact), "--data", str(datasets),
-             "--sets", "Set5", "--max-images", "2", "--crops", "1", "--top", "2", "--out", str(pages),
+             "--sets", "Set5", "--max-images", "2", "--crops", "1", "--top", "2", "--out-dir", str(pages),
              "--no-progress", "-q")
     return {"onnx": onnx_path, "verification": json.loads(built.read_text())["verification"],
             "eval": json.loads(evaluated.read_text()), "upscaled": out,
@@ -102,7 +102,7 @@ def test_dobi_chain_on_every_family(family: str, tmp_path: Path, datasets_dir: P
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [
     ("--method", "minmax"),
-    ("--method", "2dquant", "--dqc-iters", "2", "--batch", "2", "--val-every", "0"),
+    ("--method", "2dquant", "--dqc-iters", "2", "--dqc-batch", "2", "--val-every", "0"),
     ("--method", "dobi", "--granularity", "per-channel", "--smooth", "all", "--shifts", "--input-shifts", "--gptq"),
 ], ids=["minmax", "2dquant", "dobi+beyond"])
 def test_methods_chain_on_tiny_swinir(options: tuple, tmp_path: Path, datasets_dir: Path) -> None:

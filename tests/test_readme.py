@@ -56,7 +56,7 @@ def test_readme_main_job_and_default_chain_run_as_written(tmp_path: Path) -> Non
 
     commands = _main_job_commands()
     assert [c.split()[0] for c in commands] == ["2dq-calibrate", "2dq-export", "2dq-build-engine", "2dq-eval",
-                                                "2dq-eval", "2dq-upscale", "2dq-report"]
+                                                "2dq-profile", "2dq-eval", "2dq-upscale", "2dq-report"]
     shutil.copyfile(DEFAULT_DATA / "Set5" / "LR_bicubic" / "X4" / "birdx4.png", tmp_path / "photo.png")
     outputs = {}
     for command in commands:
@@ -77,6 +77,8 @@ def test_readme_main_job_and_default_chain_run_as_written(tmp_path: Path) -> Non
     assert 28.42 < engine_psnr < float_psnr               # W4A4 shows: below FP, above bicubic (28.42)
     assert (tmp_path / "photo_x4.png").is_file()
     assert (runs / "dat_light_x4_w4a4_report" / "index.html").is_file()
+    profile = outputs["2dq-profile"][0]
+    assert "latency" in profile and re.search(r"int8 126 \(", profile)   # every placed linear and matmul runs in int8
 
 
 def _data_room_commands() -> list[str]:

@@ -3,12 +3,12 @@
 Examples::
 
     2dq-report --weights NGswin_x2.pth --calib run/w4a4_dobi.safetensors \\
-        --compare run/w4a4_minmax.safetensors --data ../shared/datasets --sets Set5 --out report/
-    2dq-report --weights CKPT --calib ARTIFACT --data ../shared/datasets --max-images 2 --out /tmp/r
+        --compare run/w4a4_minmax.safetensors --data ../shared/datasets --sets Set5 --out-dir report/
+    2dq-report --weights CKPT --calib ARTIFACT --data ../shared/datasets --max-images 2 --out-dir /tmp/r
 
-The folder ``--out`` receives ``index.html``, ``figures/*.png`` and ``report.json`` (every number
-of the page). It is built beside ``--out`` under a temporary name and renamed onto it at the end,
-so a failure leaves no half-written report; an existing ``--out`` is replaced only if it is empty
+The folder ``--out-dir`` receives ``index.html``, ``figures/*.png`` and ``report.json`` (every number
+of the page). It is built beside ``--out-dir`` under a temporary name and renamed onto it at the end,
+so a failure leaves no half-written report; an existing ``--out-dir`` is replaced only if it is empty
 or an earlier report.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from toolchain import defaults
-from toolchain.cli.common import UsageError, add_logging_arguments, run_cli
+from toolchain.cli.common import UsageError, add_json_argument, add_logging_arguments, run_cli
 from toolchain.files import atomic_path, sha256_file
 
 from .html import GENERATOR, page, paragraph
@@ -47,10 +47,11 @@ _VERSIONS = ("torch", "numpy", "matplotlib", "pillow", "scipy", "2dq")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="2dq-report",
+        allow_abbrev=False,  # one name per flag: no prefix stands in for it
         description="Write an HTML report of a calibration: per-quantizer histograms of the calibration data "
         "with the DOBI and final bounds, PSNR/SSIM of bicubic, the float model and each artifact beside the "
         "2DQuant paper's Table 3, crops where the models differ most, and provenance. Self-contained: open "
-        "OUT/index.html from disk.",
+        "DIR/index.html from disk.",
         epilog="Exit codes: 0 ok, 1 failure (unreadable or mismatched files), 2 usage error.",
     )
     parser.add_argument("--weights", default=str(defaults.DEFAULT_WEIGHTS), metavar="CKPT",
@@ -61,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="another artifact of the same checkpoint to compare (repeatable)")
     parser.add_argument("--data", metavar="ROOT", help="folder holding <Set>/HR and <Set>/LR_bicubic/X<s> (default: the "
                         "shipped Set5)")
-    parser.add_argument("--out", metavar="DIR", help="report folder (index.html, figures/, report.json; default: "
-                        "runs/<artifact stem>_report)")
+    parser.add_argument("--out-dir", metavar="DIR", help="report folder to write (index.html, figures/, report.json; "
+                        "default: runs/<artifact stem>_report)")
     parser.add_argument("--sets", help="comma-separated test sets (default: Set5,Set14,B100 with --data, Set5 without)")
     parser.add_argument("--max-images", type=int, metavar="N", help="evaluate only the first N images of each set")
     parser.add_argument("--crops", type=int, default=3, help="images shown as crops (default: %(default)s)")
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paper-table", metavar="CSV",
                         help=f"the paper's Table 3 (default: ROOT/{PAPER_TABLE.as_posix()}; skipped if absent)")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of text")
+    add_json_argument(parser, "a summary (folder, seconds, most affected quantizer)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_logging_arguments(parser)
     return parser
@@ -85,7 +86,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if args.sets is None:
         args.sets = defaults.sets_for(args.data)
     args.data = args.data or str(defaults.DEFAULT_DATA)
-    args.out = args.out or str(defaults.RUNS / f"{Path(args.calib).stem}_report")
+    args.out_dir = args.out_dir or str(defaults.RUNS / f"{Path(args.calib).stem}_report")
     sets = [name.strip() for name in args.sets.split(",") if name.strip()]
     if not sets:
         raise UsageError("--sets is empty")
@@ -93,9 +94,9 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--max-images must be positive, got {args.max_images}")
     if args.crops < 0 or args.top < 1:
         raise UsageError(f"--crops must be >= 0 and --top >= 1, got {args.crops} and {args.top}")
-    out = Path(args.out)
+    out = Path(args.out_dir)
     if out.exists() and not _replaceable(out):
-        raise UsageError(f"--out {out} exists and is not an earlier 2dq report (nor empty); choose another folder")
+        raise UsageError(f"--out-dir {out} exists and is not an earlier 2dq report (nor empty); choose another folder")
     return sets
 
 
@@ -191,7 +192,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         results = evaluate_methods(methods, data_root, sets, scale, Path(scratch) / "sr", progress)
         seconds_eval = time.perf_counter() - t_eval
         choices, crop_images, hrs = choose_crops(methods, data_root, sets, scale, Path(scratch) / "sr", args.crops)
-        out = Path(args.out)
+        out = Path(args.out_dir)
         with staged_folder(out) as build:
             summary = sections.summary_lines(stats)
             notes = paper_notes(is_paper_model(arch, config), arch, config, args.max_images, paper_missing)
@@ -212,13 +213,12 @@ def _main(args: argparse.Namespace, argv: Sequence[str]) -> int:
             with atomic_path(build / "report.json") as tmp:
                 tmp.write_text(json.dumps(record, indent=1) + "\n")
     worst = rank_affected(stats)[0]
+    seconds = time.perf_counter() - started
+    print(f"wrote {out / 'index.html'} in {seconds:.1f} s")
+    print(f"most affected quantizer: {worst.name} ({worst.role}): {100 * worst.final.inside:.2f}% in range "
+          f"(final), {100 * worst.dobi.inside:.2f}% (DOBI)")
     if args.json:
-        print(json.dumps({"out": str(out), "seconds": round(time.perf_counter() - started, 1),
-                          "most_affected": record["most_affected"]}, indent=2))
-    else:
-        print(f"wrote {out / 'index.html'} in {time.perf_counter() - started:.1f} s")
-        print(f"most affected quantizer: {worst.name} ({worst.role}): {100 * worst.final.inside:.2f}% in range "
-              f"(final), {100 * worst.dobi.inside:.2f}% (DOBI)")
+        args.json.write({"out_dir": str(out), "seconds": round(seconds, 1), "most_affected": record["most_affected"]})
     return 0
 
 

@@ -24,7 +24,7 @@ from .stats import DobiOptions
 
 log = logging.getLogger(__name__)
 
-#: ``2dq-calibrate``'s default ``--batch-size``, used when the artifact does not record one
+#: ``2dq-calibrate``'s default ``--batch``, used when the artifact does not record one
 DEFAULT_BATCH_SIZE = 8
 _CALIBRATION_KEYS = ("data", "patches", "patch_size", "seed")
 

@@ -105,7 +105,7 @@ def test_a_lost_artifact_is_remade_with_the_same_bounds(tmp_path, datasets_dir):
     args = argparse.Namespace(
         weights=str(tmp_path / "tiny_x{scale}.safetensors"), calib_images=datasets_dir / "train" / "DIV2K_valid_256",
         work=tmp_path / "work", threads=1,
-        calib_extra="--patches 4 --patch-size 16 --dqc-iters 2 --batch 2 --dqc-patch-size 16 --val-every 0 "
+        calib_extra="--patches 4 --patch-size 16 --dqc-iters 2 --dqc-batch 2 --dqc-patch-size 16 --val-every 0 "
                     "--val-patches 2 --checkpoint-every 0")
     args.work.mkdir()
     data = ptq_grid.load(tmp_path / "none.json")

@@ -28,14 +28,15 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def base_args(checkpoint, images, out) -> list[str]:
     return ["--weights", str(checkpoint), "--calib-images", str(images), "--patches", "4", "--patch-size", "16",
-            "--batch-size", "2", "--out", str(out), "--no-progress", "-q"]
+            "--batch", "2", "--out", str(out), "--no-progress", "-q"]
 
 
 def test_dobi_end_to_end(tmp_path, capsys, tiny_checkpoint, calib_images):
     out = tmp_path / "run" / "w4a4.safetensors"
-    code, stdout, _ = run(capsys, *base_args(tiny_checkpoint, calib_images, out), "--bits", "4", "--json")
+    code, stdout, stderr = run(capsys, *base_args(tiny_checkpoint, calib_images, out), "--bits", "4", "--json", "-")
     assert code == 0
-    summary = json.loads(stdout)
+    summary = json.loads(stdout)  # --json -: stdout is the JSON alone, the text summary went to stderr
+    assert f"wrote {out}" in stderr
     assert summary["artifact"] == str(out) and summary["method"] == "dobi"
     meta = load_artifact(out).meta
     assert meta["calibration"]["patches"] == 4 and meta["calibration"]["patch_size"] == 16
@@ -149,8 +150,8 @@ def test_help_lists_every_method(capsys):
 def test_2dquant_runs_dobi_then_dqc_and_moves_the_bounds(tmp_path, capsys, tiny_checkpoint, calib_images):
     dobi_out, full_out = tmp_path / "dobi.safetensors", tmp_path / "2dq.safetensors"
     assert run(capsys, *base_args(tiny_checkpoint, calib_images, dobi_out))[0] == 0
-    dqc = ["--method", "2dquant", "--dqc-iters", "3", "--batch", "2", "--dqc-patch-size", "16", "--val-every", "0",
-           "--val-patches", "2", "--checkpoint-every", "0", "--lr", "0.003"]
+    dqc = ["--method", "2dquant", "--dqc-iters", "3", "--dqc-batch", "2", "--dqc-patch-size", "16", "--val-every", "0",
+           "--val-patches", "2", "--checkpoint-every", "0", "--dqc-lr", "0.003"]
     code, stdout, _ = run(capsys, *base_args(tiny_checkpoint, calib_images, full_out), *dqc)
     assert code == 0, stdout
     meta = load_artifact(full_out).meta
@@ -167,7 +168,7 @@ CALIBRATE = str(Path(sys.executable).with_name("2dq-calibrate"))
 #: seconds a console-script run may take (startup and a tiny DOBI take a few)
 TIMEOUT = 300
 #: the tiny 2DQuant budget of the rerun tests (seconds per run)
-TINY_DQC = ["--method", "2dquant", "--dqc-iters", "2", "--batch", "2", "--dqc-patch-size", "16", "--val-every", "0"]
+TINY_DQC = ["--method", "2dquant", "--dqc-iters", "2", "--dqc-batch", "2", "--dqc-patch-size", "16", "--val-every", "0"]
 
 
 @pytest.fixture

@@ -245,7 +245,7 @@ def test_config_and_options_validate():
         DQCConfig(lr=0.0)
     parser = argparse.ArgumentParser()
     add_dqc_arguments(parser, common=True)
-    args = parser.parse_args(["--dqc-iters", "7", "--batch", "6", "--lr", "0.02", "--feature-weight", "1",
+    args = parser.parse_args(["--dqc-iters", "7", "--dqc-batch", "6", "--dqc-lr", "0.02", "--feature-weight", "1",
                               "--val-every", "3", "--checkpoint-every", "2"])
     images = sorted(DEFAULT_CALIB_IMAGES.glob("*.png"))
     config, _, run = dqc_configs_from_args(args, images=images)

@@ -36,7 +36,7 @@ def _run(command: list[str]) -> dict:
 def _options(images: Path, out: Path, checkpoint: Path) -> list[str]:
     # --val-every 0: every process ends with the bounds of the last step (no best-step selection)
     return ["--calib-images", str(images), "--bounds-out", str(out), "--dqc-checkpoint", str(checkpoint),
-            "--dqc-iters", "4", "--batch", "4", "--patch-size", "16", "--dqc-patch-size", "16",
+            "--dqc-iters", "4", "--dqc-batch", "4", "--patch-size", "16", "--dqc-patch-size", "16",
             "--checkpoint-every", "2", "--val-every", "0", "--threads", "1"]
 
 

@@ -27,7 +27,7 @@ TIMEOUT = 300
 
 def _command(images: Path, out: Path, checkpoint: Path, *extra: str) -> list[str]:
     return [sys.executable, str(WORKER), "--calib-images", str(images), "--bounds-out", str(out),
-            "--dqc-checkpoint", str(checkpoint), "--dqc-iters", str(ITERS), "--batch", "4", "--patch-size", "16",
+            "--dqc-checkpoint", str(checkpoint), "--dqc-iters", str(ITERS), "--dqc-batch", "4", "--patch-size", "16",
             "--dqc-patch-size", "16", "--checkpoint-every", "3", "--val-every", "4", "--val-patches", "4",
             "--threads", "1", *extra]
 

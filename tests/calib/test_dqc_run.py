@@ -64,7 +64,7 @@ def test_a_folder_is_not_a_file_list():
 
 
 def test_every_flag_lands_in_its_config_field(tmp_path):
-    args = parse("--dqc-iters", "7", "--batch", "6", "--dqc-patch-size", "24", "--lr", "0.02", "--feature-weight",
+    args = parse("--dqc-iters", "7", "--dqc-batch", "6", "--dqc-patch-size", "24", "--dqc-lr", "0.02", "--feature-weight",
                  "1.5", "--feature-taps", "layers.*", "--dqc-schedule", "constant", "--val-fraction", "0.2",
                  "--val-every", "3", "--val-patches", "5", "--checkpoint-every", "2", "--dqc-accumulation", "3",
                  "--seed", "4", "--threads", "2", "--device", "cpu", "--resume",
@@ -85,7 +85,7 @@ def test_every_flag_lands_in_its_config_field(tmp_path):
     (["--val-patches", "0"], "--val-patches must be positive, got 0"),
     (["--threads", "0"], "--threads must be positive, got 0"),
     (["--resume"], "--resume needs the checkpoint to continue: --dqc-checkpoint"),
-    (["--lr", "0"], "DQC options: DQCConfig.lr must be a positive number"),
+    (["--dqc-lr", "0"], "DQC options: DQCConfig.lr must be a positive number"),
     (["--device", "gpu7"], "DQC options: DQCRun.device must name a torch device"),
 ])
 def test_a_bad_flag_names_the_option(argv, message):

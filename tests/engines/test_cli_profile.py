@@ -1,5 +1,6 @@
 """``2dq-profile`` (engines/cli_profile.py) where it can run without trtexec: argument errors, a missing
-trtexec, and the report printed from real trtexec output (the reference transcript, see test_trtexec.py)."""
+trtexec, the report printed from real trtexec output (the reference transcript, see test_trtexec.py), and
+CPU engines (ONNX Runtime, OpenVINO) profiled for real."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def test_explicit_trtexec_that_does_not_exist_exits_1(tmp_path, capsys):
 
 def test_missing_plan_and_bad_batch(tmp_path, capsys):
     assert main([str(tmp_path / "none.plan")]) == 1
-    assert "plan not found" in capsys.readouterr().err
+    assert "engine not found" in capsys.readouterr().err
     assert main([str(write_plan(tmp_path)), "--batch", "0"]) == 2
 
 
@@ -82,3 +83,18 @@ def test_report_table_from_real_trtexec_output():
     assert lines[2].split() == ["latency", "0.049", "0.053", "0.052", "0.053", "0.054", "0.063", "0.617"]
     assert "21009.2 batches/s = 84036.8 tiles/s" in lines[4]
     assert lines[5] == "layers: 8 (FP16 4, FP32 2, INT8 2); reformat layers: 2"
+
+
+def test_cpu_engine_profile_command(built, tmp_path, capsys):
+    """An ORT engine profiled by the command: latency, throughput and its int8 kernels, as text and JSON."""
+    made = built(w_bits=8, a_bits=8)
+    out = tmp_path / "profile.json"
+    assert main([str(made.engine), "--duration", "1", "--threads", "1", "--batch", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "latency" in text and "int8" in text
+    report = json.loads(out.read_text())
+    assert report["backend"] == "ort" and report["batch"] == 2 and report["calls"] >= 5
+    assert report["latency"]["min"] <= report["latency"]["median"] <= report["latency"]["max"]
+    assert report["layers"]["by_precision"]["int8"] == made.build.integer_kernels["com.microsoft:MatMulIntegerToFloat"]
+    assert main([str(made.engine), "--duration", "0"]) == 2
+    assert main([str(tmp_path / "profile.json"), "--duration", "1"]) == 2   # not an engine suffix

@@ -9,7 +9,8 @@ Each check of the verification ladder runs on four ORT engines of one calibrated
 
 The fixture makes quantization show: a tiny SwinIR with random weights barely changes when quantized
 (its blocks are near-identity at the initialization's scale: float vs W4A4 70 dB), so every Linear weight is
-scaled by :data:`LOUD_GAIN`, which makes the blocks do real work (float vs W4A4 about 32 dB, W8A8 52 dB).
+scaled by ``tests.tiny_models.LOUD_GAIN`` (``make_loud``), which makes the blocks do real work (float vs W4A4
+about 32 dB, W8A8 52 dB).
 The whole-model floor separates the unquantized engine; a one-step change of one scale can hide under
 it, so the exact per-quantizer integer codes are compared as well.
 """
@@ -21,7 +22,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
 
 from calib.artifact import load_artifact, load_quantized_model, save_artifact
 from calib.baselines import calibrate_minmax
@@ -39,39 +39,16 @@ from toolchain.quant import QuantConfig, quantize_model, set_quant_enabled
 from toolchain.tolerances import FP16_MIN_PSNR, NOISE_FLOOR_MARGIN, ORT_MIN_IDENTICAL, ORT_MIN_PSNR
 
 from ..export.conftest import TILE, TINY
-from ..tiny_models import save_checkpoint, tiny_swinir
+from ..engine_controls import perturb_one_scale
+from ..tiny_models import make_loud, save_checkpoint, tiny_swinir
 
-#: every Linear weight of the tiny model times this: quantization then changes the output visibly
-LOUD_GAIN = 10.0
 BITS = 4
-
-
-def _perturb_one_scale(qdq: Path, out: Path, node_name: str) -> None:
-    """``qdq`` with the scale of the QuantizeLinear ``node_name`` (and its DequantizeLinear) one step wider."""
-    model = onnx.load(str(qdq))
-    nodes = {node.name: node for node in model.graph.node}
-    quantize = nodes[node_name]
-    scale_name = quantize.input[1]
-    value = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == scale_name))
-    levels = 2 ** BITS - 1
-    wider = onnx.numpy_helper.from_array((value * (levels + 1) / levels).astype(value.dtype), scale_name + "_perturbed")
-    model.graph.initializer.append(wider)
-    quantize.input[1] = wider.name
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] == quantize.output[0]:
-            node.input[1] = wider.name
-    onnx.save(model, str(out))
 
 
 @pytest.fixture(scope="module")
 def controls(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("controls")
-    model = tiny_swinir(scale=2, seed=0, **TINY)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.mul_(LOUD_GAIN)
-    checkpoint = save_checkpoint(model, folder / "loud_x2.safetensors")
+    checkpoint = save_checkpoint(make_loud(tiny_swinir(scale=2, seed=0, **TINY)), folder / "loud_x2.safetensors")
     config = QuantConfig(w_bits=BITS, a_bits=BITS)
     calibrated = quantize_model(load_model(checkpoint), config)
     images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(1))
@@ -91,7 +68,7 @@ def controls(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tiles = torch.rand(4, 3, TILE, TILE, generator=torch.Generator().manual_seed(7))
     first = code_agreement(_engine(folder, "probe", graphs["quantized"]), reference, tiles)[0].node
     graphs["perturbed"] = folder / "perturbed.onnx"
-    _perturb_one_scale(graphs["quantized"], graphs["perturbed"], first)
+    perturb_one_scale(graphs["quantized"], graphs["perturbed"], first, BITS)
     engines = {kind: _engine(folder, kind, graph) for kind, graph in graphs.items()}
     crops = []
     for pair in benchmark_pairs(DEFAULT_DATA, "Set5", 2)[:2]:

@@ -44,14 +44,24 @@ def test_build_writes_ir_with_the_exports_metadata_and_int8_layers(w8a8):
 
 
 @pytest.mark.parametrize("bits", (2, 4, 8))
-def test_engine_equals_fake_quant(built, tile_batch, tmp_path, bits):
-    made = built(w_bits=bits, a_bits=bits)
-    build = build_openvino_engine(made.onnx, tmp_path / "e.xml", threads=2)
-    assert build.int8_layers
+def test_engine_equals_fake_quant(built, tile_batch, loud_float_engine, perturbed, tmp_path, bits):
+    """On the loud model (quantization shows: its float graph is 18-53 dB from the reference) the OpenVINO
+    engine meets the ORT floors; the same model's float graph and its export with one scale one step wider,
+    converted the same way, fail them."""
+    made = built(loud=True, w_bits=bits, a_bits=bits)
     with torch.no_grad():
         reference = made.model(tile_batch)
-    difference = output_difference(OpenVinoTileRunner(tmp_path / "e.xml", threads=2)(tile_batch), reference)
+
+    def agreement(graph, name):
+        build = build_openvino_engine(graph, tmp_path / f"{name}.xml", threads=2)
+        return build, output_difference(OpenVinoTileRunner(tmp_path / f"{name}.xml", threads=2)(tile_batch), reference)
+
+    build, difference = agreement(made.onnx, "engine")
+    assert build.int8_layers
     assert difference.psnr >= ORT_MIN_PSNR and difference.identical_pixels >= ORT_MIN_IDENTICAL, (bits, difference)
+    for name, graph in (("float", loud_float_engine.with_name("float.onnx")), ("perturbed", perturbed(made).graph)):
+        _, broken = agreement(graph, name)
+        assert broken.psnr < ORT_MIN_PSNR, (bits, name, broken)
 
 
 def test_fixed_batch_pads_the_last_call(w8a8, tile_batch):

@@ -62,7 +62,7 @@ def onnx_codes(model: onnx.ModelProto, name: str, x: torch.Tensor) -> np.ndarray
 
 
 def test_build_fuses_qdq_into_integer_kernels(built):
-    made = built(w_bits=4, a_bits=4)
+    made = built(loud=True, w_bits=4, a_bits=4)
     source = onnx.load(str(made.onnx))
     producers = {n.output[0]: n.op_type for n in source.graph.node}
     quantized = [n for n in source.graph.node if n.op_type == "MatMul"
@@ -83,7 +83,7 @@ def test_build_fuses_qdq_into_integer_kernels(built):
 def test_bias_adds_move_into_the_integer_kernels(built, tile_batch, tmp_path):
     """qkv, proj and fc2 biases become MatMulIntegerToFloat's bias input (fc1's goes into BiasGelu);
     the engine computes the same as ORT's own optimized graph with the separate adds."""
-    made = built(w_bits=8, a_bits=8)
+    made = built(loud=True, w_bits=8, a_bits=8)
     engine = onnx.load(str(made.engine))
     kernels = [n for n in engine.graph.node if n.op_type == "MatMulIntegerToFloat"]
     with_bias = [n for n in kernels if len(n.input) == 7 and n.input[6]]
@@ -108,8 +108,12 @@ def test_bias_adds_move_into_the_integer_kernels(built, tile_batch, tmp_path):
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_engine_equals_fake_quant(built, tile_batch, bits):
-    made = built(w_bits=bits, a_bits=bits)
+def test_engine_equals_fake_quant(built, tile_batch, loud_float_engine, perturbed, bits):
+    """Codes of every quantizer and the whole output, on the loud model (quantization shows: on the plain tiny
+    model a float engine clears the whole-model check at W8A8, 93.8 dB, 99.65 % identical). Both checks fail
+    the broken engines: the float engine (measured 18.7 dB at W2A2 ... 52.5 dB at W8A8) and the export with its
+    first quantizer's scale one step wider (19.1 ... 58.2 dB; its codes differ at that quantizer)."""
+    made = built(loud=True, w_bits=bits, a_bits=bits)
     model = onnx.load(str(made.onnx))
     for name, x in quantizer_inputs(made.model, tile_batch).items():
         quantizer = quantizers(made.model)[name]
@@ -121,13 +125,22 @@ def test_engine_equals_fake_quant(built, tile_batch, bits):
         reference = made.model(tile_batch)
     db, identical = outputs_agree(runner(tile_batch), reference)
     assert db >= ORT_MIN_PSNR and identical >= ORT_MIN_IDENTICAL, (bits, db, identical)
+    broken = perturbed(made)
+    quantizer, x = quantizers(made.model)[broken.quantizer], quantizer_inputs(made.model, tile_batch)[broken.quantizer]
+    expected = grid.integer_codes(x, quantizer.lower, quantizer.upper, bits, quantizer.symmetric).numpy()
+    codes = onnx_codes(onnx.load(str(broken.graph)), broken.quantizer, x)
+    assert np.abs(codes.astype(int) - expected).max() > CODE_ATOL  # the per-quantizer check fails the perturbed export
+    for engine in (loud_float_engine, broken.engine):
+        db, identical = outputs_agree(OrtTileRunner(engine, threads=2)(tile_batch), reference)
+        assert db < ORT_MIN_PSNR and identical < ORT_MIN_IDENTICAL, (bits, engine.name, db, identical)
 
 
-def test_mixed_precision_engine_equals_fake_quant(built, tile_batch):
-    """``bits_overrides``: block 1 at W8A8 inside a W3A3 model; every quantizer exports its own grid."""
+def test_mixed_precision_engine_equals_fake_quant(built, tile_batch, loud_float_engine):
+    """``bits_overrides``: block 1 at W8A8 inside a W3A3 model; every quantizer exports its own grid. Loud: the
+    float engine fails the whole-model check (measured 26.8 dB, 13 % identical)."""
     from export.lint import lint_model
 
-    made = built(w_bits=3, a_bits=3, bits_overrides=("*.blocks.1.*=8",))
+    made = built(loud=True, w_bits=3, a_bits=3, bits_overrides=("*.blocks.1.*=8",))
     model = onnx.load(str(made.onnx))
     assert lint_model(model) == []
     found = quantizers(made.model)
@@ -141,10 +154,14 @@ def test_mixed_precision_engine_equals_fake_quant(built, tile_batch):
         reference = made.model(tile_batch)
     db, identical = outputs_agree(OrtTileRunner(made.engine, threads=2)(tile_batch), reference)
     assert db >= ORT_MIN_PSNR and identical >= ORT_MIN_IDENTICAL, (db, identical)
+    db, identical = outputs_agree(OrtTileRunner(loud_float_engine, threads=2)(tile_batch), reference)
+    assert db < ORT_MIN_PSNR and identical < ORT_MIN_IDENTICAL, (db, identical)
 
 
-def test_int4_weight_only_graph_runs_in_ort(built, tile_batch):
-    made = built(float_dtype="fp32", w_bits=4, a_bits=4, target="trt-int4", weight_granularity="per-channel")
+def test_int4_weight_only_graph_runs_in_ort(built, tile_batch, loud_float_engine):
+    """Blocked int4 weights, float activations. Loud: the float engine fails the whole-model check (measured
+    36.7 dB, 20 % identical)."""
+    made = built(float_dtype="fp32", loud=True, w_bits=4, a_bits=4, target="trt-int4", weight_granularity="per-channel")
     source = onnx.load(str(made.onnx))
     assert any(t.data_type == onnx.TensorProto.INT4 for t in source.graph.initializer)
     assert made.build.integer_kernels == {"com.microsoft:MatMulNBits": 8}  # the 8 linears, blocked int4
@@ -152,10 +169,12 @@ def test_int4_weight_only_graph_runs_in_ort(built, tile_batch):
         reference = made.model(tile_batch)
     db, identical = outputs_agree(OrtTileRunner(made.engine, threads=2)(tile_batch), reference)
     assert db >= ORT_MIN_PSNR and identical >= ORT_MIN_IDENTICAL, (db, identical)
+    db, identical = outputs_agree(OrtTileRunner(loud_float_engine, threads=2)(tile_batch), reference)
+    assert db < ORT_MIN_PSNR and identical < ORT_MIN_IDENTICAL, (db, identical)
 
 
 def test_ort_format_engine(built, tile_batch, tmp_path):
-    made = built(w_bits=4, a_bits=4)
+    made = built(loud=True, w_bits=4, a_bits=4)
     ort_file = tmp_path / "engine.ort"
     build_ort_engine(made.onnx, ort_file, threads=2)
     assert ort_file.read_bytes()[4:8] == b"ORTM"  # ORT format's flatbuffer identifier
@@ -165,7 +184,7 @@ def test_ort_format_engine(built, tile_batch, tmp_path):
 
 
 def test_runner_refuses_what_it_cannot_run(built, tmp_path):
-    made = built(w_bits=4, a_bits=4)
+    made = built(loud=True, w_bits=4, a_bits=4)
     runner = OrtTileRunner(made.engine, threads=2)
     with pytest.raises(ValueError, match=r"expected tiles \(N, 3, 16, 16\)"):
         runner(torch.rand(1, 3, 24, 24))
@@ -182,7 +201,7 @@ def test_runner_refuses_what_it_cannot_run(built, tmp_path):
 
 
 def test_build_engine_command(built, tmp_path, capsys):
-    made = built(w_bits=4, a_bits=4)
+    made = built(loud=True, w_bits=4, a_bits=4)
     out, report = tmp_path / "cli_engine.onnx", tmp_path / "build.json"
     assert build_main(["--backend", "ort", "--onnx", str(made.onnx), "--out", str(out), "--threads", "2",
                        "--json", str(report), "-q"]) == 0
@@ -194,7 +213,7 @@ def test_build_engine_command(built, tmp_path, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_trt_backend_without_tensorrt_fails_clearly(built, tmp_path, capsys):
-    made = built(w_bits=4, a_bits=4)
+    made = built(loud=True, w_bits=4, a_bits=4)
     code = build_main(["--backend", "trt", "--onnx", str(made.onnx), "--out", str(tmp_path / "x.plan")])
     assert code == 1
     assert "tensorrt" in capsys.readouterr().err.lower()
@@ -206,7 +225,7 @@ def test_static_batch_engine_pads_and_matches(built, tile_batch, tmp_path):
     engine fed the same tiles agrees, and feeding a static graph directly with another batch fails."""
     from export.onnx_export import ExportOptions, export_onnx
 
-    made = built(w_bits=4, a_bits=4)
+    made = built(loud=True, w_bits=4, a_bits=4)
     static_onnx = tmp_path / "static.onnx"
     result = export_onnx(made.checkpoint, made.artifact, static_onnx, ExportOptions(tile=TILE, batch=3))
     assert ExportMetadata.from_props(result.metadata, static_onnx).batch == 3

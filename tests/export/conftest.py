@@ -18,7 +18,7 @@ from calib.observers import batch_forward_loop
 from export.metadata import ExportMetadata
 from toolchain.quant import QuantConfig, quantize_model
 
-from ..tiny_models import save_checkpoint, tiny_swinir
+from ..tiny_models import make_loud, save_checkpoint, tiny_swinir
 
 #: one residual group of a regular and a shifted block
 TINY = dict(depths=[2], num_heads=[2])
@@ -44,10 +44,13 @@ class Calibrated:
     config: QuantConfig
 
 
-def make_calibrated(folder: Path, config: QuantConfig, seed: int = 0) -> Calibrated:
-    """Tiny SwinIR x2 from ``seed``, quantized by ``config``, MinMax-calibrated, saved under ``folder``."""
+def make_calibrated(folder: Path, config: QuantConfig, seed: int = 0, loud: bool = False) -> Calibrated:
+    """Tiny SwinIR x2 from ``seed`` (``loud``: :func:`~tests.tiny_models.make_loud`, so that quantization shows),
+    quantized by ``config``, MinMax-calibrated, saved under ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     model = tiny_swinir(scale=2, seed=seed, **TINY)
+    if loud:
+        make_loud(model)
     checkpoint = save_checkpoint(model, folder / "tiny_x2.safetensors")
     quantize_model(model, config)
     images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(seed + 1))

@@ -13,7 +13,6 @@ A command-line module: it may import from every layer (the engines live in :mod:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
@@ -21,14 +20,13 @@ from engines.upscalers import BACKENDS, ENGINE_BACKENDS, engine_backend, make_up
 
 from ..evaluate import SetResult, evaluate_set, markdown_table
 from .. import defaults
-from ..files import atomic_path
-
-from .common import UsageError, add_logging_arguments, parse_int_list, run_cli
+from .common import UsageError, add_json_argument, add_logging_arguments, parse_int_list, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="2dq-eval",
+        allow_abbrev=False,  # one name per flag: no prefix stands in for it
         description="Evaluate super-resolution quality (PSNR/SSIM on the Y channel, crop border = scale, "
         "the BasicSR / 2DQuant convention) of a checkpoint, its fake-quant model, an engine, or bicubic.",
         epilog="Exit codes: 0 ok, 1 failure (unreadable or mismatched files), 2 usage error.",
@@ -40,19 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "bicubic"],
                         help="torch (PyTorch, float or fake-quant), ort (ONNX Runtime engine), openvino (OpenVINO IR), "
                         "trt (TensorRT plan) (default: from --engine's suffix, else torch)")
-    parser.add_argument("--engine", metavar="PATH", help="engine file: .onnx/.ort (ONNX Runtime), .xml (OpenVINO), "
+    parser.add_argument("--engine", metavar="ENGINE", help="engine file: .onnx/.ort (ONNX Runtime), .xml (OpenVINO), "
                         ".plan/.engine (TensorRT) (default with --backend ort/openvino: the default chain's engine)")
-    parser.add_argument("--threads", type=int, help="threads of the CPU engines (ort, openvino) (default: all cores)")
+    parser.add_argument("--threads", type=int, help="CPU threads of the computation: the CPU engines' (ort, openvino), "
+                        "torch's intra-op threads for the torch backend (default: all cores)")
     parser.add_argument("--data", metavar="ROOT", help="folder holding <Set>/HR and <Set>/LR_bicubic/X<s> (default: the "
                         "shipped Set5)")
-    parser.add_argument("--sets", help="comma-separated set names (default: Set5,Set14,B100 with --data, Set5 without)")
+    parser.add_argument("--sets", help="comma-separated test sets (default: Set5,Set14,B100 with --data, Set5 without)")
     parser.add_argument("--scales", help="comma-separated scales (default: the model's scale; 2,3,4 for bicubic)")
     parser.add_argument("--device", default="cpu", help="torch device for the torch backend (default: %(default)s)")
-    parser.add_argument("--tile", type=int, help="run the torch backend in tiles of this LR size (default: whole image)")
+    parser.add_argument("--tile", type=int, help="tile size in LR pixels of the torch backend (default: the whole image; "
+                        "an engine has its export's tile)")
     parser.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=4, help="tiles per backend call (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=4, help="tiles per model call (default: %(default)s)")
     parser.add_argument("--save-images", metavar="DIR", help="write the SR images as DIR/<set>/x<s>/<name>.png")
-    parser.add_argument("--json", metavar="OUT", help='write {"results": [...]} to OUT')
+    add_json_argument(parser, 'the results ({"results": [...]})')
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_logging_arguments(parser)
     return parser
@@ -66,6 +66,10 @@ def _main(args: argparse.Namespace) -> int:
             raise UsageError(f"--engine {err}") from None
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be positive, got {args.threads}")
+    if args.threads is not None and args.backend == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.backend == "torch" and not (args.weights or args.model):
         args.weights = str(defaults.DEFAULT_WEIGHTS)
     if args.backend in ENGINE_BACKENDS and not args.engine:
@@ -101,8 +105,7 @@ def _main(args: argparse.Namespace) -> int:
 
     print(markdown_table(results))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({"results": [r.to_dict() for r in results]}, indent=2) + "\n")
+        args.json.write({"results": [r.to_dict() for r in results]})
     return 0
 
 

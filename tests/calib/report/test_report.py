@@ -68,7 +68,7 @@ def setup(tmp_path_factory, datasets_dir, calib_images):
     code = report(["--weights", str(weights), "--calib", str(artifacts["minmax"]), "--compare",
                    str(artifacts["dobi"]), "--data", str(data), "--sets", "Set5", "--max-images", str(MAX_IMAGES),
                    "--crops", "2", "--top", "3", "--paper-table",
-                   str(datasets_dir.parent / "reference" / "paper_table3.csv"), "--out", str(out), "--no-progress",
+                   str(datasets_dir.parent / "reference" / "paper_table3.csv"), "--out-dir", str(out), "--no-progress",
                    "-q"])
     assert code == 0
     return dict(weights=weights, artifacts=artifacts, data=data, expected_data=expected_data, out=out,
@@ -264,11 +264,11 @@ def test_refuses_a_foreign_out_folder_and_bad_options(setup, tmp_path, capsys):
     (foreign / "notes.txt").write_text("keep me")
     base = ["--weights", str(setup["weights"]), "--calib", str(setup["artifacts"]["dobi"]), "--data",
             str(setup["data"]), "--sets", "Set5", "--no-progress", "-q"]
-    assert report([*base, "--out", str(foreign)]) == 2
+    assert report([*base, "--out-dir", str(foreign)]) == 2
     assert (foreign / "notes.txt").read_text() == "keep me"
-    assert report([*base, "--out", str(tmp_path / "r"), "--max-images", "0"]) == 2
+    assert report([*base, "--out-dir", str(tmp_path / "r"), "--max-images", "0"]) == 2
     missing = tmp_path / "absent.safetensors"
-    assert report([*base, "--compare", str(missing), "--out", str(tmp_path / "r")]) == 1
+    assert report([*base, "--compare", str(missing), "--out-dir", str(tmp_path / "r")]) == 1
     assert "absent.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.*"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import onnx
 import pytest
@@ -27,6 +28,7 @@ from toolchain.metrics import output_difference
 from toolchain.quant import QuantConfig, quantize_model
 from toolchain.tolerances import ORT_MIN_PSNR
 
+from ...engine_controls import assert_codes_agree, assert_codes_fail_on_broken_engines, float_export, perturbed_engine
 from ...tiny_models import tiny_swinir
 from ..test_cli_calibrate import base_args, run
 
@@ -43,6 +45,31 @@ def _ort_psnr(ort, onnx_path, model: torch.nn.Module) -> float:
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         return _psnr(got, model(x))
+
+
+@pytest.fixture(scope="module")
+def float_engine(tmp_path_factory) -> Path:
+    """The negative control of the ORT checks: the float engine of ``tiny_checkpoint``'s SwinIR x4 (every quantizer
+    disabled, through the exporter; the transforms are identities in float). The float graphs of these artifacts
+    clear :func:`_ort_psnr`'s floor (measured 72.7-75.3 dB; one scale one step off: 86.8-90.6 dB), so the
+    per-quantizer codes of :func:`_ort_codes_agree` decide."""
+    from engines.ort_engine import build_ort_engine
+    from export.onnx_export import ExportOptions, Provenance
+
+    folder = tmp_path_factory.mktemp("float")
+    model = quantize_model(tiny_swinir(scale=4, seed=0), QuantConfig())
+    graph = float_export(model, folder / "float.onnx", ExportOptions(tile=16),
+                         Provenance("0" * 64, "0" * 64, QuantConfig().to_dict()))
+    build_ort_engine(graph, folder / "float.ort.onnx", threads=2)
+    return folder / "float.ort.onnx"
+
+
+def _ort_codes_agree(onnx_path: Path, model: torch.nn.Module, float_engine: Path, folder: Path) -> None:
+    """On the tiles of :func:`_ort_psnr`, ONNX Runtime's integer codes of every quantizer equal the fake-quant
+    model's; that check fails the float engine and ``onnx_path`` with one scale one step wider."""
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    assert_codes_agree(onnx_path, model, x)
+    assert_codes_fail_on_broken_engines(float_engine, perturbed_engine(onnx_path, model, x, folder), model, x)
 
 
 def test_cli_writes_transforms_and_the_loaded_model_is_baked(tmp_path, capsys, tiny_checkpoint, calib_images):
@@ -81,8 +108,8 @@ def dobi_then_2dquant(tmp_path, capsys, checkpoint, images, options: list[str]):
     """``2dq-calibrate`` with ``options``, DOBI only and then 2DQuant (3 DQC steps); both artifacts loaded."""
     dobi_out, full_out = tmp_path / "dobi.safetensors", tmp_path / "2dq.safetensors"
     assert run(capsys, *base_args(checkpoint, images, dobi_out), *options)[0] == 0
-    dqc = ["--method", "2dquant", "--dqc-iters", "3", "--batch", "2", "--dqc-patch-size", "16", "--val-every", "0",
-           "--val-patches", "2", "--checkpoint-every", "0", "--lr", "0.003"]
+    dqc = ["--method", "2dquant", "--dqc-iters", "3", "--dqc-batch", "2", "--dqc-patch-size", "16", "--val-every", "0",
+           "--val-patches", "2", "--checkpoint-every", "0", "--dqc-lr", "0.003"]
     code, stdout, _ = run(capsys, *base_args(checkpoint, images, full_out), *options, *dqc)
     assert code == 0, stdout
     return load_artifact(dobi_out), load_artifact(full_out), full_out
@@ -118,7 +145,7 @@ def test_dqc_resume_state_carries_the_transforms():
 
 
 def test_input_smoothing_exports_a_mul_and_ort_matches_the_reference(tmp_path, capsys, tiny_checkpoint,
-                                                                     calib_images):
+                                                                     calib_images, float_engine):
     ort = pytest.importorskip("onnxruntime")
     from export.onnx_export import ExportOptions, export_onnx
 
@@ -145,6 +172,7 @@ def test_input_smoothing_exports_a_mul_and_ort_matches_the_reference(tmp_path, c
     assert all("Mul" in upstream_ops(q) for q in fc2_inputs)
     model = load_quantized_model(tiny_checkpoint, out)
     assert _ort_psnr(ort, onnx_path, model) >= ORT_MIN_PSNR
+    _ort_codes_agree(onnx_path, model, float_engine, tmp_path)
 
 
 def test_input_shifts_need_input_smoothing(tmp_path, capsys, tiny_checkpoint, calib_images):
@@ -153,7 +181,8 @@ def test_input_shifts_need_input_smoothing(tmp_path, capsys, tiny_checkpoint, ca
     assert code == 2 and "--input-shifts" in err
 
 
-def test_input_shifts_train_export_a_sub_and_ort_matches(tmp_path, capsys, tiny_checkpoint, calib_images):
+def test_input_shifts_train_export_a_sub_and_ort_matches(tmp_path, capsys, tiny_checkpoint, calib_images,
+                                                         float_engine):
     ort = pytest.importorskip("onnxruntime")
     from export.onnx_export import ExportOptions, export_onnx
 
@@ -178,9 +207,11 @@ def test_input_shifts_train_export_a_sub_and_ort_matches(tmp_path, capsys, tiny_
     assert len(chains) == 4 and all("Sub" in ops and "Mul" in ops for ops in chains), chains
     model = load_quantized_model(tiny_checkpoint, full_out)
     assert _ort_psnr(ort, onnx_path, model) >= ORT_MIN_PSNR
+    _ort_codes_agree(onnx_path, model, float_engine, tmp_path)
 
 
-def test_gptq_with_every_transform_exports_and_ort_matches(tmp_path, capsys, tiny_checkpoint, calib_images):
+def test_gptq_with_every_transform_exports_and_ort_matches(tmp_path, capsys, tiny_checkpoint, calib_images,
+                                                           float_engine):
     """DOBI + every transform + ``--gptq``: refined weights in the artifact, lint-clean graph, ORT exact."""
     ort = pytest.importorskip("onnxruntime")
     from export.onnx_export import ExportOptions, export_onnx
@@ -209,6 +240,7 @@ def test_gptq_with_every_transform_exports_and_ort_matches(tmp_path, capsys, tin
     onnx_path = tmp_path / "gptq.onnx"
     assert not export_onnx(tiny_checkpoint, out, onnx_path, ExportOptions(tile=16)).violations
     assert _ort_psnr(ort, onnx_path, model) >= ORT_MIN_PSNR
+    _ort_codes_agree(onnx_path, model, float_engine, tmp_path)
 
 
 @pytest.mark.parametrize("options, message", [(["--gptq-damp", "0"], "--gptq-damp"),

@@ -2,7 +2,7 @@
 baking."""
 from __future__ import annotations
 
-
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from toolchain.metrics import output_difference
 from toolchain.quant import QuantConfig, bounds_state, float_mode, load_bounds, quantize_model, quantizers, grid
 from toolchain.tolerances import FLOAT_FOLD_RTOL, GRID_TOL_STEPS, ORT_MIN_PSNR
 
+from ...engine_controls import assert_codes_agree, assert_codes_fail_on_broken_engines, float_export, perturbed_engine
 from ...tiny_models import tiny_swinir as _tiny_swinir
 
 NGSWIN = dict(scale=2, embed_dim=16, depths=(2, 1), num_heads=(2, 4), dec_depth=2, dec_num_heads=2,
@@ -246,11 +247,16 @@ def test_restore_and_bake_with_smoothing():
         add_shifts(model, sites[:1])
 
 
-def test_baked_model_exports_with_no_extra_op_and_runs_exactly_on_onnx_runtime():
+def test_baked_model_exports_with_no_extra_op_and_runs_exactly_on_onnx_runtime(tmp_path):
+    """ORT computes the baked model: its output, and the integer codes of every quantizer. The float graph of this
+    tiny SwinIR clears the output's PSNR floor as well (measured 76.1 dB; one scale one step off: 94.5 dB), so the
+    codes decide: their check fails the float engine of the same model and the export with one scale one step
+    wider."""
     ort = pytest.importorskip("onnxruntime")
+    from engines.ort_engine import build_ort_engine
     from export.onnx_export import ExportOptions, Provenance, to_onnx
 
-    x = torch.rand(2, 3, 16, 16)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     config = QuantConfig(weight_granularity="per-channel")
     model = tiny_swinir(config)
     plain_keys = set(model.state_dict())
@@ -264,13 +270,21 @@ def test_baked_model_exports_with_no_extra_op_and_runs_exactly_on_onnx_runtime()
     # the baked model is a plain quantized model: same modules, same tensors, no parametrization left
     assert set(model.state_dict()) == plain_keys
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
-    proto, result = to_onnx(model, ExportOptions(tile=16), Provenance("0" * 64, "0" * 64, config.to_dict()))
+    provenance = Provenance("0" * 64, "0" * 64, config.to_dict())
+    proto, result = to_onnx(model, ExportOptions(tile=16), provenance)
     assert not result.violations
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         reference = model(x)
     assert output_difference(out, reference).psnr >= ORT_MIN_PSNR
+    qdq = tmp_path / "baked.onnx"
+    onnx.save(proto, str(qdq))
+    assert_codes_agree(qdq, model, x)
+    float_graph = float_export(model, tmp_path / "float.onnx", ExportOptions(tile=16), provenance)
+    build_ort_engine(float_graph, tmp_path / "float.ort.onnx", threads=2)
+    broken = perturbed_engine(qdq, model, x, tmp_path)
+    assert_codes_fail_on_broken_engines(tmp_path / "float.ort.onnx", broken, model, x)
 
 
 def test_two_attention_branches_on_one_qkv_get_distinct_key_shifts():
