@@ -3,8 +3,7 @@
 calibrate -> export (lint clean; as many integer-ready MatMuls as placed linears + matmuls) ->
 build the ORT engine with ``--verify`` (the criterion of ARCHITECTURE.md s. 7, both halves
 reported) -> ``2dq-eval`` on the engine -> ``2dq-upscale``. Tiny spandrel models (SwinIR with the
-golden configuration, DAT, HAT, SRFormer; random weights) run every method; the real DAT-light x2 and
-NGswin x2 run DOBI W4A4 (marked slow). The main job on DAT-light x4 runs in tests/test_readme.py, as the
+golden configuration, DAT, HAT, SRFormer; random weights) run every method; the real NGswin x2 runs DOBI W4A4 (marked slow). The main job on DAT-light x4 runs in tests/test_readme.py, as the
 README writes it.
 """
 from __future__ import annotations
@@ -107,7 +106,7 @@ def test_dobi_chain_on_every_family(family: str, tmp_path: Path, datasets_dir: P
 ], ids=["minmax", "2dquant", "dobi+beyond"])
 def test_methods_chain_on_tiny_swinir(options: tuple, tmp_path: Path, datasets_dir: Path) -> None:
     checkpoint = tiny_models.save_checkpoint(tiny_models.tiny_swinir(scale=4), tmp_path / "swinir.safetensors")
-    result = chain(tmp_path, checkpoint, datasets_dir, 4, 32, *options)
+    result = chain(tmp_path, checkpoint, datasets_dir, 4, 32, *options, report=False)   # the report: the family test
     assert result["verification"]["passed"], result["verification"]
 
 
@@ -132,10 +131,11 @@ def _placed_calls(checkpoint: Path, tile: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, scale, floor, fp", [
-    ("DAT-light/DAT_light_x2.pth", 2, 33.66, 38.24),   # W4A4 stays above bicubic (MATLAB Set5 x2, s. 8)
-    # NGswin x2 W4A4 DOBI falls below bicubic (27.6 dB here; ARCHITECTURE.md s. 7 records 27.8): bicubic is no floor
+    # NGswin x2 W4A4 DOBI falls below bicubic (27.6 dB here; ARCHITECTURE.md s. 7 records 27.8): bicubic is no floor.
+    # DAT-light x2 (its W4A4 DOBI Set5 above bicubic's 33.66 dB) ran here too and passed; it is left out of CI for time
+    # (209 s): DAT-light's chain on real weights is the README main job (x4), x2 real weights are NGswin's
     ("NGswin/NGswin_x2.pth", 2, 20.0, 38.05),
-], ids=["dat_light_x2", "ngswin_x2"])
+], ids=["ngswin_x2"])
 def test_chain_on_real_x2_weights(model: str, scale: int, floor: float, fp: float, tmp_path: Path,
                                   shared_dir: Path) -> None:
     """The other real checkpoints (official weights) through the same chain at W4A4 DOBI.

@@ -55,7 +55,7 @@ def test_report_command_without_matplotlib_fails_first_with_the_hint(monkeypatch
 
     _hide(monkeypatch, "matplotlib")
     # the artifact does not exist: the missing extra is reported before anything is read
-    code = main(["--calib", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "report")])
+    code = main(["--calib", str(tmp_path / "missing.safetensors"), "--out-dir", str(tmp_path / "report")])
     assert code == 1
     assert "2dq-report needs matplotlib: pip install '2dq[report]'" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
