@@ -32,6 +32,8 @@ from export.metadata import ENGINE_PREFIX, KEY_PREFIX, ExportMetadata
 from toolchain.extras import import_extra
 from toolchain.files import sha256_file
 
+from .ort_engine import run_in_fixed_batches
+
 log = logging.getLogger(__name__)
 
 IR_SUFFIX = ".xml"
@@ -206,12 +208,7 @@ class OpenVinoTileRunner:
         if tiles.dim() != 4 or tuple(tiles.shape[1:]) != (3, self.tile, self.tile):
             raise ValueError(f"{self.path}: expected tiles (N, 3, {self.tile}, {self.tile}), got {tuple(tiles.shape)}")
         batch = np.ascontiguousarray(tiles.detach().to("cpu", torch.float32).numpy())
-        outputs = []
-        for start in range(0, batch.shape[0], self.batch):
-            chunk = batch[start:start + self.batch]
-            count = chunk.shape[0]
-            if count < self.batch:  # the compiled batch is static: pad with zero tiles, drop their outputs
-                chunk = np.concatenate([chunk, np.zeros((self.batch - count, *chunk.shape[1:]), chunk.dtype)])
-            result = self.request.infer({0: chunk})
-            outputs.append(np.array(result[self.compiled.output(0)][:count]))
-        return torch.from_numpy(np.concatenate(outputs))
+        output = self.compiled.output(0)
+        # a copy of each result: the infer request reuses its output buffer on the next call
+        run = lambda chunk: np.array(self.request.infer({0: chunk})[output])  # noqa: E731
+        return torch.from_numpy(run_in_fixed_batches(batch, self.batch, run))

@@ -232,12 +232,18 @@ class OrtTileRunner:
         if self.static_batch is None:
             (output,) = self.session.run(["output"], {"input": batch})
             return torch.from_numpy(output)
-        outputs = []
-        for start in range(0, batch.shape[0], self.static_batch):
-            chunk = batch[start:start + self.static_batch]
-            count = chunk.shape[0]
-            if count < self.static_batch:  # a static-batch graph: pad with zero tiles, drop their outputs
-                chunk = np.concatenate([chunk, np.zeros((self.static_batch - count, *chunk.shape[1:]), chunk.dtype)])
-            (output,) = self.session.run(["output"], {"input": chunk})
-            outputs.append(output[:count])
-        return torch.from_numpy(np.concatenate(outputs))
+        return torch.from_numpy(run_in_fixed_batches(batch, self.static_batch,
+                                                     lambda chunk: self.session.run(["output"], {"input": chunk})[0]))
+
+
+def run_in_fixed_batches(tiles: np.ndarray, batch: int, run) -> np.ndarray:
+    """``run`` (a graph compiled for exactly ``batch`` tiles) over any number of ``tiles`` ``(N, 3, T, T)``:
+    in chunks of ``batch``, the last padded with zero tiles whose outputs are dropped."""
+    outputs = []
+    for start in range(0, tiles.shape[0], batch):
+        chunk = tiles[start:start + batch]
+        count = chunk.shape[0]
+        if count < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - count, *chunk.shape[1:]), chunk.dtype)])
+        outputs.append(np.asarray(run(chunk))[:count])
+    return np.concatenate(outputs)
