@@ -9,7 +9,8 @@ Examples::
 
 ``--verify`` applies the verification criterion of ARCHITECTURE.md section 7: the engine passes when
 its PSNR against the fake-quant reference reaches min(fixed floor, the reference's own noise floor
-under 1e-6 input noise - 1 dB) and its task PSNR/SSIM against HR equal the reference's (same tiles)
+under input noise the size of the engine's float rounding - 1 dB: sigma 1e-6 for fp32 float layers, fp16's
+unit roundoff 2**-11 for fp16 ones) and its task PSNR/SSIM against HR equal the reference's (same tiles)
 within 0.02 dB / 0.0005; both are reported. It upscales the LR images of ``--sets`` with the engine and with the PyTorch fake-quant
 model through the same tiles and reports ``psnr_vs_reference``, ``identical_pixels`` and
 ``max_abs_error`` (:mod:`engines.compare`); the command fails (exit 1) below the thresholds
@@ -33,6 +34,7 @@ from toolchain.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, add_json_arg
 from toolchain.tolerances import (
     DEFAULT_NOISE_SIGMA,
     FP16_MIN_PSNR,
+    FP16_NOISE_SIGMA,
     NOISE_DRAWS,
     NOISE_FLOOR_MARGIN,
     ORT_MIN_IDENTICAL,
@@ -50,7 +52,7 @@ from .compare import (
     reference_upscaler,
     verify_engine,
 )
-from .noise import noise_floor, task_noise
+from .noise import noise_floor, noise_sigma, task_noise
 from .ort_engine import BUILD_LEVEL, LEVELS, OrtTileRunner, build_ort_engine
 
 log = logging.getLogger("2dq-build-engine")
@@ -117,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--polygraphy", action="store_true",
                         help="also compare through Polygraphy's comparator (ORT engines; 99th percentile of the "
                         "error within half a uint8 level)")
-    verify.add_argument("--noise-floor", type=float, metavar="SIGMA", default=DEFAULT_NOISE_SIGMA,
+    verify.add_argument("--noise-floor", type=float, metavar="SIGMA",
                         help="the reference's own noise floor: its PSNR against itself on inputs moved by Gaussian "
-                        "noise of this standard deviation (default: %(default)g; 0 skips it and applies the fixed "
-                        "floor alone)")
+                        f"noise of this standard deviation (default: the size of the engine's float rounding: "
+                        f"{DEFAULT_NOISE_SIGMA:g} for fp32 float layers, fp16's unit roundoff {FP16_NOISE_SIGMA:.3g} for "
+                        "fp16 ones; 0 skips "
+                        "it and applies the fixed floor alone)")
     verify.add_argument("--noise-draws", type=int, default=NOISE_DRAWS, metavar="N",
                         help="noise draws of the reference against itself (default: %(default)s): the first sets the "
                         "PSNR floor; the task tolerance (0.02 dB / 0.0005) widens to 3x the RMS of their task "
@@ -208,7 +212,7 @@ def _verify(args: argparse.Namespace) -> dict[str, Any]:
     args.weights = args.weights or str(defaults.DEFAULT_WEIGHTS)
     args.calib = args.calib or str(defaults.existing(defaults.artifact_of_onnx(args.onnx), "--calib"))
     args.data = args.data or str(defaults.DEFAULT_DATA)
-    if args.noise_floor < 0 or args.floor_margin < 0:
+    if any(value is not None and value < 0 for value in (args.noise_floor, args.floor_margin)):
         raise UsageError("--noise-floor and --floor-margin must be non-negative")
     if args.noise_draws < 1:
         raise UsageError(f"--noise-draws must be positive, got {args.noise_draws}")
@@ -222,19 +226,20 @@ def _verify(args: argparse.Namespace) -> dict[str, Any]:
                               progress=not args.no_progress, reference=reference)
     fixed, _ = THRESHOLDS[(args.backend, float_dtype)]
     fixed = args.min_psnr if args.min_psnr is not None else fixed
+    sigma = args.noise_floor if args.noise_floor is not None else noise_sigma(float_dtype)
     floor = None
     report: dict[str, Any] = {"sets": sets}
     spread = None
-    if args.noise_floor > 0:
-        draws = noise_floor(args.weights, args.calib, images, runner.tile, sigma=args.noise_floor,
+    if sigma > 0:
+        draws = noise_floor(args.weights, args.calib, images, runner.tile, sigma=sigma,
                             progress=not args.no_progress, draws=args.noise_draws, reference=reference)
         own = draws[0]
         spread = task_noise(draws)
-        print(f"noise floor (reference vs itself, input noise sigma {args.noise_floor:g}): {agreement_summary(own)}")
+        print(f"noise floor (reference vs itself, input noise sigma {sigma:g}): {agreement_summary(own)}")
         if spread is not None:
             print(f"reference's own task spread over {len(draws)} noise draws (RMS): {spread[0]:.4f} dB PSNR, "
                   f"{spread[1]:.5f} SSIM")
-        report["noise"] = {"sigma": args.noise_floor, "draws": len(draws),
+        report["noise"] = {"sigma": sigma, "draws": len(draws),
                            **{k: v for k, v in own.to_dict().items() if k != "images"},
                            "task_differences": [d.task for d in draws]}
         floor = float(own.psnr_vs_reference)

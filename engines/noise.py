@@ -15,9 +15,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from toolchain.backends import Upscaler
-from toolchain.tolerances import DEFAULT_NOISE_SIGMA
+from toolchain.tolerances import DEFAULT_NOISE_SIGMA, FP16_NOISE_SIGMA
 
 from .compare import Agreement, compare_upscalers, reference_upscaler
+
+
+def noise_sigma(float_dtype: str) -> float:
+    """The input noise the reference's own floor is measured at for an engine with ``float_dtype`` float
+    layers (``"fp32"`` or ``"fp16"``): about the size of the rounding its float layers do.
+
+    >>> noise_sigma("fp32"), noise_sigma("fp16") == 2 ** -11
+    (1e-06, True)
+    """
+    return _by_dtype({"fp32": DEFAULT_NOISE_SIGMA, "fp16": FP16_NOISE_SIGMA}, float_dtype)
+
+
+def _by_dtype(values: dict[str, float], float_dtype: str) -> float:
+    if float_dtype not in values:
+        raise ValueError(f"float dtype must be one of {tuple(values)}, got {float_dtype!r}")
+    return values[float_dtype]
 
 
 @dataclass

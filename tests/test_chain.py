@@ -154,3 +154,21 @@ def test_chain_on_real_x2_weights(model: str, scale: int, floor: float, fp: floa
     psnr = result["eval"]["results"][0]["psnr"]
     assert floor < psnr < fp
     assert abs(psnr - verdict["task"]["engine_psnr"]) < 0.5   # the same engine and tiles; whole-image eval
+
+
+@pytest.mark.slow
+def test_chain_on_dat_light_x4_at_w8a8(tmp_path: Path, datasets_dir: Path) -> None:
+    """The shipped DAT-light x4 (official weights) at W8A8 DOBI through the same chain: the engine passes ARCHITECTURE.md
+    s. 7 (W4A4 runs as the README main job, tests/test_readme.py), every placed linear and matmul is an integer
+    MatMul, and 8 bits keep Set5 close to FP (32.57 dB) while still below it, and above the W4A4 main job's 30.8 dB.
+    """
+    from toolchain.defaults import DEFAULT_WEIGHTS
+
+    result = chain(tmp_path, DEFAULT_WEIGHTS, datasets_dir, 4, 64, "--method", "dobi", "--bits", "8",
+                   report=False, verify=("--noise-draws", "2"))
+    assert _both_inputs_dequantized(result["onnx"]) == _placed_calls(DEFAULT_WEIGHTS, 64)
+    verdict = result["verification"]
+    assert verdict["passed"] and verdict["psnr_passed"] and verdict["task_passed"], verdict
+    psnr = result["eval"]["results"][0]["psnr"]
+    assert 32.0 < psnr < 32.57, psnr
+    assert abs(psnr - verdict["task"]["engine_psnr"]) < 0.5   # the same engine and tiles; whole-image eval

@@ -36,7 +36,7 @@ from engines.trt.builder import (
     trt_severity_level,
 )
 from engines.trt.cli_args import add_trt_arguments, trt_options_from_args
-from engines.trt.sidecar import OnnxInfo
+from engines.trt.sidecar import OnnxInfo, read_onnx_info
 from toolchain.cli.common import UsageError
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -167,6 +167,25 @@ def test_check_precision_accepts_matching_exports():
 def test_check_precision_refuses_the_wrong_export(info, precision, phrase):
     with pytest.raises(EngineBuildError, match=phrase):
         check_precision(info, precision)
+
+
+def test_check_precision_reads_the_exporters_own_files(built, loud_float_engine):
+    """The same decisions on real exports read by ``read_onnx_info``: each export builds at its own precision
+    and is refused at the other; the float graph (no Q/DQ) is refused at both integer precisions."""
+    int8 = read_onnx_info(built(loud=True, w_bits=4, a_bits=4).onnx)
+    int4 = read_onnx_info(built(float_dtype="fp16", loud=True, w_bits=4, a_bits=4, target="trt-int4",
+                                weight_granularity="per-channel").onnx)
+    float_graph = read_onnx_info(loud_float_engine.with_name("float.onnx"))
+    assert (int8.target, int8.int4_initializers, int4.target, int4.float_dtype) == ("trt-int8", 0, "trt-int4", "float16")
+    assert int4.int4_initializers > 0 and int8.qdq_nodes > 0 and float_graph.qdq_nodes == 0
+    check_precision(int8, "int8")
+    check_precision(int4, "int4")
+    for info, precision, phrase in ((int8, "int4", "exported for target 'trt-int8'"),
+                                    (int4, "int8", "exported for target 'trt-int4'"),
+                                    (float_graph, "int8", "has no Q/DQ nodes"),
+                                    (float_graph, "int4", "exported for target 'trt-int8'")):
+        with pytest.raises(EngineBuildError, match=phrase):
+            check_precision(info, precision)
 
 
 def test_parser_errors_name_the_node_op_and_description():
