@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any, Optional
 
 from export.metadata import ExportMetadata
+from export.speed_passes import DEFAULT_PASSES, PASSES
 from toolchain import defaults
 from toolchain.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, add_json_argument, add_logging_arguments, run_cli
 
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     ort.add_argument("--level", choices=LEVELS, default=BUILD_LEVEL,
                      help="ORT graph optimization level saved into the engine (default: %(default)s; 'all' adds "
                      "machine-specific layouts)")
+    ort.add_argument("--graph-passes", default=",".join(DEFAULT_PASSES), metavar="LIST",
+                     help="ort/openvino: exact graph passes run on the QDQ graph before the build, comma-separated "
+                     f"from {{{','.join(PASSES)}}}, or 'none' (default: %(default)s: one Transpose where a chain of "
+                     "transposes and reshapes moves the same elements; the engine is bit-identical, DAT-light x4 "
+                     "1.3x faster on OpenVINO)")
     ort.add_argument("--threads", type=int, help="CPU threads of the engine (ONNX Runtime intra-op, OpenVINO) for "
                      "building and verifying (default: all cores)")
     verify = parser.add_argument_group("verification against the fake-quant reference")
@@ -143,21 +149,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def graph_passes_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--graph-passes``: the pass names, checked (``none``: no pass)."""
+    names = tuple(name.strip() for name in args.graph_passes.split(",") if name.strip())
+    if names == ("none",):
+        return ()
+    unknown = [name for name in names if name not in PASSES]
+    if unknown:
+        raise UsageError(f"--graph-passes: unknown pass {', '.join(unknown)}; expected names from "
+                         f"{', '.join(PASSES)} or 'none'")
+    return names
+
+
 def _build(args: argparse.Namespace) -> dict[str, Any]:
+    passes = graph_passes_from_args(args)
     if args.backend == "openvino":
         from .openvino_engine import build_openvino_engine
 
-        built = build_openvino_engine(args.onnx, args.out, args.threads)
+        built = build_openvino_engine(args.onnx, args.out, args.threads, passes)
         print(f"built {built.engine} + {Path(built.weights).name} ({built.seconds:.1f} s, OpenVINO "
               f"{built.openvino_version.split('-')[0]})")
         print(f"layers running in int8 on this CPU: {built.int8_layers or 'none'}")
+        print(f"graph passes (changes): {built.graph_passes or 'none'}")
         return built.to_dict()
     if args.backend == "ort":
-        build = build_ort_engine(args.onnx, args.out, args.level, args.threads)
+        build = build_ort_engine(args.onnx, args.out, args.level, args.threads, passes)
         print(f"built {build.engine} ({sum(build.engine_ops.values())} nodes, {build.seconds:.1f} s)")
         print(f"integer kernels: {build.integer_kernels or 'none'}")
         print(f"standalone Q/DQ: {build.standalone_qdq or 'none'}")
         print(f"bias adds fused into integer kernels: {build.fused_bias_adds}")
+        print(f"graph passes (changes): {build.graph_passes or 'none'}")
         return build.to_dict()
     module = trt_backend()
     if module is None or not hasattr(module, "run_trt_build"):

@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
@@ -27,6 +28,7 @@ import onnx
 import torch
 
 from export.metadata import ENGINE_PREFIX, ExportMetadata
+from export.speed_passes import DEFAULT_PASSES, run_speed_passes
 from toolchain.files import atomic_path, sha256_file
 
 from .ort_fusions import fuse_matmul_bias
@@ -110,14 +112,35 @@ class OrtBuild:
     integer_kernels: dict[str, int]
     standalone_qdq: dict[str, int] = field(default_factory=dict)
     fused_bias_adds: int = 0
+    #: exact graph passes run before the build (:mod:`export.speed_passes`) and what each changed
+    graph_passes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def prepared_graph(onnx_path: Path, passes: Sequence[str], folder: Path) -> tuple[Path, dict[str, int]]:
+    """``onnx_path`` with the exact CPU graph ``passes`` of :mod:`export.speed_passes` applied, saved in
+    ``folder`` (the export itself is left as it is), and what each pass changed; ``onnx_path`` itself when
+    ``passes`` is empty. Elements are moved, never computed differently: the engine stays bit-identical.
+    """
+    if not passes:
+        return onnx_path, {}
+    import onnx_ir as ir
+
+    model = ir.load(str(onnx_path))
+    changes = run_speed_passes(model, passes)
+    prepared = folder / "prepared.onnx"
+    ir.save(model, str(prepared))
+    return prepared, changes
+
+
 def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, level: str = BUILD_LEVEL,
-                     threads: Optional[int] = None) -> OrtBuild:
+                     threads: Optional[int] = None, graph_passes: Sequence[str] = DEFAULT_PASSES) -> OrtBuild:
     """Optimize the QDQ graph ``onnx_path`` for ORT's CPU provider and save it to ``out_path``.
+
+    ``graph_passes`` (:mod:`export.speed_passes`) run on the graph first: by default the exact ones that
+    pay on a CPU (one Transpose where a chain of transposes and reshapes moved the same elements).
 
     ``out_path`` ending in ``.ort`` is saved in ORT format, anything else as ONNX. Raises
     ``ValueError`` if ``onnx_path`` is not a 2dq export (no ``2dq.*`` metadata).
@@ -146,10 +169,11 @@ def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
     source = onnx.load(str(onnx_path))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="2dq-ort-") as scratch:
+        graph, changes = prepared_graph(onnx_path, graph_passes, Path(scratch))
         optimized = Path(scratch) / "optimized.onnx"
         options = session_options(level, threads)
         options.optimized_model_filepath = str(optimized)
-        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"],
+        ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"],
                              disabled_optimizers=list(DISABLED_OPTIMIZERS))
         engine = onnx.load(str(optimized))
     fused = fuse_matmul_bias(engine)
@@ -157,7 +181,7 @@ def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
     counts = op_counts(engine)
     build = OrtBuild(str(out_path), str(onnx_path), sha256_file(onnx_path), level, ort.__version__, round(seconds, 3),
                      op_counts(source), counts, integer_kernels(counts),
-                     {op: n for op, n in counts.items() if op in ("QuantizeLinear", "DequantizeLinear")}, fused)
+                     {op: n for op, n in counts.items() if op in ("QuantizeLinear", "DequantizeLinear")}, fused, changes)
     _set_metadata(engine, {"source_sha256": build.source_sha256, "ort_version": build.ort_version, "level": level})
     _save(engine, out_path)
     log.info("ORT engine %s: %d nodes, integer kernels %s", out_path, sum(counts.values()), build.integer_kernels)

@@ -15,13 +15,14 @@ from onnx import helper
 from engines.cli_build import main as build_main
 from engines.ort_engine import OrtTileRunner, build_ort_engine, op_counts
 from export.metadata import ExportMetadata
+from export.speed_passes import DEFAULT_PASSES
 from toolchain.files import sha256_file
 from toolchain.metrics import output_difference
 from toolchain.models import info_of
 from toolchain.quant import grid, quantizers
 from toolchain.tolerances import CODE_ATOL, ORT_MIN_IDENTICAL, ORT_MIN_PSNR
 
-from ..export.conftest import TILE
+from ..export.conftest import DAT_TILE, TILE, tiny_dat_export
 
 
 def outputs_agree(engine_out: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -238,3 +239,34 @@ def test_static_batch_engine_pads_and_matches(built, tile_batch, tmp_path):
         torch.testing.assert_close(static(tile_batch[:count]), dynamic(tile_batch[:count]), rtol=0, atol=1e-5)
     with pytest.raises(Exception):
         static.session.run(["output"], {"input": tile_batch[:2].numpy()})
+
+
+def test_default_graph_passes_change_the_graph_not_the_engine_output(tmp_path):
+    """The builders' exact passes (export.speed_passes: one Transpose per chain of movements) rewrite a tiny
+    DAT's head splits and leave ORT's output bit-identical to the engine built without them; OpenVINO alike."""
+    graph = tiny_dat_export(tmp_path / "dat.onnx")
+    tiles = torch.rand(2, 3, DAT_TILE, DAT_TILE, generator=torch.Generator().manual_seed(4))
+    passes = build_ort_engine(graph, tmp_path / "passes.ort.onnx", threads=2)
+    plain = build_ort_engine(graph, tmp_path / "plain.ort.onnx", threads=2, graph_passes=())
+    assert passes.graph_passes["compose_movements"] > 0 and plain.graph_passes == {}
+    assert passes.engine_ops["Transpose"] < plain.engine_ops["Transpose"]
+    assert torch.equal(OrtTileRunner(passes.engine, threads=2)(tiles), OrtTileRunner(plain.engine, threads=2)(tiles))
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra")
+    from engines.openvino_engine import OpenVinoTileRunner, build_openvino_engine
+
+    runs = {}
+    for name, passes in (("passes", DEFAULT_PASSES), ("plain", ())):
+        build = build_openvino_engine(graph, tmp_path / f"{name}.ov.xml", threads=2, graph_passes=passes)
+        assert bool(build.graph_passes) == bool(passes)
+        runs[name] = OpenVinoTileRunner(build.engine, threads=2)(tiles)
+    assert torch.equal(runs["passes"], runs["plain"])
+
+
+def test_graph_passes_flag(built, tmp_path, capsys):
+    made = built(loud=True, w_bits=4, a_bits=4)
+    out = tmp_path / "e.ort.onnx"
+    assert build_main(["--onnx", str(made.onnx), "--out", str(out), "--graph-passes", "none", "-q",
+                       "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["build"]["graph_passes"] == {}
+    assert build_main(["--onnx", str(made.onnx), "--out", str(out), "--graph-passes", "compose_movements,nope"]) == 2
+    assert "--graph-passes: unknown pass nope" in capsys.readouterr().err

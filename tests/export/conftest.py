@@ -18,7 +18,7 @@ from calib.observers import batch_forward_loop
 from export.metadata import ExportMetadata
 from toolchain.quant import QuantConfig, quantize_model
 
-from ..tiny_models import make_loud, save_checkpoint, tiny_swinir
+from ..tiny_models import make_loud, save_checkpoint, tiny_dat, tiny_swinir
 
 #: one residual group of a regular and a shifted block
 TINY = dict(depths=[2], num_heads=[2])
@@ -58,6 +58,22 @@ def make_calibrated(folder: Path, config: QuantConfig, seed: int = 0, loud: bool
     artifact = save_artifact(folder / "bounds.safetensors", model, checkpoint=checkpoint, quant_config=config,
                              method="minmax")
     return Calibrated(checkpoint, artifact, model, config)
+
+
+#: tile of the tiny DAT exports (its windows and channel attention need 64 pixels)
+DAT_TILE = 64
+
+
+def tiny_dat_export(path: Path) -> Path:
+    """A tiny DAT x2 W8A8 export at :data:`DAT_TILE` (random weights, MinMax bounds on seeded random tiles):
+    DAT's head splits are chains of transposes and reshapes, which SwinIR's graph lacks."""
+    from export.onnx_export import ExportOptions, Provenance, export_model
+
+    model = quantize_model(tiny_dat(scale=2), QuantConfig(w_bits=8, a_bits=8))
+    images = torch.rand(2, 3, DAT_TILE, DAT_TILE, generator=torch.Generator().manual_seed(3))
+    calibrate_minmax(model, batch_forward_loop(images, batch_size=2, progress=False))
+    export_model(model, path, ExportOptions(tile=DAT_TILE), Provenance("d" * 64, "e" * 64, {"w_bits": 8, "a_bits": 8}))
+    return path
 
 
 @pytest.fixture(scope="session")
