@@ -321,8 +321,12 @@ def machine() -> dict[str, Any]:
     import onnxruntime
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # uncommitted edits of tracked files (a shared working tree): what the rows ran that the commit does not say
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.split("\n")
     return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "git_commit": commit,
+            "git_uncommitted": [line.strip() for line in dirty if line.strip()],
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
