@@ -167,7 +167,7 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quantizers": quantizer_count,
     }
-    if spec["smoothing"] or spec["shifts"] or spec.get("input_shifts"):
+    if any(spec.values()):
         meta["transforms"] = spec
     if weights:
         meta["refined_weights"] = len(weights)

@@ -187,6 +187,8 @@ def _unfold(fold: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """The inverse of one weight fold of :mod:`calib.transforms.smoothing` (exact up to float rounding)."""
     from .transforms import DivideRows, ScaleColumns
 
+    if hasattr(fold, "unfold"):  # rotations (calib.transforms.rotation, rotation_fold) know their inverse
+        return fold.unfold(t)
     if isinstance(fold, ScaleColumns):
         return t / torch.exp(fold.log_scale)
     if isinstance(fold, DivideRows):

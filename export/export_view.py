@@ -6,8 +6,10 @@ that ``torch.export`` can trace into a QDQ graph (:mod:`export.qdq_ops`):
 
 - an activation quantizer becomes ``twodq::quantize_dequantize`` with its fp32 bounds as constants;
 - a linear's ``input_multiplier`` (explicit smoothing, :mod:`calib.transforms.smoothing` kind ``"input"``)
-  becomes one ``Mul`` before that input's quantizer, its ``input_offset`` (:mod:`calib.transforms.input_shift`)
-  one ``Sub`` after it (the bias already carries the offset back);
+  becomes one ``Mul`` before that input's quantizer, its ``input_rotation`` (:mod:`calib.transforms.rotation`)
+  one ``MatMul`` with a constant float ``(C_in, C_in)`` matrix after the ``Mul`` (the weight already carries
+  it), its ``input_offset`` (:mod:`calib.transforms.input_shift`) one ``Sub`` after those (the bias already
+  carries the offset back);
 - a weight quantizer becomes integer codes (:func:`toolchain.quant.grid.integer_codes`, int8
   buffers) with their step as the scale, feeding ``twodq::dequantize``. Linear weights are stored
   transposed, ``(C_in, C_out)``, the layout of the ``MatMul`` they feed, so no ``Transpose`` sits
@@ -123,6 +125,8 @@ class ExportLinear(nn.Module):
         self.input = _activation(layer.input_quantizer)
         multiplier = layer.input_multiplier
         self.register_buffer("input_multiplier", None if multiplier is None else multiplier.detach().clone())
+        rotation = layer.input_rotation
+        self.register_buffer("input_rotation", None if rotation is None else rotation.detach().clone())
         offset = layer.input_offset
         self.register_buffer("input_offset", None if offset is None else offset.detach().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
@@ -152,6 +156,9 @@ class ExportLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_multiplier is not None:
             x = x * self.input_multiplier  # explicit smoothing: one Mul before the input's Q/DQ
+        if self.input_rotation is not None:
+            with opaque():  # explicit rotation: one constant float MatMul before the input's Q/DQ
+                x = torch.matmul(x, self.input_rotation)
         if self.input_offset is not None:
             x = x - self.input_offset  # input shift (its bias fold is baked already): one Sub
         if self.input is not None:

@@ -99,8 +99,8 @@ def input_shift_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def init_input_shifts(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> dict[str, torch.Tensor]:
-    """Set every offset to the per-channel midpoint ``(min + max) / 2`` of the linear's smoothed float
-    input over ``forward_loop(model)``; returns the offsets by path."""
+    """Set every offset to the per-channel midpoint ``(min + max) / 2`` of the linear's smoothed (and rotated,
+    :mod:`calib.transforms.rotation`) float input over ``forward_loop(model)``; returns the offsets by path."""
     owners = input_shift_owners(model)
     if not owners:
         raise ValueError(f"{type(model).__name__} has no input shifts: add_input_shifts() first")
@@ -112,9 +112,7 @@ def init_input_shifts(model: nn.Module, forward_loop: Callable[[nn.Module], None
         linear = modules[path]
 
         def record(module, args):
-            x = args[0].detach()
-            if linear.input_multiplier is not None:
-                x = x * linear.input_multiplier
+            x = linear.transformed_input(args[0].detach())  # after the multiplier and the rotation
             rows = x.reshape(-1, x.shape[-1])
             low[path] = torch.minimum(low[path], rows.amin(0)) if path in low else rows.amin(0)
             high[path] = torch.maximum(high[path], rows.amax(0)) if path in high else rows.amax(0)

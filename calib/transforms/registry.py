@@ -5,7 +5,8 @@ is folded where) and a state (:func:`transforms_state`: the learned parameters);
 :func:`transform_parameters` with the bounds and checkpoints :func:`transforms_state`. All of these
 walk :data:`TRANSFORMS`, in its order, which is also the order the folds are added back by
 :func:`restore_transforms` (smoothing before shifts: a shift subtracts its offset from the smoothed
-tensor). A new transform is one :class:`TransformKind` entry here.
+tensor; rotations, whose fixed matrices are stored but never trained, after smoothing). A new
+transform is one :class:`TransformKind` entry here.
 
 >>> from toolchain.models.examples import tiny_swinir
 >>> from toolchain.quant import QuantConfig, quantize_model
@@ -31,6 +32,8 @@ from torch import nn
 
 from .fold import FoldParametrization
 from .input_shift import add_input_shifts, input_shift_owners
+from .rotation import RotationSite, add_rotations, rotation_owners
+from .rotation_fold import FoldedRotation, add_folded_rotations, folded_rotation_owners
 from .shift import ShiftSite, add_shifts, shift_owners
 from .smoothing import SmoothingGroup, add_smoothing, smoothing_owners
 
@@ -43,8 +46,10 @@ class TransformKind:
     are ``<state_prefix>.<name>.<parameter>``; ``owners(model)``: the folds that own a parameter (one
     per entry, in module order); ``entry(owner)``: what the owner folds (a group, a site, a path);
     ``name(entry)``: the entry's unique name; ``to_json`` / ``from_json``: the entry in the spec;
-    ``add(model, entries)``: folds them with identity parameters, returned by name; ``optional``: the
-    spec lists the kind only when the model has some (kinds added after artifacts were first written).
+    ``add(model, entries)``: folds them with identity (or, for rotations, their built) parameters,
+    returned by name; ``optional``: the spec lists the kind only when the model has some (kinds added
+    after artifacts were first written); ``learnable``: DQC trains the parameter (a rotation's ``R`` is a
+    fixed buffer: stored and restored, never trained).
     """
 
     spec_key: str
@@ -57,6 +62,7 @@ class TransformKind:
     from_json: Callable[[Any], Any]
     add: Callable[[nn.Module, list[Any]], dict[str, nn.Parameter]]
     optional: bool = False
+    learnable: bool = True
 
     def state_key(self, name: str) -> str:
         return f"{self.state_prefix}.{name}.{self.parameter}"
@@ -66,16 +72,25 @@ class TransformKind:
 TRANSFORMS: tuple[TransformKind, ...] = (
     TransformKind("smoothing", "smoothing", "log_scale", smoothing_owners, lambda owner: owner.group,
                   lambda group: group.key, SmoothingGroup.to_dict, SmoothingGroup.from_dict, add_smoothing),
+    # before shifts and input shifts: a bias fold that reads the weight must come after the rows' rotation
+    TransformKind("folded_rotations", "folded_rotation", "block", folded_rotation_owners, lambda owner: owner.group,
+                  lambda group: group.name, FoldedRotation.to_dict, FoldedRotation.from_dict, add_folded_rotations,
+                  optional=True, learnable=False),
     TransformKind("shifts", "shift", "offset", shift_owners, lambda owner: owner.site, lambda site: site.name,
                   ShiftSite.to_dict, ShiftSite.from_dict, add_shifts),
     TransformKind("input_shifts", "input_shift", "offset", input_shift_owners, lambda owner: owner.path, str, str, str,
                   add_input_shifts, optional=True),
+    # after smoothing and folded rotations: a rotated linear's weight is (W * s) M R
+    TransformKind("rotations", "rotation", "matrix", rotation_owners, lambda owner: owner.site,
+                  lambda site: site.linear, RotationSite.to_dict, RotationSite.from_dict, add_rotations,
+                  optional=True, learnable=False),
 )
 
 
 def transform_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every learnable fold parameter: smoothing ``log_scale`` s, shift ``offset`` s, input-shift offsets."""
-    return [getattr(owner, kind.parameter) for kind in TRANSFORMS for owner in kind.owners(model)]
+    """Every learnable fold parameter: smoothing ``log_scale`` s, shift ``offset`` s, input-shift offsets
+    (not the rotations' fixed matrices)."""
+    return [getattr(owner, kind.parameter) for kind in TRANSFORMS if kind.learnable for owner in kind.owners(model)]
 
 
 def transforms_spec(model: nn.Module) -> dict[str, Any]:
@@ -89,8 +104,9 @@ def transforms_spec(model: nn.Module) -> dict[str, Any]:
 
 
 def transforms_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The learned fold parameters: ``smoothing.<producer>.log_scale`` ``(C,)``, ``shift.<site>.offset`` ``()``,
-    ``input_shift.<linear>.offset`` ``(C_in,)``."""
+    """The fold parameters: ``smoothing.<producer>.log_scale`` ``(C,)``, ``shift.<site>.offset`` ``()``,
+    ``input_shift.<linear>.offset`` ``(C_in,)``, ``rotation.<linear>.matrix`` ``(C_in, C_in)``,
+    ``folded_rotation.<group>.block`` ``(d, d)``."""
     return {key: parameter.detach().clone() for key, parameter in _fold_parameters(model).items()}
 
 
@@ -123,8 +139,8 @@ def restore_transforms(model: nn.Module, spec: Mapping[str, Any], state: Mapping
             parameter.copy_(_checked(state, kind.state_key(name), parameter))
 
 
-def _fold_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every learnable fold parameter of ``model`` under its state key (see :func:`transforms_state`)."""
+def _fold_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every fold parameter (and rotation matrix) of ``model`` under its state key (see :func:`transforms_state`)."""
     return {kind.state_key(kind.name(kind.entry(owner))): getattr(owner, kind.parameter)
             for kind in TRANSFORMS for owner in kind.owners(model)}
 

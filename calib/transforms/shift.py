@@ -233,6 +233,9 @@ def add_shifts(model: nn.Module, sites: Iterable[ShiftSite]) -> dict[str, nn.Par
         folds = [_module(modules, path, QuantLinear) for path in site.bias_folds]
         if any(linear.bias is None for linear in folds):
             raise ValueError(f"shift site {site.name}: a linear of {site.bias_folds} has no bias")
+        if any(linear.input_rotation is not None for linear in folds):
+            raise ValueError(f"shift site {site.name}: a linear of {site.bias_folds} has a rotated input, which "
+                             "does not keep the bias fold exact (calib.transforms.rotation.conflicting_shift_sites)")
         bias = producer.bias
         offset = nn.Parameter(torch.zeros((), dtype=bias.dtype, device=bias.device))
         parametrize.register_parametrization(producer, "bias", SubtractOffset(offset, site))

@@ -220,6 +220,7 @@ def add_smoothing(model: nn.Module, groups: Iterable[SmoothingGroup]) -> dict[st
             raise ValueError(f"smoothing: channels [{group.start}:{group.stop}] outside {group.producer}")
         linears = [_module(modules, path, QuantLinear) for path in group.linears]
         for path, linear in zip(group.linears, linears):
+            _check_unrotated(linear, path)
             if linear.in_features != group.channels or _folds(linear, "weight", ScaleColumns):
                 raise ValueError(f"smoothing: {path} does not read {group.channels} free channels of "
                                  f"{group.producer} (in_features {linear.in_features}, or already smoothed)")
@@ -238,6 +239,7 @@ def _add_input_smoothing(linear: QuantLinear, group: SmoothingGroup) -> nn.Param
     """``input_multiplier = 1 / s`` (owner of ``log_scale``) and ``W * s`` on one linear."""
     if group.linears != (group.producer,) or (group.start, group.stop) != (0, linear.in_features):
         raise ValueError(f"smoothing: an input group covers all inputs of its one linear, got {group}")
+    _check_unrotated(linear, group.producer)
     if linear.input_multiplier is not None or _folds(linear, "weight", ScaleColumns):
         raise ValueError(f"smoothing: {group.producer} already has an input multiplier or smoothed columns")
     weight = _original(linear, "weight")
@@ -246,6 +248,13 @@ def _add_input_smoothing(linear: QuantLinear, group: SmoothingGroup) -> nn.Param
     parametrize.register_parametrization(linear, "input_multiplier", DivideRows(log_scale, group, owner=True))
     parametrize.register_parametrization(linear, "weight", ScaleColumns(log_scale, group))
     return log_scale
+
+
+def _check_unrotated(linear: QuantLinear, path: str) -> None:
+    # the weight of a smoothed, rotated linear is (W * s) R: its column scaling must come before the rotation
+    if linear.input_rotation is not None:
+        raise ValueError(f"smoothing: {path} is already rotated; add smoothing before rotations "
+                         "(calib.transforms.rotation)")
 
 
 def remove_smoothing(model: nn.Module, groups: Iterable[SmoothingGroup]) -> None:

@@ -71,10 +71,12 @@ class Trace:
     ``what``: ``"norm_out"`` (LayerNorm output, channels last), ``"linear_in"`` / ``"linear_out"``
     (QuantLinear, channels last), ``"matmul_b_heads"`` (right operand, channels = heads x features:
     dims ``(-3, -1)`` for v, ``(-3, -2)`` for k^T chosen by the operand's role) and
-    ``"matmul_out_heads"`` (dims ``(-3, -1)``).
+    ``"matmul_out_heads"`` (dims ``(-3, -1)``). ``shapes``: the ``(a, b)`` operand shapes of each
+    QuantMatMul's first call (head count and head size, for folds per head).
     """
 
     calls: dict[tuple[str, str], list[ChannelStats]] = field(default_factory=dict)
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
     def add(self, key: tuple[str, str], stats: ChannelStats) -> None:
         self.calls.setdefault(key, []).append(stats)
@@ -105,6 +107,7 @@ def trace_channels(model: nn.Module, example: torch.Tensor) -> Trace:
     def matmul_hook(path: str, role: Optional[str]) -> Callable:
         def hook(module, args, out):
             b = args[1]
+            trace.shapes.setdefault(path, (tuple(args[0].shape), tuple(b.shape)))
             trace.add(("matmul_b_heads", path), ChannelStats.of(b, _head_dims(b, -2 if role == "attn_k" else -1)))
             trace.add(("matmul_out_heads", path), ChannelStats.of(out, _head_dims(out, -1)))
         return hook

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import grid
+from .routing import opaque
 
 KINDS = ("weight", "activation")
 #: what a quantizer's tensor is; DOBI chooses its search mode from it and the report groups by it
@@ -166,11 +167,22 @@ class QuantLinear(nn.Module):
         # optional (C_in,) offset subtracted after the multiplier (calib.transforms.input_shift; the bias carries
         # it back), exported as one Sub; None: no op
         self.register_buffer("input_offset", None)
+        # optional orthogonal (C_in, C_in) matrix R: the input becomes x @ R after the multiplier, before the
+        # offset (calib.transforms.rotation; the weight carries W @ R), exported as one constant MatMul
+        self.register_buffer("input_rotation", None)
 
-    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the weight multiplies: ``x`` after the multiplier, the offset and the input quantizer."""
+    def transformed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(..., C_in)`` after the multiplier and the rotation (what the offset is subtracted from)."""
         if self.input_multiplier is not None:
             x = x * self.input_multiplier
+        if self.input_rotation is not None:
+            with opaque():  # this product is the linear's own, not a call of the module that holds it
+                x = torch.matmul(x, self.input_rotation)
+        return x
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the weight multiplies: ``x`` after the multiplier, the rotation, the offset and the input quantizer."""
+        x = self.transformed_input(x)
         if self.input_offset is not None:
             x = x - self.input_offset
         return _maybe(self.input_quantizer, x)

@@ -45,7 +45,8 @@ def _every_kind() -> torch.nn.Module:
 
 def test_kinds_have_distinct_keys():
     assert len({k.spec_key for k in TRANSFORMS}) == len({k.state_prefix for k in TRANSFORMS}) == len(TRANSFORMS)
-    assert [k.spec_key for k in TRANSFORMS] == ["smoothing", "shifts", "input_shifts"]  # the order folds are added
+    assert [k.spec_key for k in TRANSFORMS] == ["smoothing", "folded_rotations", "shifts", "input_shifts",
+                                                "rotations"]  # the order folds are added
 
 
 def test_every_kind_round_trips_through_spec_and_state():

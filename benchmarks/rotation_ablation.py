@@ -1,0 +1,189 @@
+"""Input rotations on and off (issue 22 item 3): DAT-light x4 through ``2dq-calibrate`` and ``2dq-eval``.
+
+Held-out protocol of ``tests/test_quality_direction.py``: the 28 shipped training images sorted by name,
+the first 24 are the calibration folder, the last 4 the held-out check (a centred 128x128 HR crop and its
+MATLAB-bicubic x4 LR, laid out as the benchmark set ``Heldout``). Never the test sets: ``--set5`` evaluates
+named cells on the shipped Set5 once, after the choice was made on the held-out images.
+
+Every cell (configuration x bits x patches x patch-sampling seed) runs ``2dq-calibrate`` then ``2dq-eval`` on
+the fake-quant model and is appended to ``--out`` (JSON, written atomically after every cell; a rerun skips
+the cells already there)::
+
+    python benchmarks/rotation_ablation.py --out benchmarks/results/rotation_ablation.json \\
+        --configs dobi,dobi+rotate --bits 4 --patches 8,16,32 --seeds 0,1,2
+    python benchmarks/rotation_ablation.py --out benchmarks/results/rotation_ablation.json \\
+        --set5 'dobi+pc+smooth+shifts+rotate/w4a4/p32/s0'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from toolchain.defaults import DEFAULT_CALIB_IMAGES, DEFAULT_WEIGHTS
+from toolchain.data.heldout import make_heldout_split
+from toolchain.files import atomic_path
+
+log = logging.getLogger("rotation_ablation")
+
+TRANSFORMS = ["--granularity", "per-channel", "--smooth", "all", "--shifts"]
+ROTATE = ["--rotate", "inputs"]
+#: configuration name -> 2dq-calibrate options
+CONFIGS = {
+    "dobi": ["--method", "dobi"],
+    "dobi+rotate": ["--method", "dobi", *ROTATE],
+    "dobi+rotate(all)": ["--method", "dobi", "--rotate", "all"],
+    "dobi+rotate(qk)": ["--method", "dobi", "--rotate", "qk"],
+    "dobi+rotate(signed)": ["--method", "dobi", *ROTATE, "--rotation", "signed-hadamard"],
+    "dobi+rotate(random)": ["--method", "dobi", *ROTATE, "--rotation", "random"],
+    "dobi+pc": ["--method", "dobi", "--granularity", "per-channel"],
+    "dobi+pc+rotate": ["--method", "dobi", "--granularity", "per-channel", *ROTATE],
+    "dobi+pc+smooth+shifts": ["--method", "dobi", *TRANSFORMS],
+    "dobi+pc+smooth+shifts+rotate": ["--method", "dobi", *TRANSFORMS, *ROTATE],
+    "dobi+pc+smooth+shifts+rotate(all)": ["--method", "dobi", *TRANSFORMS, "--rotate", "all"],
+    "dobi+pc+smooth+shifts+gptq": ["--method", "dobi", *TRANSFORMS, "--gptq"],
+    "dobi+pc+smooth+shifts+rotate+gptq": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--gptq"],
+    "dobi+rotate(attn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.attn.qkv,*.attn.proj"],
+    "dobi+rotate(ffn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.ffn.fc1,*.ffn.fc2"],
+    **{f"dobi+rotate({name})": ["--method", "dobi", *ROTATE, "--rotate-only", f"*.{name}"]
+       for name in ("qkv", "proj", "fc1", "fc2")},
+    "dobi+pc+smooth+shifts+rotate(ffn)": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--rotate-only",
+                                          "*.ffn.fc1,*.ffn.fc2"],
+    # bounds, not deployable rows ([qk-float]): the spatial attentions' q and k unquantized, what a perfect
+    # q/k quantizer (e.g. a folded q/k rotation) could give at most
+    "dobi[qk-float]": ["--method", "dobi", "--exclude", "*.attns.*.matmul.0.*"],
+    "dobi+rotate[qk-float]": ["--method", "dobi", *ROTATE, "--exclude", "*.attns.*.matmul.0.*"],
+}
+
+
+def _tool(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _run(cmd: list[str]) -> float:
+    """Run ``cmd``; its wall seconds (a failure raises with its stderr)."""
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def make_split(work: Path) -> tuple[Path, Path]:
+    """(calibration folder of 24 images, benchmark root holding the set ``Heldout``), made once under ``work``."""
+    return make_heldout_split(DEFAULT_CALIB_IMAGES, work / "split")
+
+
+def evaluate(artifact: Path | None, data: Path | None, sets: str, report: Path, threads: int) -> tuple[dict, float]:
+    cmd = [_tool("2dq-eval"), "--weights", str(DEFAULT_WEIGHTS), "--sets", sets, "--no-progress", "--json",
+           str(report), "--threads", str(threads)]
+    cmd += ["--calib", str(artifact)] if artifact is not None else []
+    cmd += ["--data", str(data)] if data is not None else []
+    seconds = _run(cmd)
+    (row,) = json.loads(report.read_text())["results"]
+    return row, seconds
+
+
+def cell(args: argparse.Namespace, calib: Path, heldout: Path, config: str, bits: int, patches: int,
+         seed: int) -> dict:
+    name = f"{config}/w{bits}a{bits}/p{patches}/s{seed}"
+    artifact = args.work / "artifacts" / (re.sub(r"[^A-Za-z0-9_.-]", "-", name) + ".safetensors")
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    calibrate_s = _run([_tool("2dq-calibrate"), "--calib-images", str(calib), "--bits", str(bits), "--patches",
+                        str(patches), "--seed", str(seed), "--threads", str(args.threads), "--no-progress", "-q",
+                        "--out", str(artifact), *CONFIGS[config]])
+    row, eval_s = evaluate(artifact, heldout, "Heldout", artifact.with_suffix(".eval.json"), args.threads)
+    meta = json.loads(artifact.with_suffix(".json").read_text())
+    return {"config": config, "options": CONFIGS[config], "bits": bits, "patches": patches, "seed": seed,
+            "heldout_psnr": row["psnr"], "heldout_ssim": row["ssim"], "calibrate_s": round(calibrate_s, 1),
+            "eval_s": round(eval_s, 1), "artifact": str(artifact),
+            "transforms": meta["method_options"].get("transforms", {})}
+
+
+def _cpu() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0] if names else platform.machine()}, {len(names) or '?'} cores"
+
+
+def table(data: dict) -> str:
+    """Markdown: held-out PSNR per configuration, bits and patches, mean +- sample sd over the seeds run."""
+    rows: dict[tuple, list[float]] = {}
+    for entry in data["cells"].values():
+        rows.setdefault((entry["config"], entry["bits"], entry["patches"]), []).append(entry["heldout_psnr"])
+    lines = ["| W/A | patches | configuration | held-out PSNR (dB) | seeds | from FP (dB) |", "|---|---|---|---|---|---|"]
+    for (config, bits, patches), values in sorted(rows.items(), key=lambda kv: (-kv[0][1], kv[0][2], kv[0][0])):
+        mean = statistics.fmean(values)
+        spread = f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+        lines.append(f"| W{bits}A{bits} | {patches} | {config} | {mean:.3f}{spread} | "
+                     f"{', '.join(f'{v:.3f}' for v in values)} | {data['fp']['heldout_psnr'] - mean:.2f} |")
+    return "\n".join(lines)
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"cells": {}, "set5": {}}
+
+
+def save(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (appended cell by cell)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/rotation_ablation"),
+                        help="split and artifacts (default: %(default)s)")
+    parser.add_argument("--configs", default="dobi,dobi+rotate", help=f"comma-separated, from {', '.join(CONFIGS)}")
+    parser.add_argument("--bits", default="4", help="comma-separated bit widths (weights = activations)")
+    parser.add_argument("--patches", default="8,16,32", help="comma-separated calibration patch counts")
+    parser.add_argument("--seeds", default="0", help="comma-separated patch-sampling seeds")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every tool (default: %(default)s)")
+    parser.add_argument("--set5", default="", help="comma-separated cell names to evaluate on the shipped Set5 "
+                        "(after the held-out choice), plus 'fp' for the float model")
+    parser.add_argument("--markdown", action="store_true", help="print the table of --out and exit")
+    args = parser.parse_args()
+    if args.markdown:
+        print(table(load(args.out)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    data = load(args.out)
+    data["machine"] = {"cpu": _cpu(), "python": platform.python_version(),
+                       "note": "shared 2-core CPU machine, other jobs running: seconds are indicative"}
+    calib, heldout = make_split(args.work)
+    if "fp" not in data:
+        row, seconds = evaluate(None, heldout, "Heldout", args.work / "fp.eval.json", args.threads)
+        data["fp"] = {"heldout_psnr": row["psnr"], "heldout_ssim": row["ssim"], "eval_s": round(seconds, 1)}
+        save(args.out, data)
+    for name in filter(None, args.set5.split(",")):
+        artifact = None if name == "fp" else Path(data["cells"][name]["artifact"])
+        row, seconds = evaluate(artifact, None, "Set5", args.work / "set5.eval.json", args.threads)
+        data["set5"][name] = {"psnr": row["psnr"], "ssim": row["ssim"], "eval_s": round(seconds, 1)}
+        log.info("Set5 %s: %.3f dB", name, row["psnr"])
+        save(args.out, data)
+    if args.set5:
+        return
+    for config in args.configs.split(","):
+        if config not in CONFIGS:
+            parser.error(f"--configs: unknown {config!r}; choose from {', '.join(CONFIGS)}")
+        for bits in map(int, args.bits.split(",")):
+            for patches in map(int, args.patches.split(",")):
+                for seed in map(int, args.seeds.split(",")):
+                    name = f"{config}/w{bits}a{bits}/p{patches}/s{seed}"
+                    if name in data["cells"]:
+                        continue
+                    data["cells"][name] = cell(args, calib, heldout, config, bits, patches, seed)
+                    log.info("%s: held-out %.3f dB (calibrate %.0f s)", name, data["cells"][name]["heldout_psnr"],
+                             data["cells"][name]["calibrate_s"])
+                    save(args.out, data)
+
+
+if __name__ == "__main__":
+    main()

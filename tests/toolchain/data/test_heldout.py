@@ -1,0 +1,49 @@
+"""The held-out split: which images go where, the crop and its bicubic LR, reuse, and refusals."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolchain.data.heldout import make_heldout_split
+from toolchain.data.imresize import imresize
+from toolchain.data.io import read_image, to_uint8, write_image
+
+
+def _images(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        paths.append(folder / f"img{i:02d}.png")
+        write_image(paths[-1], rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return paths
+
+
+def test_the_last_images_by_name_are_held_out_as_centred_crops_with_bicubic_lr(tmp_path):
+    paths = _images(tmp_path / "train", [(40, 50)] * 3 + [(36, 44), (60, 40)])
+    calib, root = make_heldout_split(tmp_path / "train", tmp_path / "work", held_out=2, crop=32, scale=4)
+    assert sorted(p.name for p in calib.iterdir()) == ["img00.png", "img01.png", "img02.png"]
+    for path in paths[-2:]:
+        source = to_uint8(read_image(path))
+        hr = to_uint8(read_image(root / "Heldout" / "HR" / path.name))
+        top, left = (source.shape[0] - 32) // 2, (source.shape[1] - 32) // 2
+        np.testing.assert_array_equal(hr, source[top:top + 32, left:left + 32])
+        lr = to_uint8(read_image(root / "Heldout" / "LR_bicubic" / "X4" / f"{path.stem}x4.png"))
+        np.testing.assert_array_equal(lr, imresize(hr, 1 / 4))
+    assert not any(p.name.startswith(".") for p in root.iterdir())  # no staging folder left
+
+
+def test_a_complete_split_is_reused_and_bad_inputs_are_named(tmp_path):
+    _images(tmp_path / "train", [(40, 40)] * 3)
+    calib, root = make_heldout_split(tmp_path / "train", tmp_path / "work", held_out=1, crop=32)
+    marker = root / "Heldout" / "HR" / "img02.png"
+    stamp = marker.stat().st_mtime_ns
+    assert make_heldout_split(tmp_path / "train", tmp_path / "work", held_out=1, crop=32) == (calib, root)
+    assert marker.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="need more than 3"):
+        make_heldout_split(tmp_path / "train", tmp_path / "w2", held_out=3, crop=32)
+    with pytest.raises(ValueError, match="smaller than the held-out crop 48"):
+        make_heldout_split(tmp_path / "train", tmp_path / "w3", held_out=1, crop=48)
+    with pytest.raises(ValueError, match="not a multiple of the scale 4"):
+        make_heldout_split(tmp_path / "train", tmp_path / "w4", held_out=1, crop=30)

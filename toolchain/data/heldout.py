@@ -1,0 +1,51 @@
+"""The held-out split of the shipped training images that quality claims are checked on (never a test set).
+
+The images of a folder, sorted by name: the last ``held_out`` are the check, each as a centred
+``crop`` x ``crop`` HR crop and its MATLAB-bicubic LR at ``scale``, laid out as the benchmark set
+``Heldout`` (``<root>/Heldout/HR``, ``<root>/Heldout/LR_bicubic/X<scale>``) that ``2dq-eval --sets Heldout``
+reads; the others are copied to the calibration folder. ``tests/test_quality_direction.py`` and the
+ablation benchmarks (``benchmarks/rotation_ablation.py``, ``benchmarks/bit_budget.md``) share it, so their
+held-out numbers are of the same images.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .imresize import imresize
+from .io import read_image, to_uint8, write_image
+
+HELD_OUT = 4
+HR_CROP = 128
+SET_NAME = "Heldout"
+
+
+def make_heldout_split(images: Path, work: Path, *, held_out: int = HELD_OUT, crop: int = HR_CROP,
+                       scale: int = 4) -> tuple[Path, Path]:
+    """(calibration folder, benchmark root holding the set ``Heldout``) under ``work``; made once (an existing
+    complete split is reused). ``ValueError`` if ``images`` has too few PNGs or one is smaller than ``crop``."""
+    calib, root = work / "calib", work / "heldout"
+    done = root / SET_NAME / "LR_bicubic" / f"X{scale}"
+    if calib.is_dir() and done.is_dir():
+        return calib, root
+    paths = sorted(Path(images).glob("*.png"))
+    if len(paths) <= held_out:
+        raise ValueError(f"{images}: {len(paths)} PNG images, need more than {held_out} (held-out check + calibration)")
+    if crop % scale:
+        raise ValueError(f"held-out crop {crop} is not a multiple of the scale {scale}")
+    calib.mkdir(parents=True, exist_ok=True)
+    for path in paths[:-held_out]:
+        shutil.copyfile(path, calib / path.name)
+    staging = root / f".{SET_NAME}.partial"  # renamed into place when complete
+    shutil.rmtree(staging, ignore_errors=True)
+    for path in paths[-held_out:]:
+        hr = to_uint8(read_image(path))
+        if min(hr.shape[:2]) < crop:
+            raise ValueError(f"{path}: {hr.shape[1]}x{hr.shape[0]} is smaller than the held-out crop {crop}")
+        top, left = (hr.shape[0] - crop) // 2, (hr.shape[1] - crop) // 2
+        hr = hr[top:top + crop, left:left + crop]
+        write_image(staging / "HR" / path.name, hr)
+        write_image(staging / "LR_bicubic" / f"X{scale}" / f"{path.stem}x{scale}.png", imresize(hr, 1 / scale))
+    shutil.rmtree(root / SET_NAME, ignore_errors=True)
+    staging.rename(root / SET_NAME)
+    return calib, root
