@@ -31,6 +31,7 @@ from toolchain.quant.config import GRANULARITIES, SELECTABLE, TARGETS
 
 from .artifact import BOUNDS_SUFFIX, describe_images, save_artifact, sidecar_path
 from .baselines import DEFAULT_PERCENTILE, calibrate_minmax, calibrate_percentile
+from .bit_budget import add_bit_budget_arguments, allocate_bits, bit_budget_from_args
 from .dobi import DEFAULT_CANDIDATES, MODES, calibrate_dobi
 from .gptq import DEFAULT_DAMP
 from .observers import DEFAULT_BINS, batch_forward_loop
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--bits-override", action="append", default=[], metavar="PATTERN=BITS",
                        help="mixed precision: quantizers whose names match PATTERN take BITS (weights and "
                        "activations; the last match wins), e.g. 'encoder_layer1.*=8'; repeatable")
+    add_bit_budget_arguments(parser.add_argument_group("mixed precision under a bit budget (calib/bit_budget.py)"))
     add_transform_arguments(parser.add_argument_group(
         "transforms beyond 2DQuant (exact: the float model is unchanged; learned by DQC with the bounds)"))
     refine = parser.add_argument_group("weight refinement (after the bounds of dobi, minmax, percentile; the grids "
@@ -240,6 +242,8 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
 def _check_args(args: argparse.Namespace, config: QuantConfig) -> None:
     if args.out is None:
         args.out = str(defaults.artifact_path(args.weights, config.w_bits, config.a_bits, args.method))
+        if args.bit_budget is not None:  # never the uniform run's default file
+            args.out = args.out.replace(BOUNDS_SUFFIX, f"_budget{args.bit_budget.replace(',', '-')}{BOUNDS_SUFFIX}")
     try:
         sidecar_path(args.out)
     except ValueError as err:
@@ -269,6 +273,12 @@ def _main(args: argparse.Namespace) -> int:
 
     config = quant_config_from_args(args)
     _check_args(args, config)
+    try:
+        budget = bit_budget_from_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if budget is not None and config.target == "trt-int4":
+        raise UsageError("--bit-budget: not with --target trt-int4 (its weights are all 4-bit)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -283,6 +293,13 @@ def _main(args: argparse.Namespace) -> int:
     lr, _ = sample_patches(images, args.patches, args.patch_size, info_of(model).scale, args.seed)
     log.info("%d LR patches %dx%d from %d images in %s (seed %d)", lr.shape[0], args.patch_size,
              args.patch_size, len(images), args.calib_images, args.seed)
+    allocation = None
+    if budget is not None:  # choose the widths on this model, then calibrate a model built with them
+        allocation = allocate_bits(model, lr, budget, patches=args.bit_budget_patches, batch=args.batch,
+                                   candidates=args.candidates, bins=args.bins, device=args.device,
+                                   progress=not args.no_progress)
+        config = allocation.apply(config)
+        model = quantize_model(load_model(args.weights, device=args.device), config)
     ctx = CalibrationContext(model, Path(args.weights), lr, images, args, args.device, not args.no_progress)
     transforms = attach_transforms(model, lr, ctx.forward_loop("smoothing statistics"),
                                    transforms_config_from_args(args))
@@ -293,6 +310,8 @@ def _main(args: argparse.Namespace) -> int:
     ctx.refine_weights()
     if ctx.gptq_facts is not None:
         options["gptq"] = ctx.gptq_facts
+    if allocation is not None:
+        options["bit_budget"] = allocation.to_dict()
     calibration = {"data": str(Path(args.calib_images).resolve()), **describe_images(args.calib_images, images),
                    "patches": args.patches, "patch_size": args.patch_size, "scale": info_of(model).scale,
                    "seed": args.seed, "augment": True, "batch_size": args.batch}
@@ -305,7 +324,9 @@ def _main(args: argparse.Namespace) -> int:
     summary = {"artifact": str(args.out), "sidecar": str(sidecar_path(args.out)), "method": args.method,
                "method_options": options, "quant_config": config.to_dict(),
                "seconds": round(time.perf_counter() - started, 3)}
-    widths = ", ".join([f"W{config.w_bits}A{config.a_bits}", *config.bits_overrides])
+    widths = ", ".join([f"W{config.w_bits}A{config.a_bits}", *config.bits_overrides] if allocation is None else
+                       [f"bit budget {args.bit_budget}: average W{allocation.average_bits('weight'):.3f}"
+                        f"A{allocation.average_bits('activation'):.3f}"])
     print(f"{args.method}: calibrated {info_of(model).arch} x{info_of(model).scale} ({widths}, {config.weight_granularity}, "
           f"{config.target}) in {summary['seconds']:.1f} s")
     print(f"wrote {summary['artifact']} and {summary['sidecar']}")
