@@ -6,7 +6,9 @@ Each row (scale x bit width) runs the console scripts as a user would, one proce
    training images, ``benchmarks/rotation_ablation.md``; never on a test set) on ``--calib-images``;
 2. ``2dq-export --onnx --tile 64`` (the QDQ graph), ``2dq-build-engine --backend ort --verify`` (the engine
    against the fake-quant reference on Set5, the criterion of ARCHITECTURE.md section 7);
-3. ``2dq-eval --backend ort`` on Set5, Set14, B100: PSNR / SSIM of the deployed engine.
+3. ``2dq-eval --backend ort`` on Set5, Set14, B100: PSNR / SSIM of the deployed engine (64x64 tiles, overlap 16);
+4. ``2dq-eval --calib`` on whole Set5 images: the fake-quant model without tiles (re-checked by
+   ``tests/benchmarks/test_best_artifacts.py`` on the committed artifacts).
 
 The artifact of each row is copied to ``benchmarks/artifacts/dat_light_x<s>_w<b>a<b>.safetensors`` (+ ``.json``)
 so that anyone can export, build and evaluate it again. Results go to ``--out`` after every step (atomic;
@@ -18,6 +20,7 @@ a rerun skips finished steps, so the script resumes)::
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import platform
@@ -29,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.files import atomic_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ptq_grid import LATER, _paper  # noqa: E402  (the published tables, read once for every benchmark)
 
 log = logging.getLogger("best_rows")
 
@@ -86,6 +92,9 @@ def run_row(scale: int, bits: int, args: argparse.Namespace, data: dict) -> None
                   "--data", str(args.shared / "datasets"), "--sets", "Set5"],
         "eval": [_tool("2dq-eval"), "--backend", "ort", "--engine", str(engine), "--data",
                  str(args.shared / "datasets"), "--sets", SETS, "--threads", t, "--no-progress"],
+        # the fake-quant model on whole Set5 images (no tiles): what tests/benchmarks/test_best_artifacts.py re-checks
+        "fakequant": [_tool("2dq-eval"), "--weights", str(weights), "--calib", str(artifact), "--data",
+                      str(args.shared / "datasets"), "--sets", "Set5", "--threads", t, "--no-progress"],
     }
     for step, cmd in steps.items():
         if step in row["seconds"]:
@@ -109,6 +118,9 @@ def run_row(scale: int, bits: int, args: argparse.Namespace, data: dict) -> None
             row["verify_passed"] = done.returncode == 0
         elif step == "eval":
             row["results"] = {r["set"]: {"psnr": r["psnr"], "ssim": r["ssim"]} for r in summary["results"]}
+        elif step == "fakequant":
+            (result,) = summary["results"]
+            row["fakequant_set5_whole"] = {"psnr": result["psnr"], "ssim": result["ssim"]}
         save(args.out, data)
     target = args.artifacts / f"dat_light_x{scale}_w{bits}a{bits}"
     shutil.copyfile(artifact, target.with_suffix(".safetensors"))
@@ -119,17 +131,45 @@ def run_row(scale: int, bits: int, args: argparse.Namespace, data: dict) -> None
 
 def table(data: dict) -> str:
     lines = ["| scale | W/A | recipe | Set5 PSNR / SSIM | Set14 PSNR / SSIM | B100 PSNR / SSIM | drop from FP (Set5 / "
-             "Set14 / B100) | --verify | calibrate (s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "Set14 / B100) | Set5 fake quant, whole images | --verify (engine vs reference / floor) | calibrate (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, row in sorted(data["rows"].items(), key=lambda kv: (kv[1]["scale"], -kv[1]["bits"])):
         results = row.get("results", {})
         fp = FP.get(row["scale"], {})
         cells = [f"{results[s]['psnr']:.2f} / {results[s]['ssim']:.4f}" if s in results else "–" for s in SETS.split(",")]
         drops = [f"{fp[s] - results[s]['psnr']:.2f}" if s in results and s in fp else "–" for s in SETS.split(",")]
         verify = {True: "PASS", False: "FAIL"}.get(row.get("verify_passed"), "–")
+        check = row.get("verify") or {}
+        if "psnr_vs_reference" in check:
+            verify += f" ({check['psnr_vs_reference']:.1f} / {check['floor']:.1f} dB)"
         recipe = " ".join(o for o in row["recipe"] if o not in ("--method",))
+        seconds = f"{row['calibrate_s']:.0f}" if row.get("calibrate_s") is not None else "–"
+        fq = row.get("fakequant_set5_whole")
+        whole = f"{fq['psnr']:.2f} / {fq['ssim']:.4f}" if fq else "–"
         lines.append(f"| x{row['scale']} | W{row['bits']}A{row['bits']} | `{recipe}` | {' | '.join(cells)} | "
-                     f"{' / '.join(drops)} | {verify} | {row.get('calibrate_s', '–')} |")
+                     f"{' / '.join(drops)} | {whole} | {verify} | {seconds} |")
     return "\n".join(lines)
+
+
+def published_table(data: dict) -> str:
+    """Drop from FP (dB, Set5 / Set14 / B100) of each row beside the published SwinIR-light methods at the same
+    scale and bits (from the 2DQuant paper's FP; ``../shared/reference``)."""
+    lines = [line for line in LATER.read_text().splitlines() if not line.startswith("#")]
+    later = {(int(r["scale"]), r["method"], int(r["bits"])): r for r in csv.DictReader(lines)}
+    paper = _paper()
+    out = ["| scale | W/A | ours (deployed ORT engine) | 2DQuant | CondiQuant | CompSRT (fake quant) |",
+           "|---|---|---|---|---|---|"]
+    for row in sorted(data["rows"].values(), key=lambda r: (r["scale"], -r["bits"])):
+        scale, bits, results = row["scale"], row["bits"], row.get("results", {})
+        ours = " / ".join(f"{FP[scale][s] - results[s]['psnr']:.2f}" if s in results else "–" for s in SETS.split(","))
+        fp_paper = paper[(scale, "FP", 32)]
+        cells = []
+        for name in ("2DQuant", "CondiQuant", "CompSRT"):
+            ref = paper.get((scale, name, bits)) if name == "2DQuant" else later.get((scale, name, bits))
+            cells.append("–" if ref is None else " / ".join(
+                f"{float(fp_paper[s + '_psnr']) - float(ref.get(s) or ref[s + '_psnr']):.2f}" for s in SETS.split(",")))
+        out.append(f"| x{scale} | W{bits}A{bits} | {ours} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -155,7 +195,7 @@ def main() -> None:
     data["machine"] = {"cpu": _cpu(), "python": platform.python_version(), "threads": args.threads}
     for scale, bits in rows:
         run_row(scale, bits, args, data)
-    text = table(data)
+    text = table(data) + "\n\n" + published_table(data)
     print(text)
     if args.markdown:
         with atomic_path(args.markdown) as tmp:
