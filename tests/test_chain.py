@@ -86,7 +86,8 @@ def test_dobi_chain_on_every_family(family: str, tmp_path: Path, datasets_dir: P
     names = quantizers(placed)
     linears = sum(name.endswith(".weight") for name in names)
     matmuls = sum(name.endswith(".a") for name in names)
-    result = chain(tmp_path, checkpoint, datasets_dir, scale, tile, "--method", "dobi")
+    report = family == "swinir"   # the report's own chain, once (real weights: tests/test_readme.py); CI time
+    result = chain(tmp_path, checkpoint, datasets_dir, scale, tile, "--method", "dobi", report=report)
     assert _both_inputs_dequantized(result["onnx"]) == linears + matmuls
     verdict = result["verification"]
     assert verdict["passed"] and verdict["psnr_passed"] and verdict["task_passed"]
@@ -94,16 +95,16 @@ def test_dobi_chain_on_every_family(family: str, tmp_path: Path, datasets_dir: P
     assert abs(verdict["task"]["psnr_difference"]) <= TASK_PSNR_TOLERANCE
     assert result["eval"]["results"][0]["images"] == 5
     assert result["upscaled"].stat().st_size > 0
-    assert (tmp_path / "report" / "index.html").stat().st_size > 0
-    assert len(result["report"]["quantizers"]) == len(names)   # the report covers every placed quantizer
+    if report:
+        assert (tmp_path / "report" / "index.html").stat().st_size > 0
+        assert len(result["report"]["quantizers"]) == len(names)   # the report covers every placed quantizer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [
-    ("--method", "minmax"),
+@pytest.mark.parametrize("options", [   # MinMax bounds deploy as DOBI's do (same artifact format): left out for CI time
     ("--method", "2dquant", "--dqc-iters", "2", "--dqc-batch", "2", "--val-every", "0"),
     ("--method", "dobi", "--granularity", "per-channel", "--smooth", "all", "--shifts", "--input-shifts", "--gptq"),
-], ids=["minmax", "2dquant", "dobi+beyond"])
+], ids=["2dquant", "dobi+beyond"])
 def test_methods_chain_on_tiny_swinir(options: tuple, tmp_path: Path, datasets_dir: Path) -> None:
     checkpoint = tiny_models.save_checkpoint(tiny_models.tiny_swinir(scale=4), tmp_path / "swinir.safetensors")
     result = chain(tmp_path, checkpoint, datasets_dir, 4, 32, *options, report=False)   # the report: the family test
