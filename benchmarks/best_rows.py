@@ -35,6 +35,7 @@ from toolchain.files import atomic_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ptq_grid import LATER, _paper  # noqa: E402  (the published tables, read once for every benchmark)
+from rotation_ablation import cpu_name  # noqa: E402
 
 log = logging.getLogger("best_rows")
 
@@ -192,7 +193,7 @@ def main() -> None:
         if bits not in RECIPES or scale not in FP:
             parser.error(f"--rows: no recipe for x{scale} W{bits}A{bits}")
     data: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
-    data["machine"] = {"cpu": _cpu(), "python": platform.python_version(), "threads": args.threads}
+    data["machine"] = {"cpu": cpu_name(), "python": platform.python_version(), "threads": args.threads}
     for scale, bits in rows:
         run_row(scale, bits, args, data)
     text = table(data) + "\n\n" + published_table(data)
@@ -201,11 +202,6 @@ def main() -> None:
         with atomic_path(args.markdown) as tmp:
             tmp.write_text(text + "\n")
 
-
-def _cpu() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{names[0] if names else platform.machine()}, {len(names) or '?'} cores"
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def cell(args: argparse.Namespace, calib: Path, heldout: Path, config: str, bits
             "transforms": meta["method_options"].get("transforms", {})}
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
+    """The CPU model and core count, for the results' ``machine`` record (also ``best_rows.py``)."""
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     return f"{names[0] if names else platform.machine()}, {len(names) or '?'} cores"
@@ -155,7 +156,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = load(args.out)
-    data["machine"] = {"cpu": _cpu(), "python": platform.python_version(),
+    data["machine"] = {"cpu": cpu_name(), "python": platform.python_version(),
                        "note": "shared 2-core CPU machine, other jobs running: seconds are indicative"}
     calib, heldout = make_split(args.work)
     if "fp" not in data:
