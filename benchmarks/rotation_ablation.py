@@ -50,6 +50,11 @@ CONFIGS = {
     "dobi+pc+smooth+shifts+rotate(all)": ["--method", "dobi", *TRANSFORMS, "--rotate", "all"],
     "dobi+pc+smooth+shifts+gptq": ["--method", "dobi", *TRANSFORMS, "--gptq"],
     "dobi+pc+smooth+shifts+rotate+gptq": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--gptq"],
+    # block reconstruction (calib/reconstruct.py): the bounds, or the bounds and the weights' rounding (AdaRound)
+    "dobi+pc+smooth+shifts+rotate+recon": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct"],
+    "dobi+pc+smooth+shifts+rotate+recon+gptq": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--gptq"],
+    "dobi+pc+smooth+shifts+rotate+recon+round": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
+                                                 "--learned-rounding"],
     "dobi+rotate(attn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.attn.qkv,*.attn.proj"],
     "dobi+rotate(ffn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.ffn.fc1,*.ffn.fc2"],
     **{f"dobi+rotate({name})": ["--method", "dobi", *ROTATE, "--rotate-only", f"*.{name}"]

@@ -35,6 +35,7 @@ from .bit_budget import add_bit_budget_arguments, allocate_bits, bit_budget_from
 from .dobi import DEFAULT_CANDIDATES, MODES, calibrate_dobi
 from .gptq import DEFAULT_DAMP
 from .observers import DEFAULT_BINS, batch_forward_loop
+from .reconstruct_cli import add_reconstruct_arguments, check_reconstruct_args, run_reconstruct
 from .transforms import add_transform_arguments, attach_transforms, finish_transforms, transforms_config_from_args
 from toolchain.models import info_of
 
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--gptq-order", choices=("act", "natural"), default="act",
                         help="GPTQ: quantize columns by decreasing input energy (act) or in place order "
                         "(default: %(default)s)")
+    add_reconstruct_arguments(parser.add_argument_group(
+        "block reconstruction (BRECQ-style, after the bounds of dobi, minmax, percentile; calib/reconstruct.py)"))
     data = parser.add_argument_group("calibration data")
     data.add_argument("--patches", type=int, default=32, help="LR patches (default: %(default)s, as the paper)")
     data.add_argument("--patch-size", type=int, default=64, help="LR patch size in pixels (default: %(default)s)")
@@ -261,6 +264,7 @@ def _check_args(args: argparse.Namespace, config: QuantConfig) -> None:
         raise UsageError(f"--percentile must be in (50, 100], got {args.percentile}")
     if not args.gptq_damp > 0.0:
         raise UsageError(f"--gptq-damp must be positive, got {args.gptq_damp}")
+    check_reconstruct_args(args)
     if args.gptq and args.method == "2dquant":
         raise UsageError("--gptq does not go with --method 2dquant: GPTQ codes under DQC's moving grids measured "
                          "+0.05 dB at W4A4 and -2.8 dB at W3A3 on NGswin x2 (after DQC: -0.10 dB at W4A4; "
@@ -307,6 +311,9 @@ def _main(args: argparse.Namespace) -> int:
     finish_transforms(model)
     if transforms:
         options["transforms"] = transforms
+    if args.reconstruct:
+        options["reconstruct"], refined = run_reconstruct(model, lr, args, progress=ctx.progress)
+        ctx.refined = refined or None
     ctx.refine_weights()
     if ctx.gptq_facts is not None:
         options["gptq"] = ctx.gptq_facts

@@ -158,7 +158,7 @@ def refine_weights(model: nn.Module, forward_loop: Callable[[nn.Module], None], 
         codes = gptq_codes(weight, hessian, on_grid, damp, act_order)
         results.append(LayerResult(name, relative_error(weight, quantizer(weight), hessian),
                                    relative_error(weight, codes, hessian)))
-        refined[f"{name}.weight"] = _write_weight(linear, codes)
+        refined[f"{name}.weight"] = write_weight(linear, codes)
     before = sum(r.rtn_error for r in results) / len(results)
     after = sum(r.gptq_error for r in results) / len(results)
     log.info("GPTQ: %d linears, mean relative output error %.3g (round to nearest) -> %.3g", len(results),
@@ -170,7 +170,7 @@ def _parametrized(module: nn.Module, name: str) -> bool:
     return name in getattr(module, "parametrizations", {})
 
 
-def _write_weight(linear: QuantLinear, codes: torch.Tensor) -> torch.Tensor:
+def write_weight(linear: QuantLinear, codes: torch.Tensor) -> torch.Tensor:
     """Make ``linear.weight`` (after its folds) ``codes``; returns the tensor stored under the folds."""
     if not _parametrized(linear, "weight"):
         linear.weight.copy_(codes)

@@ -96,6 +96,11 @@ def test_bits_overrides_give_a_mixed_precision_artifact(tmp_path, capsys, tiny_c
     (["--bits-override", "layers.1.*"], "PATTERN=BITS"),
     (["--bits-override", "*.nothing.*=8"], "bits_overrides pattern"),
     (["--bits-override", "layers.1.*=8", "--target", "trt-int4"], "trt-int4"),
+    (["--learned-rounding"], "needs --reconstruct"),
+    (["--reconstruct", "--learned-rounding", "--gptq"], "pick one"),
+    (["--reconstruct", "--method", "2dquant"], "alternative to DQC"),
+    (["--reconstruct", "--reconstruct-iters", "0"], "--reconstruct-iters"),
+    (["--reconstruct", "--reconstruct-lr", "-1"], "--reconstruct-lr"),
 ])
 def test_usage_errors_exit_2(tmp_path, capsys, tiny_checkpoint, calib_images, extra, message):
     args = base_args(tiny_checkpoint, calib_images, tmp_path / "a.safetensors") + extra
@@ -239,3 +244,18 @@ def test_an_interrupted_2dquant_run_asks_for_resume(tmp_path, capsys, tiny_check
         f"2dq-calibrate: error: DQC checkpoint {checkpoint} holds an interrupted run ({done} of {iters} steps): "
         "pass --resume to continue it, or delete it to start over")
     assert load_checkpoint(checkpoint).iteration == done and not out.exists()  # nothing touched
+
+
+def test_reconstruct_with_learned_rounding_writes_its_weights(tmp_path, capsys, tiny_checkpoint, calib_images):
+    out = tmp_path / "r.safetensors"
+    code, _, stderr = run(capsys, *base_args(tiny_checkpoint, calib_images, out), "--bits", "3", "--granularity",
+                          "per-channel", "--reconstruct", "--learned-rounding", "--reconstruct-iters", "5")
+    assert code == 0, stderr
+    meta = load_artifact(out).meta
+    facts = meta["method_options"]["reconstruct"]
+    assert facts["blocks"] == 2 and facts["config"]["rounding"] and facts["config"]["iters"] == 5
+    assert facts["end_mse"] <= facts["start_mse"]
+    assert meta["refined_weights"] == 8 * facts["improved"]  # four linears per block, in each block kept
+    model = load_quantized_model(tiny_checkpoint, out)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.rand(1, 3, 16, 16))).all()

@@ -124,8 +124,11 @@ _FOREIGN_WARNINGS = (r"torch\.meshgrid: in an upcoming release", r"`torch\.jit\.
 
 def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, set up logging, run ``main`` and map exceptions to the exit-code convention."""
+    from toolchain.allocator import keep_freed_memory
+
     args = parser.parse_args(argv)
     setup_logging(args)
+    keep_freed_memory()  # a few times faster steps on CPU (toolchain/allocator.py)
     log = logging.getLogger(parser.prog)
     json_out = getattr(args, "json", None)
     # --json -: stdout is the report's alone; the tool's text lines go to stderr

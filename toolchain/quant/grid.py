@@ -148,6 +148,47 @@ def integer_codes(
     return codes.to(torch.int8)
 
 
+#: AdaRound's stretched sigmoid: the soft rounding of a logit ``v`` is ``clamp(sigmoid(v) * (b - a) + a, 0, 1)``
+ROUNDING_STRETCH = (-0.1, 1.1)
+
+
+def rounding_fraction(v: torch.Tensor) -> torch.Tensor:
+    """Soft rounding in ``[0, 1]`` of the logits ``v`` (AdaRound's rectified sigmoid; exactly 0 or 1 far out)."""
+    low, high = ROUNDING_STRETCH
+    return torch.clamp(torch.sigmoid(v) * (high - low) + low, 0.0, 1.0)
+
+
+def rounding_logits(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int,
+                    symmetric: bool = False) -> torch.Tensor:
+    """Logits ``v`` whose soft rounding is the fraction ``x / s - floor(x / s)`` (learned rounding starts as
+    the identity); no gradient."""
+    low, high = ROUNDING_STRETCH
+    with torch.no_grad():
+        step, _ = step_and_zero_point(lower, upper, bits, symmetric)
+        scaled = x / step
+        fraction = (scaled - torch.floor(scaled) - low) / (high - low)
+        fraction = fraction.clamp(1e-4, 1 - 1e-4)
+        return torch.log(fraction) - torch.log1p(-fraction)
+
+
+def fake_quantize_rounded(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int, symmetric: bool,
+                          v: torch.Tensor, hard: bool) -> torch.Tensor:
+    """``x`` on the grid of ``[lower, upper]`` with learned rounding: code ``floor(x / s) + r`` clamped to the
+    grid, ``r`` the soft rounding of ``v`` (training, differentiable in ``v``) or ``v >= 0`` (``hard``).
+
+    A hard result ``w`` lies on the grid: :func:`fake_quantize` and :func:`integer_codes` of ``w`` give it
+    back exactly, so a weight replaced by it deploys with the codes learned here.
+
+    >>> x = torch.tensor([0.26, 0.26]); v = torch.tensor([-5.0, 5.0])
+    >>> fake_quantize_rounded(x, torch.tensor(-1.0), torch.tensor(2.0), 2, False, v, hard=True)
+    tensor([0., 1.])
+    """
+    step, zero_point = step_and_zero_point(lower, upper, bits, symmetric)
+    up = (v >= 0).to(x.dtype) if hard else rounding_fraction(v)
+    codes = torch.floor(x.detach() / step).add(up)
+    return torch.maximum(torch.minimum(codes, levels(bits) - zero_point), -zero_point) * step
+
+
 def order_bounds_(lower: torch.Tensor, upper: torch.Tensor, eps: float = BOUND_EPS) -> None:
     """Keep ``upper > lower + eps`` in place (call after every optimizer step)."""
     with torch.no_grad():

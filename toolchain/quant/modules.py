@@ -46,6 +46,7 @@ class Quantizer(nn.Module):
       statistics are streamed this way, nothing is stored here);
     - ``enabled`` False: returns ``x`` itself (float mode, exactly the float model);
     - no bounds yet (``initialized`` False): raises ``RuntimeError``;
+    - ``rounding`` set (learned weight rounding while it trains): ``rounding(self, x)``;
     - otherwise :func:`grid.fake_quantize` (same shape as ``x``).
     """
 
@@ -76,10 +77,13 @@ class Quantizer(nn.Module):
         self.enabled = True
         self.initialized = False
         self.observer: Optional[Observer] = None
+        # learned rounding of a weight while it is trained (calib.learned_rounding): called as
+        # ``rounding(self, x)`` in place of the grid's round to nearest; never part of the model
+        self.rounding: Optional[Callable[["Quantizer", torch.Tensor], torch.Tensor]] = None
 
     def __setattr__(self, key: str, value: Any) -> None:
-        # an observer is a callback, never part of the model (not a submodule, not in state_dict)
-        if key == "observer":
+        # an observer or a rounding is a callback, never part of the model (not a submodule, not in state_dict)
+        if key in ("observer", "rounding"):
             object.__setattr__(self, key, value)
         else:
             super().__setattr__(key, value)
@@ -125,6 +129,8 @@ class Quantizer(nn.Module):
                 f"quantizer {self.name} has no bounds yet: calibrate the model (DOBI, MinMax) or "
                 f"load_bounds() before running it quantized, or run it inside float_mode(model)"
             )
+        if self.rounding is not None:
+            return self.rounding(self, x)
         return grid.fake_quantize(x, self.lower, self.upper, self.bits, self.symmetric)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -1,0 +1,125 @@
+"""Learned weight rounding (AdaRound, Nagel et al., ICML 2020) for block reconstruction.
+
+Round to nearest puts each weight on its nearest grid point. AdaRound learns, per weight, whether it
+goes down or up: the code is ``floor(w / s) + r`` with ``r = h(v)`` a stretched sigmoid of a logit ``v``
+(:func:`toolchain.quant.grid.rounding_fraction`), trained to keep a block's output, while a regularizer
+``1 - |2h - 1|^beta`` (``beta`` annealed from high to low) pushes every ``h`` to 0 or 1. At the end the
+rounding is made hard (``v >= 0``) and the weight is replaced by its grid value, so the deployed graph,
+the grids and the export are unchanged: only which grid point each weight takes differs, as with GPTQ
+(:mod:`calib.gptq`, which this replaces when chosen). The grid of the weight (its bounds) stays fixed
+while its rounding is learned.
+
+Weights under folds (:mod:`calib.transforms`) are written back through the folds' inverses, like GPTQ's.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+from toolchain.quant import QuantConv2d, QuantLinear, Quantizer, grid
+
+#: AdaRound's defaults: regularizer exponent annealed from 20 to 2, after 20% of the steps without it
+DEFAULT_BETA = (20.0, 2.0)
+DEFAULT_WARMUP = 0.2
+
+WeightLayer = Union[QuantLinear, QuantConv2d]
+
+
+class LearnedRounding:
+    """The rounding logits ``v`` of one weight quantizer (not a module: never part of the model's state)."""
+
+    def __init__(self, quantizer: Quantizer, weight: torch.Tensor) -> None:
+        self.v = nn.Parameter(grid.rounding_logits(weight.detach(), quantizer.lower.detach(),
+                                                   quantizer.upper.detach(), quantizer.bits, quantizer.symmetric))
+        self.hard = False
+
+    def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
+        return grid.fake_quantize_rounded(x, quantizer.lower, quantizer.upper, quantizer.bits, quantizer.symmetric,
+                                          self.v, self.hard)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """Mean of ``1 - |2h - 1|^beta`` over the weights: 0 when every rounding is decided."""
+        h = grid.rounding_fraction(self.v)
+        return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).mean()
+
+
+def beta_at(step: int, steps: int, beta: tuple[float, float] = DEFAULT_BETA, warmup: float = DEFAULT_WARMUP) -> float:
+    """The regularizer's exponent after ``step`` of ``steps`` (0 during the warm-up: no regularizer).
+
+    >>> beta_at(0, 100), beta_at(20, 100), beta_at(100, 100)
+    (0.0, 20.0, 2.0)
+    """
+    start = int(warmup * steps)
+    if step < start:
+        return 0.0
+    progress = (step - start) / max(steps - start, 1)
+    return beta[0] + (beta[1] - beta[0]) * progress
+
+
+def weight_layers(module: nn.Module, prefix: str = "") -> dict[str, WeightLayer]:
+    """The layers under ``module`` whose weight quantizer is on and calibrated, by model path."""
+    found = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, (QuantLinear, QuantConv2d)):
+            quantizer = layer.weight_quantizer
+            if quantizer is not None and quantizer.enabled and quantizer.initialized:
+                found[f"{prefix}.{name}" if prefix and name else prefix or name] = layer
+    return found
+
+
+def attach_rounding(layers: dict[str, WeightLayer]) -> dict[str, LearnedRounding]:
+    """Give every layer's weight quantizer a :class:`LearnedRounding` (starting at the identity)."""
+    roundings = {}
+    for name, layer in layers.items():
+        quantizer = layer.weight_quantizer
+        if quantizer.rounding is not None:
+            raise ValueError(f"{name}: its weight quantizer already has a learned rounding attached")
+        with torch.no_grad():
+            rounding = LearnedRounding(quantizer, layer.weight)
+        quantizer.rounding = roundings[name] = rounding
+    return roundings
+
+
+def detach_rounding(layers: dict[str, WeightLayer]) -> None:
+    """Remove the learned roundings (round to nearest again), weights untouched."""
+    for layer in layers.values():
+        layer.weight_quantizer.rounding = None
+
+
+@torch.no_grad()
+def bake_rounding(layers: dict[str, WeightLayer]) -> dict[str, torch.Tensor]:
+    """Make each rounding hard, write the grid values into the weights (through their folds) and remove the
+    roundings; returns the new float weights by parameter name (what the artifact stores, as GPTQ's)."""
+    from .gptq import write_weight
+
+    refined = {}
+    for name, layer in layers.items():
+        quantizer = layer.weight_quantizer
+        rounding = quantizer.rounding
+        if rounding is None:
+            raise ValueError(f"{name}: no learned rounding to bake")
+        rounding.hard = True
+        values = quantizer(layer.weight).detach().clone()
+        quantizer.rounding = None
+        refined[f"{name}.weight"] = write_weight(layer, values).clone()
+    return refined
+
+
+def _stored(layer: WeightLayer) -> torch.Tensor:
+    """The tensor the layer's weight is computed from: under its folds, or the weight itself."""
+    parametrizations = getattr(layer, "parametrizations", {})
+    return parametrizations["weight"].original if "weight" in parametrizations else layer.weight
+
+
+def weight_snapshot(layers: dict[str, WeightLayer]) -> dict[str, torch.Tensor]:
+    """Copies of the layers' stored weights (see :func:`restore_weights`)."""
+    return {name: _stored(layer).detach().clone() for name, layer in layers.items()}
+
+
+@torch.no_grad()
+def restore_weights(layers: dict[str, WeightLayer], snapshot: dict[str, torch.Tensor]) -> None:
+    """Put the weights of :func:`weight_snapshot` back (after a rounding that did not pay)."""
+    for name, layer in layers.items():
+        _stored(layer).copy_(snapshot[name])

@@ -1,0 +1,342 @@
+"""Block reconstruction (BRECQ, Li et al., ICLR 2021): the bounds of one block at a time, against the float model.
+
+End-to-end DQC (:mod:`calib.dqc`) trains every bound at once through the whole network: each step is a
+full forward and backward. Block reconstruction trains the quantizers of one block (the model's repeated
+stages, :mod:`calib.feature_taps`: DAT-light's 18 blocks, SwinIR's residual groups) so that the block's
+output on the *quantized* model's input to it matches the *float* model's output of that block::
+
+    loss = MSE(block_q(x_q), block_fp(x_fp)) / MSE_at_start  (+ the learned-rounding regularizer)
+
+block after block, each seeing the inputs its already-reconstructed predecessors produce. One step
+costs one block's forward and backward, so many more steps fit a CPU budget than DQC's. What trains:
+
+- the bounds of the block's activation quantizers (and of its weight quantizers, unless their rounding
+  is learned);
+- with ``rounding`` (:mod:`calib.learned_rounding`, AdaRound), each weight's rounding direction on its
+  fixed grid, made hard at the end of the block and written into the weights (the artifact stores
+  them, as GPTQ's).
+
+Fold parameters (:mod:`calib.transforms`) stay as calibrated; shifts are re-made exact after each block.
+A block whose loss on the calibration data ends higher than it started is restored to its start.
+The float targets come from one float pass over all blocks; the quantized inputs of a block are the
+previous block's outputs when the model chains them (checked on the first batch), otherwise one
+quantized pass that stops at the block.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from toolchain.quant import float_mode, quantizers
+from toolchain.quant.grid import order_bounds_
+
+from .dqc import lr_factor
+from .feature_taps import feature_modules
+from .learned_rounding import (attach_rounding, bake_rounding, beta_at, restore_weights, weight_layers,
+                               weight_snapshot)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReconstructConfig", "UnitResult", "reconstruct_blocks"]
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """Hyper-parameters of block reconstruction.
+
+    - ``iters``: optimizer steps per block, each on one batch of ``batch`` calibration patches.
+    - ``lr``: Adam's learning rate (cosine decay to 0 over the steps) on the bounds, relative to each quantizer's range (``upper - lower``, its
+      mean over channels); ``rounding_lr``: on the rounding logits.
+    - ``rounding``: learn the weights' rounding (AdaRound) instead of training their bounds.
+    - ``rounding_weight``: weight of the regularizer that decides every rounding (relative to the
+      normalized reconstruction loss, which starts at 1).
+    - ``units``: fnmatch pattern of the blocks (module paths); "" = the repeated stages.
+    - ``seed``: order of the batches.
+    """
+
+    iters: int = 100
+    batch: int = 4
+    lr: float = 3e-2
+    rounding: bool = False
+    rounding_lr: float = 3e-2
+    rounding_weight: float = 0.01
+    units: str = ""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ReconstructConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "rounding_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"ReconstructConfig.{name} must be a positive number, got {value!r}")
+        if not (self.rounding_weight >= 0 and math.isfinite(self.rounding_weight)):
+            raise ValueError(f"ReconstructConfig.rounding_weight must be >= 0, got {self.rounding_weight!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """One block: its reconstruction MSE on the calibration data at the start and the end, and whether the
+    result was kept (``False``: the block was restored to its start)."""
+
+    name: str
+    quantizers: int
+    start_mse: float
+    end_mse: float
+    kept: bool
+    seconds: float
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the block's input is captured."""
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"block returned {type(output).__name__}; block reconstruction needs a tensor output")
+    return output
+
+
+def _cpu(value: Any) -> Any:
+    return value.detach().to("cpu") if isinstance(value, torch.Tensor) else value
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+Call = tuple[tuple, dict]
+
+
+@torch.no_grad()
+def _float_targets(model: nn.Module, units: list[tuple[str, nn.Module]], chunks: list[torch.Tensor],
+                   device: torch.device) -> tuple[list[list[torch.Tensor]], list[Call], list[torch.Tensor]]:
+    """Float outputs of every block per chunk; and, from the first chunk of the *quantized* model, each
+    block's call and output (to tell whether a block's input is its predecessor's output)."""
+    targets: list[list[torch.Tensor]] = [[] for _ in units]
+    hooks = [module.register_forward_hook(lambda m, a, out, i=i: targets[i].append(_cpu(_first_tensor(out))))
+             for i, (_, module) in enumerate(units)]
+    try:
+        with float_mode(model):
+            for chunk in chunks:
+                model(chunk.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if any(len(t) != len(chunks) for t in targets):
+        raise ValueError("block reconstruction: a block ran more or less than once per forward pass; "
+                         "give a block pattern whose modules run once each (--reconstruct-units)")
+    calls: list[Call] = []
+    outputs: list[torch.Tensor] = []
+    def record(_module, args, kwargs, output) -> None:
+        calls.append((args, kwargs))
+        outputs.append(_first_tensor(output))
+
+    hooks = [module.register_forward_hook(record, with_kwargs=True) for _, module in units]
+    try:
+        model(chunks[0].to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return targets, calls, outputs
+
+
+def _chained(calls: list[Call], outputs: list[torch.Tensor]) -> list[bool]:
+    """``chained[k]``: block ``k``'s first argument is block ``k-1``'s output and its other arguments are
+    not tensors (so they are the same for every chunk of the same size)."""
+    chained = [False]
+    for k in range(1, len(calls)):
+        args, kwargs = calls[k]
+        rest = list(args[1:]) + list(kwargs.values())
+        chained.append(bool(args) and isinstance(args[0], torch.Tensor) and args[0].shape == outputs[k - 1].shape
+                       and torch.equal(args[0], outputs[k - 1])
+                       and not any(isinstance(v, torch.Tensor) for v in rest))
+    return chained
+
+
+@torch.no_grad()
+def _quantized_inputs(model: nn.Module, unit: nn.Module, chunks: list[torch.Tensor], device: torch.device) -> list[Call]:
+    """The block's call (args, kwargs) per chunk in the quantized model, from passes that stop at the block."""
+    calls: list[Call] = []
+
+    def capture(_module, args, kwargs):
+        calls.append((_cpu_tree(args), _cpu_tree(kwargs)))
+        raise _Stop
+
+    hook = unit.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for chunk in chunks:
+            try:
+                model(chunk.to(device))
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
+    if len(calls) != len(chunks):
+        raise ValueError("block reconstruction: a block was not reached by the forward pass")
+    return calls
+
+
+def _cpu_tree(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_cpu_tree(v) for v in value)
+    if isinstance(value, list):
+        return [_cpu_tree(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _cpu_tree(v) for k, v in value.items()}
+    return _cpu(value)
+
+
+def _unit_mse(unit: nn.Module, calls: list[Call], targets: list[torch.Tensor], device: torch.device) -> float:
+    with torch.no_grad():
+        total = sum(F.mse_loss(_first_tensor(unit(*_to(a, device), **_to(kw, device))), t.to(device)).item() * len(t)
+                    for (a, kw), t in zip(calls, targets))
+    return total / sum(len(t) for t in targets)
+
+
+def _next_calls(unit: nn.Module, calls: list[Call], template: Call, device: torch.device) -> list[Call]:
+    """The next (chained) block's calls: this block's outputs with the rest of the template's arguments."""
+    args, kwargs = template
+    out = []
+    with torch.no_grad():
+        for a, kw in calls:
+            y = _first_tensor(unit(*_to(a, device), **_to(kw, device)))
+            out.append(((_cpu(y), *_cpu_tree(tuple(args[1:]))), _cpu_tree(kwargs)))
+    return out
+
+
+def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: ReconstructConfig = ReconstructConfig(), *,
+                       device: str | torch.device = "cpu", progress: bool = True
+                       ) -> tuple[list[UnitResult], dict[str, torch.Tensor]]:
+    """Reconstruct ``model``'s blocks in order (in place) on the LR ``patches`` ``(N, 3, h, w)``.
+
+    ``model`` is quantized with calibrated bounds (DOBI, MinMax, percentile; transforms attached and
+    finished). Returns each block's result and, with ``config.rounding``, the new float weights by
+    parameter name (for :func:`calib.artifact.save_artifact`'s ``weights``); otherwise an empty dict.
+    Every other parameter is frozen for the run (flags restored after).
+    """
+    from tqdm import tqdm
+
+    from .transforms import finish_transforms
+
+    device = torch.device(device)
+    found = quantizers(model)
+    missing = [name for name, q in found.items() if not q.initialized]
+    if not found or missing:
+        raise ValueError("block reconstruction starts from calibrated bounds: "
+                         + (f"{len(missing)} quantizers have none (e.g. {missing[0]})" if missing else
+                            f"{type(model).__name__} has no quantizers"))
+    units = [(path, m) for path, m in feature_modules(model, config.units) if quantizers(m)]
+    if not units:
+        raise ValueError(f"block reconstruction: no block of {type(model).__name__} holds a quantizer")
+    model.to(device).eval()
+    chunks = list(patches.split(config.batch))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    results: list[UnitResult] = []
+    refined: dict[str, torch.Tensor] = {}
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        targets, first_calls, first_outputs = _float_targets(model, units, chunks, device)
+        chained = _chained(first_calls, first_outputs)
+        log.info("block reconstruction: %d blocks, %d steps each on batches of %d of %d patches%s", len(units),
+                 config.iters, config.batch, len(patches), ", learned weight rounding" if config.rounding else "")
+        calls: Optional[list[Call]] = None
+        bar = tqdm(units, desc="reconstruct", unit="block", disable=not progress)
+        for k, (path, unit) in enumerate(bar):
+            if calls is None or not chained[k]:
+                calls = _quantized_inputs(model, unit, chunks, device)
+            results.append(_reconstruct_unit(path, unit, calls, targets[k], config, device, refined))
+            finish_transforms(model)
+            bar.set_postfix(mse=f"{results[-1].end_mse:.3g}", refresh=False)
+            if k + 1 < len(units) and chained[k + 1]:
+                calls = _next_calls(unit, calls, first_calls[k + 1], device)
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+    kept = sum(r.kept for r in results)
+    log.info("block reconstruction: %d of %d blocks improved; MSE sum %.4g -> %.4g", kept, len(results),
+             sum(r.start_mse for r in results), sum(r.end_mse for r in results))
+    return results, refined
+
+
+def _reconstruct_unit(path: str, unit: nn.Module, calls: list[Call], targets: list[torch.Tensor],
+                      config: ReconstructConfig, device: torch.device, refined: dict[str, torch.Tensor]) -> UnitResult:
+    started = time.perf_counter()
+    found = quantizers(unit)
+    layers = weight_layers(unit, path) if config.rounding else {}
+    rounded = {id(layer.weight_quantizer) for layer in layers.values()}
+    saved = {name: (q.lower.detach().clone(), q.upper.detach().clone()) for name, q in found.items()}
+    before = weight_snapshot(layers)
+    start = _unit_mse(unit, calls, targets, device)
+    roundings = attach_rounding(layers)
+    # each quantizer's bounds move at a rate relative to its range (weights span ~0.1, activations ~10)
+    groups = [{"params": [q.lower, q.upper], "lr": config.lr * float((q.upper - q.lower).mean())}
+              for q in found.values() if id(q) not in rounded]
+    if roundings:
+        groups.append({"params": [r.v for r in roundings.values()], "lr": config.rounding_lr})
+    for group in groups:
+        for parameter in group["params"]:
+            parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", config.iters))
+    generator = torch.Generator().manual_seed(config.seed)
+    order: list[int] = []
+    scale = max(start, 1e-12)
+    try:
+        for step in range(config.iters):
+            if not order:
+                order = torch.randperm(len(calls), generator=generator).tolist()
+            index = order.pop()
+            args, kwargs = calls[index]
+            out = _first_tensor(unit(*_to(args, device), **_to(kwargs, device)))
+            loss = F.mse_loss(out, targets[index].to(device)) / scale
+            beta = beta_at(step, config.iters) if roundings else 0.0
+            if beta:
+                loss = loss + config.rounding_weight * sum(r.regularizer(beta) for r in roundings.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            for quantizer in found.values():
+                order_bounds_(quantizer.lower, quantizer.upper)
+    finally:
+        for group in groups:
+            for parameter in group["params"]:
+                parameter.requires_grad_(False)
+    weights = bake_rounding(layers) if roundings else {}
+    end = _unit_mse(unit, calls, targets, device)
+    kept = end < start
+    if kept:
+        refined.update(weights)
+    else:
+        with torch.no_grad():
+            for name, q in found.items():
+                q.lower.copy_(saved[name][0])
+                q.upper.copy_(saved[name][1])
+        restore_weights(layers, before)
+        end = start
+    log.debug("reconstruct %s: MSE %.4g -> %.4g (%s)", path, start, end, "kept" if kept else "restored")
+    return UnitResult(path, len(found), start, end, kept, time.perf_counter() - started)

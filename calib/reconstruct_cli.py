@@ -1,0 +1,77 @@
+"""``2dq-calibrate --reconstruct``: the command-line options of block reconstruction (:mod:`calib.reconstruct`)."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolchain.cli.common import UsageError
+
+from .reconstruct import ReconstructConfig, reconstruct_blocks
+
+DEFAULTS = ReconstructConfig()
+
+
+def add_reconstruct_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--reconstruct", action="store_true",
+                       help="train the bounds of one block at a time so that its output on the quantized model's "
+                       "input matches the float model's (the model's repeated blocks; with --learned-rounding "
+                       "also the weights' rounding)")
+    group.add_argument("--reconstruct-iters", type=int, default=DEFAULTS.iters,
+                       help="optimizer steps per block (default: %(default)s)")
+    group.add_argument("--reconstruct-batch", type=int, default=DEFAULTS.batch,
+                       help="calibration patches per step (default: %(default)s)")
+    group.add_argument("--reconstruct-lr", type=float, default=DEFAULTS.lr,
+                       help="Adam learning rate of the bounds, relative to each quantizer's range (default: %(default)s)")
+    group.add_argument("--reconstruct-units", default=DEFAULTS.units, metavar="PATTERN",
+                       help="fnmatch pattern of the blocks' module paths (default: the model's repeated stages, "
+                       "as DQC's feature taps)")
+    group.add_argument("--learned-rounding", action="store_true",
+                       help="with --reconstruct: learn each weight's rounding (AdaRound) on its fixed grid instead "
+                       "of training the weight bounds; the weights are stored in the artifact (not with --gptq)")
+    group.add_argument("--rounding-lr", type=float, default=DEFAULTS.rounding_lr,
+                       help="Adam learning rate of the rounding logits (default: %(default)s)")
+    group.add_argument("--rounding-weight", type=float, default=DEFAULTS.rounding_weight,
+                       help="weight of the regularizer that makes every rounding 0 or 1 (default: %(default)s)")
+
+
+def reconstruct_config_from_args(args: argparse.Namespace) -> ReconstructConfig:
+    try:
+        return ReconstructConfig(iters=args.reconstruct_iters, batch=args.reconstruct_batch, lr=args.reconstruct_lr,
+                                 rounding=args.learned_rounding, rounding_lr=args.rounding_lr,
+                                 rounding_weight=args.rounding_weight, units=args.reconstruct_units, seed=args.seed)
+    except ValueError as err:
+        option = str(err).split(".", 1)[1].split(" ", 1)[0] if "ReconstructConfig." in str(err) else ""
+        flag = {"iters": "--reconstruct-iters", "batch": "--reconstruct-batch", "lr": "--reconstruct-lr",
+                "rounding_lr": "--rounding-lr", "rounding_weight": "--rounding-weight"}.get(option, "--reconstruct")
+        raise UsageError(f"{flag}: {err}") from None
+
+
+def check_reconstruct_args(args: argparse.Namespace) -> None:
+    """Usage errors of the options, before anything runs."""
+    reconstruct_config_from_args(args)
+    if args.learned_rounding and not args.reconstruct:
+        raise UsageError("--learned-rounding learns the rounding block by block: it needs --reconstruct")
+    if args.reconstruct and args.method == "2dquant":
+        raise UsageError("--reconstruct is an alternative to DQC's end-to-end distillation (--method 2dquant): use it "
+                         "with dobi, minmax or percentile")
+    if args.learned_rounding and args.gptq:
+        raise UsageError("--learned-rounding and --gptq both choose the weight codes: pick one")
+
+
+def run_reconstruct(model: nn.Module, lr: torch.Tensor, args: argparse.Namespace, *,
+                    progress: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Block reconstruction of ``model`` on the calibration patches: the sidecar's facts and the new weights."""
+    config = reconstruct_config_from_args(args)
+    try:
+        results, refined = reconstruct_blocks(model, lr, config, device=args.device, progress=progress)
+    except ValueError as err:
+        raise UsageError(f"--reconstruct: {err}") from None
+    facts = {"config": config.to_dict(), "blocks": len(results), "improved": sum(r.kept for r in results),
+             "start_mse": sum(r.start_mse for r in results), "end_mse": sum(r.end_mse for r in results),
+             "seconds": round(sum(r.seconds for r in results), 1),
+             "per_block": [{"name": r.name, "start_mse": r.start_mse, "end_mse": r.end_mse, "kept": r.kept}
+                           for r in results]}
+    return facts, refined
