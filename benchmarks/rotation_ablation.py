@@ -55,6 +55,10 @@ CONFIGS = {
     "dobi+pc+smooth+shifts+rotate+recon+gptq": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--gptq"],
     "dobi+pc+smooth+shifts+rotate+recon+round": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
                                                  "--learned-rounding"],
+    "dobi+pc+smooth+shifts+rotate+recon(drop)": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
+                                                 "--reconstruct-drop", "0.5"],
+    "dobi+pc+smooth+shifts+rotate+recon+round(drop)": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
+                                                       "--learned-rounding", "--reconstruct-drop", "0.5"],
     "dobi+rotate(attn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.attn.qkv,*.attn.proj"],
     "dobi+rotate(ffn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.ffn.fc1,*.ffn.fc2"],
     **{f"dobi+rotate({name})": ["--method", "dobi", *ROTATE, "--rotate-only", f"*.{name}"]
@@ -119,10 +123,13 @@ def cpu_name() -> str:
     return f"{names[0] if names else platform.machine()}, {len(names) or '?'} cores"
 
 
-def table(data: dict) -> str:
-    """Markdown: held-out PSNR per configuration, bits and patches, mean +- sample sd over the seeds run."""
+def table(data: dict, only: frozenset[str] = frozenset()) -> str:
+    """Markdown: held-out PSNR per configuration, bits and patches, mean +- sample sd over the seeds run
+    (the configurations in ``only``, or all)."""
     rows: dict[tuple, list[float]] = {}
     for entry in data["cells"].values():
+        if only and entry["config"] not in only:
+            continue
         rows.setdefault((entry["config"], entry["bits"], entry["patches"]), []).append(entry["heldout_psnr"])
     lines = ["| W/A | patches | configuration | held-out PSNR (dB) | seeds | from FP (dB) |", "|---|---|---|---|---|---|"]
     for (config, bits, patches), values in sorted(rows.items(), key=lambda kv: (-kv[0][1], kv[0][2], kv[0][0])):
@@ -155,9 +162,10 @@ def main() -> None:
     parser.add_argument("--set5", default="", help="comma-separated cell names to evaluate on the shipped Set5 "
                         "(after the held-out choice), plus 'fp' for the float model")
     parser.add_argument("--markdown", action="store_true", help="print the table of --out and exit")
+    parser.add_argument("--only", default="", help="with --markdown: comma-separated configurations to show")
     args = parser.parse_args()
     if args.markdown:
-        print(table(load(args.out)))
+        print(table(load(args.out), frozenset(filter(None, args.only.split(",")))))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = load(args.out)

@@ -58,7 +58,10 @@ class ReconstructConfig:
     - ``rounding_weight``: weight of the regularizer that decides every rounding (relative to the
       normalized reconstruction loss, which starts at 1).
     - ``units``: fnmatch pattern of the blocks (module paths); "" = the repeated stages.
-    - ``seed``: order of the batches.
+    - ``seed``: order of the batches (and of the dropped elements).
+    - ``drop``: while training, each element of a block's (quantized) input is replaced by the float
+      model's with this probability (QDrop, Wei et al., ICLR 2022: a flatter, less over-fitted solution);
+      0 = always the quantized input (BRECQ).
     """
 
     iters: int = 100
@@ -69,6 +72,7 @@ class ReconstructConfig:
     rounding_weight: float = 0.01
     units: str = ""
     seed: int = 0
+    drop: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch"):
@@ -79,6 +83,8 @@ class ReconstructConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"ReconstructConfig.{name} must be a positive number, got {value!r}")
+        if not (isinstance(self.drop, (int, float)) and 0.0 <= self.drop < 1.0):
+            raise ValueError(f"ReconstructConfig.drop must be in [0, 1), got {self.drop!r}")
         if not (self.rounding_weight >= 0 and math.isfinite(self.rounding_weight)):
             raise ValueError(f"ReconstructConfig.rounding_weight must be >= 0, got {self.rounding_weight!r}")
 
@@ -132,12 +138,20 @@ Call = tuple[tuple, dict]
 
 @torch.no_grad()
 def _float_targets(model: nn.Module, units: list[tuple[str, nn.Module]], chunks: list[torch.Tensor],
-                   device: torch.device) -> tuple[list[list[torch.Tensor]], list[Call], list[torch.Tensor]]:
-    """Float outputs of every block per chunk; and, from the first chunk of the *quantized* model, each
+                   device: torch.device) -> tuple[list[list[torch.Tensor]], list[list[Optional[torch.Tensor]]],
+                                                  list[Call], list[torch.Tensor]]:
+    """Float outputs and first (tensor) inputs of every block per chunk; and, from the first chunk of the *quantized* model, each
     block's call and output (to tell whether a block's input is its predecessor's output)."""
     targets: list[list[torch.Tensor]] = [[] for _ in units]
-    hooks = [module.register_forward_hook(lambda m, a, out, i=i: targets[i].append(_cpu(_first_tensor(out))))
-             for i, (_, module) in enumerate(units)]
+    inputs: list[list[Optional[torch.Tensor]]] = [[] for _ in units]
+
+    def record_float(i: int):
+        def hook(_module, args, output) -> None:
+            targets[i].append(_cpu(_first_tensor(output)))
+            inputs[i].append(_cpu(args[0]) if args and isinstance(args[0], torch.Tensor) else None)
+        return hook
+
+    hooks = [module.register_forward_hook(record_float(i)) for i, (_, module) in enumerate(units)]
     try:
         with float_mode(model):
             for chunk in chunks:
@@ -160,7 +174,7 @@ def _float_targets(model: nn.Module, units: list[tuple[str, nn.Module]], chunks:
     finally:
         for hook in hooks:
             hook.remove()
-    return targets, calls, outputs
+    return targets, inputs, calls, outputs
 
 
 def _chained(calls: list[Call], outputs: list[torch.Tensor]) -> list[bool]:
@@ -259,7 +273,7 @@ def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: Reconstr
     try:
         for parameter, _ in flags:
             parameter.requires_grad_(False)
-        targets, first_calls, first_outputs = _float_targets(model, units, chunks, device)
+        targets, float_inputs, first_calls, first_outputs = _float_targets(model, units, chunks, device)
         chained = _chained(first_calls, first_outputs)
         log.info("block reconstruction: %d blocks, %d steps each on batches of %d of %d patches%s", len(units),
                  config.iters, config.batch, len(patches), ", learned weight rounding" if config.rounding else "")
@@ -268,7 +282,7 @@ def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: Reconstr
         for k, (path, unit) in enumerate(bar):
             if calls is None or not chained[k]:
                 calls = _quantized_inputs(model, unit, chunks, device)
-            results.append(_reconstruct_unit(path, unit, calls, targets[k], config, device, refined))
+            results.append(_reconstruct_unit(path, unit, calls, targets[k], float_inputs[k], config, device, refined))
             finish_transforms(model)
             bar.set_postfix(mse=f"{results[-1].end_mse:.3g}", refresh=False)
             if k + 1 < len(units) and chained[k + 1]:
@@ -283,6 +297,7 @@ def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: Reconstr
 
 
 def _reconstruct_unit(path: str, unit: nn.Module, calls: list[Call], targets: list[torch.Tensor],
+                      float_inputs: list[Optional[torch.Tensor]],
                       config: ReconstructConfig, device: torch.device, refined: dict[str, torch.Tensor]) -> UnitResult:
     started = time.perf_counter()
     found = quantizers(unit)
@@ -311,6 +326,10 @@ def _reconstruct_unit(path: str, unit: nn.Module, calls: list[Call], targets: li
                 order = torch.randperm(len(calls), generator=generator).tolist()
             index = order.pop()
             args, kwargs = calls[index]
+            if config.drop and float_inputs[index] is not None and float_inputs[index].shape == args[0].shape:
+                # QDrop: each element of the block's input is the float model's with probability ``drop``
+                keep = torch.rand(args[0].shape, generator=generator) >= config.drop
+                args = (torch.where(keep, args[0], float_inputs[index]), *args[1:])
             out = _first_tensor(unit(*_to(args, device), **_to(kwargs, device)))
             loss = F.mse_loss(out, targets[index].to(device)) / scale
             beta = beta_at(step, config.iters) if roundings else 0.0

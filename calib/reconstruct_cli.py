@@ -28,6 +28,9 @@ def add_reconstruct_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--reconstruct-units", default=DEFAULTS.units, metavar="PATTERN",
                        help="fnmatch pattern of the blocks' module paths (default: the model's repeated stages, "
                        "as DQC's feature taps)")
+    group.add_argument("--reconstruct-drop", type=float, default=DEFAULTS.drop, metavar="P",
+                       help="QDrop: while training, each element of a block's input is the float model's with "
+                       "probability P instead of the quantized model's (default: %(default)s)")
     group.add_argument("--learned-rounding", action="store_true",
                        help="with --reconstruct: learn each weight's rounding (AdaRound) on its fixed grid instead "
                        "of training the weight bounds; the weights are stored in the artifact (not with --gptq)")
@@ -41,11 +44,12 @@ def reconstruct_config_from_args(args: argparse.Namespace) -> ReconstructConfig:
     try:
         return ReconstructConfig(iters=args.reconstruct_iters, batch=args.reconstruct_batch, lr=args.reconstruct_lr,
                                  rounding=args.learned_rounding, rounding_lr=args.rounding_lr,
-                                 rounding_weight=args.rounding_weight, units=args.reconstruct_units, seed=args.seed)
+                                 rounding_weight=args.rounding_weight, units=args.reconstruct_units, seed=args.seed,
+                                 drop=args.reconstruct_drop)
     except ValueError as err:
         option = str(err).split(".", 1)[1].split(" ", 1)[0] if "ReconstructConfig." in str(err) else ""
         flag = {"iters": "--reconstruct-iters", "batch": "--reconstruct-batch", "lr": "--reconstruct-lr",
-                "rounding_lr": "--rounding-lr", "rounding_weight": "--rounding-weight"}.get(option, "--reconstruct")
+                "rounding_lr": "--rounding-lr", "rounding_weight": "--rounding-weight", "drop": "--reconstruct-drop"}.get(option, "--reconstruct")
         raise UsageError(f"{flag}: {err}") from None
 
 

@@ -6,6 +6,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests run with the allocator setting every command-line tool starts with (toolchain/allocator.py)."""
+    from toolchain.allocator import keep_freed_memory
+
+    keep_freed_memory()
 SHARED = Path(__import__("os").environ.get("TWODQ_SHARED", REPO.parent / "shared"))
 
 

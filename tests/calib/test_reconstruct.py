@@ -92,6 +92,15 @@ def test_bad_inputs_are_refused(calib_lr):
         reconstruct_blocks(quantize_model(tiny_swinir(scale=4), CONFIG), calib_lr, progress=False)
     with pytest.raises(ValueError, match="matches no module"):
         reconstruct_blocks(_model(calib_lr), calib_lr, ReconstructConfig(units="nothing.*"), progress=False)
-    for field, value in (("iters", 0), ("batch", -1), ("lr", 0.0), ("rounding_weight", -1.0)):
+    for field, value in (("iters", 0), ("batch", -1), ("lr", 0.0), ("rounding_weight", -1.0), ("drop", 1.0)):
         with pytest.raises(ValueError, match=field):
             ReconstructConfig(**{field: value})
+
+
+def test_qdrop_trains_on_mixed_inputs_and_still_lowers_the_blocks(calib_lr):
+    plain, dropped = _model(calib_lr), _model(calib_lr)
+    reconstruct_blocks(plain, calib_lr, ReconstructConfig(iters=10, batch=2), progress=False)
+    results, _ = reconstruct_blocks(dropped, calib_lr, ReconstructConfig(iters=10, batch=2, drop=0.5), progress=False)
+    assert all(r.kept and r.end_mse < r.start_mse for r in results)  # measured on the quantized inputs alone
+    a, b = bounds_state(plain), bounds_state(dropped)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the float elements changed what was learned
