@@ -4,10 +4,11 @@ glibc serves an allocation above its mmap threshold (at most 32 MB by its own ad
 ``mmap`` and returns it with ``munmap`` when freed, and gives the top of the heap back to the system above
 its trim threshold. A training or evaluation step of an SR transformer allocates and frees tensors of tens to
 hundreds of MB (activations, attention maps, the fake quantizers' temporaries) every time, so each step
-faults its memory in again: measured on DAT-light x4 block reconstruction (2 threads, this 2-core machine),
-the system time fell from 10 s to 0.7 s and the wall time from 19.5 s to 16.0 s when the two thresholds
-were raised (``benchmarks/reconstruct.md``). The cost: freed memory stays with the process until it ends
-(its peak, which it had touched anyway).
+faults its memory in again. Measured with ``2dq-calibrate`` on DAT-light x4 W4A4 (DOBI, transforms and 10
+block-reconstruction steps per block, 16 patches, 2 threads, this 2-core machine, twice each): 176 / 171 s
+with glibc's defaults, 100 / 90 s with the thresholds raised; system time 130 s -> 3.8 s, minor page faults
+74 million -> 0.8 million; the artifacts byte-identical (``benchmarks/reconstruct.md``). The cost: freed
+memory stays with the process until it ends (its peak, which it had touched anyway).
 
 :func:`keep_freed_memory` sets both thresholds with ``mallopt`` (a no-op off glibc, or with
 ``TWODQ_MALLOC=default`` in the environment). The command-line tools call it at start.

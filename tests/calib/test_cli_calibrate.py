@@ -101,6 +101,7 @@ def test_bits_overrides_give_a_mixed_precision_artifact(tmp_path, capsys, tiny_c
     (["--reconstruct", "--method", "2dquant"], "alternative to DQC"),
     (["--reconstruct", "--reconstruct-iters", "0"], "--reconstruct-iters"),
     (["--reconstruct", "--reconstruct-lr", "-1"], "--reconstruct-lr"),
+    (["--reconstruct", "--reconstruct-drop", "1"], "--reconstruct-drop"),
 ])
 def test_usage_errors_exit_2(tmp_path, capsys, tiny_checkpoint, calib_images, extra, message):
     args = base_args(tiny_checkpoint, calib_images, tmp_path / "a.safetensors") + extra
