@@ -36,6 +36,7 @@ from .dobi import DEFAULT_CANDIDATES, MODES, calibrate_dobi
 from .gptq import DEFAULT_DAMP
 from .observers import DEFAULT_BINS, batch_forward_loop
 from .reconstruct_cli import add_reconstruct_arguments, check_reconstruct_args, run_reconstruct
+from .reconstruct_cli import checkpoint_path as reconstruct_checkpoint
 from .transforms import add_transform_arguments, attach_transforms, finish_transforms, transforms_config_from_args
 from toolchain.models import info_of
 
@@ -328,6 +329,8 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     save_artifact(args.out, model, checkpoint=args.weights, quant_config=config, method=args.method,
                   method_options=options, calibration=calibration, weights=ctx.refined)
+    if args.reconstruct:  # its work is in the artifact now
+        reconstruct_checkpoint(args.out).unlink(missing_ok=True)
     summary = {"artifact": str(args.out), "sidecar": str(sidecar_path(args.out)), "method": args.method,
                "method_options": options, "quant_config": config.to_dict(),
                "seconds": round(time.perf_counter() - started, 3)}

@@ -76,7 +76,8 @@ def add_dqc_arguments(parser: Parser, *, common: bool = False) -> None:
     # A finished run is not reused without --resume: the checkpoint's hash does not cover the code, so
     # the same command again computes afresh (calib.dqc_state.refuse_unless_finished).
     parser.add_argument("--resume", action="store_true",
-                        help="continue the DQC run of the checkpoint (same options; after a kill, this "
+                        help="continue the DQC run of the checkpoint (with --reconstruct: the block "
+                        "reconstruction's, after its last finished block) (same options; after a kill, this "
                         "ends with the bounds an uninterrupted run gives; on a finished run, its bounds "
                         "without training again). Without it, an interrupted run's checkpoint is an error, "
                         "and a finished run of the same options is run again from the start, overwriting "

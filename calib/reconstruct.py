@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -39,6 +40,7 @@ from toolchain.quant.grid import order_bounds_
 
 from .dqc import lr_factor
 from .feature_taps import feature_modules
+from .reconstruct_state import Progress, load_progress, reconstruct_hash, restore_progress, save_progress
 from .learned_rounding import (attach_rounding, bake_rounding, beta_at, restore_weights, weight_layers,
                                weight_snapshot)
 
@@ -242,7 +244,8 @@ def _next_calls(unit: nn.Module, calls: list[Call], template: Call, device: torc
 
 
 def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: ReconstructConfig = ReconstructConfig(), *,
-                       device: str | torch.device = "cpu", progress: bool = True
+                       device: str | torch.device = "cpu", progress: bool = True,
+                       checkpoint: Optional[str | os.PathLike] = None, resume: bool = False,
                        ) -> tuple[list[UnitResult], dict[str, torch.Tensor]]:
     """Reconstruct ``model``'s blocks in order (in place) on the LR ``patches`` ``(N, 3, h, w)``.
 
@@ -250,6 +253,10 @@ def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: Reconstr
     finished). Returns each block's result and, with ``config.rounding``, the new float weights by
     parameter name (for :func:`calib.artifact.save_artifact`'s ``weights``); otherwise an empty dict.
     Every other parameter is frozen for the run (flags restored after).
+
+    ``checkpoint``: a file written after every block (:mod:`calib.reconstruct_state`); an existing one is an
+    error unless ``resume``, which continues it after its last finished block (the same result as a run
+    that was never stopped) and refuses another run's.
     """
     from tqdm import tqdm
 
@@ -270,20 +277,41 @@ def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: Reconstr
     flags = [(p, p.requires_grad) for p in model.parameters()]
     results: list[UnitResult] = []
     refined: dict[str, torch.Tensor] = {}
+    digest, done = "", 0
+    if resume and checkpoint is None:
+        raise ValueError("resume needs the checkpoint file of the run to continue")
+    if checkpoint is not None:
+        digest = reconstruct_hash(model, patches, config.to_dict(), [path for path, _ in units])
+        if os.path.exists(checkpoint):
+            if not resume:
+                raise ValueError(f"{checkpoint} exists (a block-reconstruction checkpoint): continue it with --resume, "
+                                 "or delete it to start again")
+            saved, saved_state = load_progress(checkpoint, digest)  # restored after the float targets are made
+            results, refined, done = [UnitResult(**r) for r in saved.results], dict(saved.refined), saved.done
+            log.info("block reconstruction: resuming from %s after %d of %d blocks", checkpoint, done, len(units))
+        elif resume:
+            raise FileNotFoundError(f"--resume: no block-reconstruction checkpoint at {checkpoint}")
     try:
         for parameter, _ in flags:
             parameter.requires_grad_(False)
+        # from the checkpoint's weights, not the rounded ones a resumed run restores just below
         targets, float_inputs, first_calls, first_outputs = _float_targets(model, units, chunks, device)
+        if done:
+            restore_progress(model, saved_state, refined)
         chained = _chained(first_calls, first_outputs)
         log.info("block reconstruction: %d blocks, %d steps each on batches of %d of %d patches%s", len(units),
                  config.iters, config.batch, len(patches), ", learned weight rounding" if config.rounding else "")
         calls: Optional[list[Call]] = None
         bar = tqdm(units, desc="reconstruct", unit="block", disable=not progress)
         for k, (path, unit) in enumerate(bar):
+            if k < done:
+                continue
             if calls is None or not chained[k]:
                 calls = _quantized_inputs(model, unit, chunks, device)
             results.append(_reconstruct_unit(path, unit, calls, targets[k], float_inputs[k], config, device, refined))
             finish_transforms(model)
+            if checkpoint is not None:
+                save_progress(checkpoint, model, Progress(digest, k + 1, [asdict(r) for r in results], refined))
             bar.set_postfix(mse=f"{results[-1].end_mse:.3g}", refresh=False)
             if k + 1 < len(units) and chained[k + 1]:
                 calls = _next_calls(unit, calls, first_calls[k + 1], device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from toolchain.cli.common import UsageError
 from .reconstruct import ReconstructConfig, reconstruct_blocks
 
 DEFAULTS = ReconstructConfig()
+CHECKPOINT_SUFFIX = ".reconstruct-checkpoint.safetensors"
 
 
 def add_reconstruct_arguments(group: argparse._ArgumentGroup) -> None:
@@ -65,12 +67,22 @@ def check_reconstruct_args(args: argparse.Namespace) -> None:
         raise UsageError("--learned-rounding and --gptq both choose the weight codes: pick one")
 
 
+def checkpoint_path(artifact: str | Path) -> Path:
+    """The checkpoint beside an artifact: ``run/w4a4.safetensors`` -> ``run/w4a4.reconstruct-checkpoint.safetensors``."""
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name.removesuffix(artifact.suffix) + CHECKPOINT_SUFFIX)
+
+
 def run_reconstruct(model: nn.Module, lr: torch.Tensor, args: argparse.Namespace, *,
                     progress: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Block reconstruction of ``model`` on the calibration patches: the sidecar's facts and the new weights."""
+    """Block reconstruction of ``model`` on the calibration patches: the sidecar's facts and the new weights.
+
+    Checkpointed after every block beside ``--out`` (:func:`checkpoint_path`; ``--resume`` continues it); the
+    caller removes the checkpoint once the artifact is written."""
     config = reconstruct_config_from_args(args)
     try:
-        results, refined = reconstruct_blocks(model, lr, config, device=args.device, progress=progress)
+        results, refined = reconstruct_blocks(model, lr, config, device=args.device, progress=progress,
+                                              checkpoint=checkpoint_path(args.out), resume=args.resume)
     except ValueError as err:
         raise UsageError(f"--reconstruct: {err}") from None
     facts = {"config": config.to_dict(), "blocks": len(results), "improved": sum(r.kept for r in results),

@@ -257,6 +257,7 @@ def test_reconstruct_with_learned_rounding_writes_its_weights(tmp_path, capsys, 
     assert facts["blocks"] == 2 and facts["config"]["rounding"] and facts["config"]["iters"] == 5
     assert facts["end_mse"] <= facts["start_mse"]
     assert meta["refined_weights"] == 8 * facts["improved"]  # four linears per block, in each block kept
+    assert not (tmp_path / "r.reconstruct-checkpoint.safetensors").exists()  # written per block, gone once saved
     model = load_quantized_model(tiny_checkpoint, out)
     with torch.no_grad():
         assert torch.isfinite(model(torch.rand(1, 3, 16, 16))).all()

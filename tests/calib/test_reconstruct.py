@@ -104,3 +104,41 @@ def test_qdrop_trains_on_mixed_inputs_and_still_lowers_the_blocks(calib_lr):
     assert all(r.kept and r.end_mse < r.start_mse for r in results)  # measured on the quantized inputs alone
     a, b = bounds_state(plain), bounds_state(dropped)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the float elements changed what was learned
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, calib_lr, monkeypatch):
+    config = ReconstructConfig(iters=8, batch=2, rounding=True)
+    whole = _model(calib_lr)
+    _, whole_refined = reconstruct_blocks(whole, calib_lr, config, progress=False, checkpoint=tmp_path / "whole.ckpt")
+
+    checkpoint = tmp_path / "killed.ckpt"
+    one_block = reconstruct._reconstruct_unit
+    calls = []
+
+    def killed_after_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return one_block(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "_reconstruct_unit", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct_blocks(_model(calib_lr), calib_lr, config, progress=False, checkpoint=checkpoint)
+    monkeypatch.setattr(reconstruct, "_reconstruct_unit", one_block)
+    with pytest.raises(ValueError, match="continue it with --resume"):
+        reconstruct_blocks(_model(calib_lr), calib_lr, config, progress=False, checkpoint=checkpoint)
+    with pytest.raises(ValueError, match="another reconstruction run"):
+        reconstruct_blocks(_model(calib_lr), calib_lr, ReconstructConfig(iters=9, batch=2, rounding=True),
+                           progress=False, checkpoint=checkpoint, resume=True)
+    resumed = _model(calib_lr)
+    results, refined = reconstruct_blocks(resumed, calib_lr, config, progress=False, checkpoint=checkpoint,
+                                          resume=True)
+    assert [r.name for r in results] == ["layers.0", "layers.1"]
+    a, b = bounds_state(whole), bounds_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(refined) == sorted(whole_refined) and all(torch.equal(refined[k], whole_refined[k]) for k in refined)
+    with torch.no_grad():
+        assert torch.equal(resumed(calib_lr), whole(calib_lr))
+    with pytest.raises(FileNotFoundError, match="no block-reconstruction checkpoint"):
+        reconstruct_blocks(_model(calib_lr), calib_lr, config, progress=False, checkpoint=tmp_path / "none.ckpt",
+                           resume=True)
