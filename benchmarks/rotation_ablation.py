@@ -59,6 +59,9 @@ CONFIGS = {
                                                  "--reconstruct-drop", "0.5"],
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
                                                        "--learned-rounding", "--reconstruct-drop", "0.5"],
+    # mixed precision under a bit budget equal to the cell's bits (calib/bit_budget.py) on top of the best recipe
+    "dobi+pc+smooth+shifts+rotate+gptq+budget": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--gptq", "--bit-budget",
+                                                 "{bits}"],
     "dobi+rotate(attn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.attn.qkv,*.attn.proj"],
     "dobi+rotate(ffn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.ffn.fc1,*.ffn.fc2"],
     **{f"dobi+rotate({name})": ["--method", "dobi", *ROTATE, "--rotate-only", f"*.{name}"]
@@ -105,12 +108,13 @@ def cell(args: argparse.Namespace, calib: Path, heldout: Path, config: str, bits
     name = f"{config}/w{bits}a{bits}/p{patches}/s{seed}"
     artifact = args.work / "artifacts" / (re.sub(r"[^A-Za-z0-9_.-]", "-", name) + ".safetensors")
     artifact.parent.mkdir(parents=True, exist_ok=True)
+    options = [option.replace("{bits}", str(bits)) for option in CONFIGS[config]]  # e.g. --bit-budget {bits}
     calibrate_s = _run([_tool("2dq-calibrate"), "--calib-images", str(calib), "--bits", str(bits), "--patches",
                         str(patches), "--seed", str(seed), "--threads", str(args.threads), "--no-progress", "-q",
-                        "--out", str(artifact), *CONFIGS[config]])
+                        "--out", str(artifact), *options])
     row, eval_s = evaluate(artifact, heldout, "Heldout", artifact.with_suffix(".eval.json"), args.threads)
     meta = json.loads(artifact.with_suffix(".json").read_text())
-    return {"config": config, "options": CONFIGS[config], "bits": bits, "patches": patches, "seed": seed,
+    return {"config": config, "options": options, "bits": bits, "patches": patches, "seed": seed,
             "heldout_psnr": row["psnr"], "heldout_ssim": row["ssim"], "calibrate_s": round(calibrate_s, 1),
             "eval_s": round(eval_s, 1), "artifact": str(artifact),
             "transforms": meta["method_options"].get("transforms", {})}
