@@ -123,9 +123,14 @@ def _cpu(value: Any) -> Any:
     return value.detach().to("cpu") if isinstance(value, torch.Tensor) else value
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def _cpu_all(value: Any) -> Any:
+    return _to(value, "cpu")
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    """``value`` (tensors, or tuples / lists / dicts of them) detached on ``device``; anything else as it is."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.detach().to(device)
     if isinstance(value, tuple):
         return tuple(_to(v, device) for v in value)
     if isinstance(value, list):
@@ -198,7 +203,7 @@ def _quantized_inputs(model: nn.Module, unit: nn.Module, chunks: list[torch.Tens
     calls: list[Call] = []
 
     def capture(_module, args, kwargs):
-        calls.append((_cpu_tree(args), _cpu_tree(kwargs)))
+        calls.append((_cpu_all(args), _cpu_all(kwargs)))
         raise _Stop
 
     hook = unit.register_forward_pre_hook(capture, with_kwargs=True)
@@ -215,16 +220,6 @@ def _quantized_inputs(model: nn.Module, unit: nn.Module, chunks: list[torch.Tens
     return calls
 
 
-def _cpu_tree(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return tuple(_cpu_tree(v) for v in value)
-    if isinstance(value, list):
-        return [_cpu_tree(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _cpu_tree(v) for k, v in value.items()}
-    return _cpu(value)
-
-
 def _unit_mse(unit: nn.Module, calls: list[Call], targets: list[torch.Tensor], device: torch.device) -> float:
     with torch.no_grad():
         total = sum(F.mse_loss(_first_tensor(unit(*_to(a, device), **_to(kw, device))), t.to(device)).item() * len(t)
@@ -239,7 +234,7 @@ def _next_calls(unit: nn.Module, calls: list[Call], template: Call, device: torc
     with torch.no_grad():
         for a, kw in calls:
             y = _first_tensor(unit(*_to(a, device), **_to(kw, device)))
-            out.append(((_cpu(y), *_cpu_tree(tuple(args[1:]))), _cpu_tree(kwargs)))
+            out.append(((_cpu(y), *_cpu_all(tuple(args[1:]))), _cpu_all(kwargs)))
     return out
 
 
