@@ -9,7 +9,11 @@ Run in this order by :func:`simplify`:
    bytes depend on where the code lives);
 2. onnxscript's optimizer: constant folding (the attention masks and relative position biases of
    the fixed tile, all shape arithmetic), its rewrite rules, dead-node removal, CSE, initializer
-   deduplication. Quantize/DequantizeLinear are never folded, so the integer weights stay integer;
+   deduplication. Quantize/DequantizeLinear are never folded, so the integer weights stay integer.
+   The rules leave out ``SlicesSplit`` (two Slices of one tensor -> one Split): its matcher scans the
+   whole graph for every Slice node, which took 140 of NGswin x2's 184 s of export on this machine
+   and rewrote nothing there or on DAT-light (the graphs are byte-identical with and without it;
+   :func:`optimize`);
 3. remove ``Pad`` nodes whose pads are all zero (a tile that is already a multiple of the window),
    and ``Expand`` nodes whose only consumers broadcast anyway (``F.normalize`` expands the norm to
    the tensor's shape before dividing; with a dynamic batch that shape is computed at run time, so
@@ -62,8 +66,7 @@ def simplify(model: ir.Model, static_batch: Optional[int] = None) -> ir.Model:
     quiet = _DropMessages("Skipping constant folding for op LayerNormalization with multiple outputs")
     folding_log.addFilter(quiet)  # one line per LayerNorm of the model, about nothing we can act on
     try:
-        onnxscript.optimizer.optimize_ir(model, should_fold=_never_fold_qdq, input_size_limit=FOLD_SIZE_LIMIT,
-                                         output_size_limit=FOLD_SIZE_LIMIT)
+        optimize(model)
     finally:
         folding_log.removeFilter(quiet)
     removed = remove_zero_pads(model.graph) + remove_broadcast_expands(model.graph)
@@ -75,6 +78,46 @@ def simplify(model: ir.Model, static_batch: Optional[int] = None) -> ir.Model:
     common_passes.NameFixPass()(model)
     log.debug("simplify: %d zero pads / redundant expands removed, %d weights packed as int4", removed, packed)
     return model
+
+
+#: onnxscript rewrite rules left out of :func:`optimize` (module docstring, step 2)
+SKIPPED_RULES = ("SlicesSplit",)
+
+
+def optimize(model: ir.Model, iterations: int = 2) -> None:
+    """onnxscript's ``optimize_ir`` (folding with Q/DQ kept, rewrites, clean-up) without :data:`SKIPPED_RULES`.
+
+    The pass sequence is ``optimize_ir``'s; where this onnxscript names its pieces differently, ``optimize_ir``
+    itself runs (every default rule: slower, the same graph on the models measured).
+    """
+    try:
+        from onnxscript.optimizer._constant_folding import FoldConstantsPass
+        from onnxscript.rewriter import _DEFAULT_REWRITE_RULES, RewritePass
+    except ImportError:
+        log.debug("onnxscript without the pieces of optimize_ir: running it whole")
+        onnxscript.optimizer.optimize_ir(model, should_fold=_never_fold_qdq, input_size_limit=FOLD_SIZE_LIMIT,
+                                         output_size_limit=FOLD_SIZE_LIMIT)
+        return
+    rules = [rule for rule in _DEFAULT_REWRITE_RULES if getattr(rule, "name", None) not in SKIPPED_RULES]
+    fold_and_rewrite = ir.passes.PassManager(
+        [FoldConstantsPass(shape_inference=True, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT,
+                           should_fold=_never_fold_qdq),
+         RewritePass(rules),
+         common_passes.RemoveUnusedNodesPass(),
+         common_passes.RemoveUnusedFunctionsPass(),
+         common_passes.RemoveUnusedOpsetsPass()],
+        steps=iterations, early_stop=True)
+    ir.passes.Sequential(
+        common_passes.InlinePass(),
+        fold_and_rewrite,
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.LiftSubgraphInitializersToMainGraphPass(),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.OutputFixPass(),
+        common_passes.NameFixPass(),
+    )(model)
 
 
 class _DropMessages(logging.Filter):
