@@ -145,17 +145,19 @@ Call = tuple[tuple, dict]
 
 @torch.no_grad()
 def _float_targets(model: nn.Module, units: list[tuple[str, nn.Module]], chunks: list[torch.Tensor],
-                   device: torch.device) -> tuple[list[list[torch.Tensor]], list[list[Optional[torch.Tensor]]],
+                   device: torch.device, keep_inputs: bool) -> tuple[list[list[torch.Tensor]], list[list[Optional[torch.Tensor]]],
                                                   list[Call], list[torch.Tensor]]:
-    """Float outputs and first (tensor) inputs of every block per chunk; and, from the first chunk of the *quantized* model, each
-    block's call and output (to tell whether a block's input is its predecessor's output)."""
+    """Float outputs and (``keep_inputs``: only QDrop reads them) first tensor inputs of every block per chunk; and,
+    from the first chunk of the *quantized* model, each block's call and output (to tell whether a block's input is
+    its predecessor's output)."""
     targets: list[list[torch.Tensor]] = [[] for _ in units]
     inputs: list[list[Optional[torch.Tensor]]] = [[] for _ in units]
 
     def record_float(i: int):
         def hook(_module, args, output) -> None:
             targets[i].append(_cpu(_first_tensor(output)))
-            inputs[i].append(_cpu(args[0]) if args and isinstance(args[0], torch.Tensor) else None)
+            kept = keep_inputs and args and isinstance(args[0], torch.Tensor)
+            inputs[i].append(_cpu(args[0]) if kept else None)
         return hook
 
     hooks = [module.register_forward_hook(record_float(i)) for i, (_, module) in enumerate(units)]
@@ -290,7 +292,8 @@ def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: Reconstr
         for parameter, _ in flags:
             parameter.requires_grad_(False)
         # from the checkpoint's weights, not the rounded ones a resumed run restores just below
-        targets, float_inputs, first_calls, first_outputs = _float_targets(model, units, chunks, device)
+        targets, float_inputs, first_calls, first_outputs = _float_targets(model, units, chunks, device,
+                                                                           keep_inputs=config.drop > 0)
         if done:
             restore_progress(model, saved_state, refined)
         chained = _chained(first_calls, first_outputs)
