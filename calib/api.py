@@ -161,17 +161,19 @@ def distill(qmodel: nn.Module, train_patches: Union[torch.Tensor, Sequence], con
 
 
 def save(qmodel: nn.Module, path: Union[str, os.PathLike], *, checkpoint: Union[str, os.PathLike],
-         calibration: Optional[dict[str, Any]] = None) -> Path:
+         calibration: Optional[dict[str, Any]] = None, weights: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write ``qmodel``'s bounds (and folds) as an artifact at ``path`` (``.safetensors`` + ``.json``).
 
-    ``checkpoint``: the float checkpoint file ``qmodel`` was loaded from (its hash pairs them).
+    ``checkpoint``: the float checkpoint file ``qmodel`` was loaded from (its hash pairs them). ``weights``: new
+    float weights by parameter name to store with them (:attr:`calib.dqc.DQCResult.refined` after DQC with
+    ``DQCConfig(rounding=True)``).
     """
     record = qmodel.__dict__.get(RECORD_ATTRIBUTE)
     if record is None:
         raise ValueError(f"save: {type(qmodel).__name__} was not quantized by calib.quantize")
     method = {"dobi+dqc": "2dquant"}.get(record["method"], record["method"] or "none")
     return save_artifact(path, qmodel, checkpoint=checkpoint, quant_config=record["quant_config"], method=method,
-                         method_options=record["method_options"], calibration=calibration)
+                         method_options=record["method_options"], calibration=calibration, weights=weights)
 
 
 def load(checkpoint: Union[str, os.PathLike], artifact: Union[str, os.PathLike],

@@ -140,7 +140,9 @@ def run_2dquant(ctx: CalibrationContext) -> dict[str, Any]:
     config, data, run = dqc_configs_from_args(ctx.args, images=ctx.images)  # before DOBI: bad options fail fast
     options = run_dobi(ctx)
     finish_transforms(ctx.model)  # DQC starts from exact shifted grids
-    options["dqc"] = run_dqc(ctx.model, config, data, run, progress=ctx.progress)
+    refined: dict[str, torch.Tensor] = {}   # --learned-rounding: the baked weights
+    options["dqc"] = run_dqc(ctx.model, config, data, run, progress=ctx.progress, weights_out=refined)
+    ctx.refined = refined or None
     return options
 
 

@@ -32,6 +32,9 @@ from toolchain.quant.grid import order_bounds_
 
 from . import distributed
 from .feature_taps import feature_modules
+from .learned_rounding import (ROUNDING_PREFIX, LearnedRounding, attach_rounding, bake_rounding, beta_at,
+                               detach_rounding, hard_rounding, load_rounding_state, rounding_state, weight_dependent,
+                               weight_layers)
 from .dqc_loss import FeatureTap, Teacher, Validation, distillation_loss, feature_distance
 from .dqc_state import (TrainingState, global_indices, load_checkpoint, refuse_unless_finished, run_hash,
                         save_checkpoint, tensor_digest, weights_fingerprint)
@@ -64,6 +67,12 @@ class DQCConfig:
       a checkpoint is always written at the end when a path is given).
     - ``accumulation``: micro-batches per rank per step (memory; the gradient is their mean).
     - ``feature_taps``: module-path pattern of the feature term ("" = the repeated stages).
+    - ``rounding``: also learn every weight's rounding (AdaRound, :mod:`calib.learned_rounding`) on its
+      fixed grid: the weight quantizers' bounds and the fold parameters the weights are computed from stay
+      as they are, the activation bounds (and the other folds) train as before; ``rounding_lr`` is Adam's
+      learning rate of the logits, ``rounding_weight`` the weight of the regularizer that decides every
+      rounding (annealed as in block reconstruction). The weights end on their grids, baked
+      (:attr:`DQCResult.refined`).
     """
 
     iters: int = 40
@@ -79,6 +88,9 @@ class DQCConfig:
     #: fnmatch pattern on module paths whose outputs the feature term compares; "" = the rule of
     #: :mod:`calib.feature_taps` (the model's repeated top-level stages)
     feature_taps: str = ""
+    rounding: bool = False
+    rounding_lr: float = 3e-2
+    rounding_weight: float = 0.01
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -88,8 +100,12 @@ class DQCConfig:
         for name in ("checkpoint_every", "val_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"DQCConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"DQCConfig.lr must be a positive number, got {self.lr!r}")
+        for name in ("lr", "rounding_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"DQCConfig.{name} must be a positive number, got {value!r}")
+        if not (self.rounding_weight >= 0 and math.isfinite(self.rounding_weight)):
+            raise ValueError(f"DQCConfig.rounding_weight must be >= 0, got {self.rounding_weight!r}")
         if not (self.feature_weight >= 0 and math.isfinite(self.feature_weight)):
             raise ValueError(f"DQCConfig.feature_weight must be >= 0, got {self.feature_weight!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -112,13 +128,16 @@ class DQCResult:
     validations: list[dict[str, float]]
     resumed_from: Optional[int]
     seconds: float
+    #: with ``DQCConfig.rounding``: the baked weights by parameter name (what the artifact stores, as GPTQ's)
+    refined: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         first = self.train_losses[0] if self.train_losses else None
         last = self.train_losses[-1] if self.train_losses else None
         return {"iterations": self.iterations, "best_iteration": self.best_iteration,
                 "best_val_loss": self.best_val_loss, "first_train_losses": first, "last_train_losses": last,
-                "validations": self.validations, "resumed_from": self.resumed_from, "seconds": self.seconds}
+                "validations": self.validations, "resumed_from": self.resumed_from, "seconds": self.seconds,
+                "refined_weights": len(self.refined)}
 
 
 def lr_factor(schedule: str, iters: int):
@@ -178,8 +197,8 @@ def distill(
         DQCDivergedError: a non-finite loss or gradient (the step is not taken; checkpoints on disk
             stay as they were).
 
-    Only bounds change: every other parameter is frozen for the run (flags restored after) and the
-    model is evaluated in ``eval()`` mode.
+    Only bounds change (and, with ``config.rounding``, the weights' codes, baked at the end): every other
+    parameter is frozen for the run (flags restored after) and the model is evaluated in ``eval()`` mode.
     """
     context = context or distributed.DistContext()
     device = context.device
@@ -201,13 +220,20 @@ def distill(
     bounds = bound_parameters(model) + transform_parameters(model)  # folds (calib.transforms) train too
     frozen = [p for m in (model, teacher) if m is not None for p in m.parameters()]
     flags = [p.requires_grad for p in frozen]
+    layers = weight_layers(model) if config.rounding else {}
+    if layers:  # AdaRound learns codes on fixed grids: the weights' bounds and folds stay
+        fixed = {id(p) for layer in layers.values() for p in (layer.weight_quantizer.lower, layer.weight_quantizer.upper)}
+        fixed.update(id(p) for p in weight_dependent(layers, transform_parameters(model)))
+        bounds = [p for p in bounds if id(p) not in fixed]
     start = time.perf_counter()
+    baked = False
     try:
         for parameter in frozen:
             parameter.requires_grad_(False)
         for bound in bounds:
             bound.requires_grad_(True)
         distributed.broadcast_(bounds, context)
+        logits = [r.v for r in attach_rounding(layers).values()]  # identical on every rank: from the weights
         reference = Teacher(model, teacher)
         with contextlib.ExitStack() as stack:
             taps = feature_modules(model, config.feature_taps)
@@ -227,10 +253,10 @@ def distill(
                 "val_batch": None if val is None else tensor_digest({"val": val_batch}),
                 "train_items": len(train_data), "data": description or {},
             })
-            state = _start_state(model, config, bounds, digest, checkpoint_path, resume, context)
+            state = _start_state(model, config, bounds, logits, digest, checkpoint_path, resume, context)
             resumed_from = state.iteration if state.bounds else None
-            _train(model, train_data, config, reference, tap, teacher_tap, val, state, bounds, checkpoint_path,
-                   context, progress)
+            _train(model, train_data, config, reference, tap, teacher_tap, val, state, bounds + logits,
+                   checkpoint_path, context, progress)
         if state.train_losses:
             (first_l1, first_feature), (last_l1, last_feature) = state.train_losses[0], state.train_losses[-1]
             log.info("DQC: %d steps; training L1 %.4g -> %.4g, feature term (x%g) %.4g -> %.4g", state.iteration,
@@ -240,17 +266,22 @@ def distill(
             load_trainable_state(model, state.best_bounds)
             log.info("DQC: keeping the bounds of step %d (validation loss %.6g)", state.best_iteration,
                      state.best_val_loss)
+        refined = bake_rounding(layers) if layers else {}
+        baked = True
         distributed.barrier(context)
     finally:
+        if layers and not baked:
+            detach_rounding(layers)
         for parameter, flag in zip(frozen, flags):
             parameter.requires_grad_(flag)
     return DQCResult(state.iteration, state.best_iteration, state.best_val_loss, state.train_losses,
-                     state.validations, resumed_from, time.perf_counter() - start)
+                     state.validations, resumed_from, time.perf_counter() - start, refined)
 
 
-def _start_state(model, config, bounds, digest, checkpoint_path, resume, context) -> TrainingState:
-    """Fresh state, or the checkpoint's (restoring bounds, Adam and the scheduler into ``model``)."""
-    optimizer = torch.optim.Adam(bounds, lr=config.lr, betas=config.betas)
+def _start_state(model, config, bounds, logits, digest, checkpoint_path, resume, context) -> TrainingState:
+    """Fresh state, or the checkpoint's (restoring bounds, rounding logits, Adam and the scheduler into ``model``)."""
+    groups = [{"params": bounds}] + ([{"params": logits, "lr": config.rounding_lr}] if logits else [])
+    optimizer = torch.optim.Adam(groups, lr=config.lr, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.iters))
     state = TrainingState(0, digest, {}, {}, {}, world=context.world)
     exists = checkpoint_path is not None and os.path.exists(checkpoint_path)
@@ -279,6 +310,7 @@ def _train(model, train_data, config, reference, tap, teacher_tap, val, state, b
 
     optimizer, scheduler = state.optimizer, state.scheduler
     found = list(quantizers(model).values())
+    roundings = [q.rounding for q in found if isinstance(q.rounding, LearnedRounding)]
     shards = context.world * config.accumulation
     if val is not None and state.iteration == 0:
         _validate(model, val, tap, config, state, 0)
@@ -296,6 +328,10 @@ def _train(model, train_data, config, reference, tap, teacher_tap, val, state, b
                 target_features = teacher_tap.take()
                 total, l1, feature = distillation_loss(model(x), target, tap.take(), target_features,
                                                        config.feature_weight)
+                beta = beta_at(iteration - 1, config.iters) if roundings else 0.0
+                if beta:  # the same term on every micro-batch and rank: their mean is one copy of it
+                    total = total + config.rounding_weight * torch.stack(
+                        [r.regularizer(beta) for r in roundings]).mean()
                 finite = bool(torch.isfinite(total))
                 if finite:
                     total.backward()  # gradients of micro-batches add up in .grad
@@ -335,7 +371,8 @@ def _train(model, train_data, config, reference, tap, teacher_tap, val, state, b
 
 
 def _validate(model, val, tap, config, state, iteration) -> None:
-    result = {"iteration": iteration, **val.evaluate(model, tap, config.feature_weight)}
+    with hard_rounding(model):  # learned roundings are judged as they will be baked
+        result = {"iteration": iteration, **val.evaluate(model, tap, config.feature_weight)}
     if not math.isfinite(result["val_loss"]):
         raise DQCDivergedError(f"DQC validation loss at step {iteration} is not finite ({result['val_loss']}); "
                                f"the bounds of step {iteration} produce NaN/Inf")
@@ -363,14 +400,18 @@ TRANSFORM_PREFIX = "transforms/"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything DQC trains: ``bounds_state`` plus the fold parameters under :data:`TRANSFORM_PREFIX`."""
+    """Everything DQC trains: ``bounds_state`` plus the fold parameters under :data:`TRANSFORM_PREFIX` and the
+    learned roundings' logits under :data:`calib.learned_rounding.ROUNDING_PREFIX` (when attached)."""
     state = dict(bounds_state(model))
     state.update({TRANSFORM_PREFIX + k: v for k, v in transforms_state(model).items()})
+    state.update(rounding_state(model))
     return state
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`trainable_state` (strict on both parts)."""
-    load_bounds(model, {k: v for k, v in state.items() if not k.startswith(TRANSFORM_PREFIX)})
+    """Inverse of :func:`trainable_state` (strict on every part)."""
+    prefixes = (TRANSFORM_PREFIX, ROUNDING_PREFIX)
+    load_bounds(model, {k: v for k, v in state.items() if not k.startswith(prefixes)})
     load_transforms_state(model, {k[len(TRANSFORM_PREFIX):]: v for k, v in state.items()
                                   if k.startswith(TRANSFORM_PREFIX)})
+    load_rounding_state(model, {k: v for k, v in state.items() if k.startswith(ROUNDING_PREFIX)})

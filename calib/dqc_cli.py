@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from .dqc import SCHEDULES, DQCConfig
 from .dqc_run import (CHECKPOINT_SUFFIX, DEFAULT_PATCH, DEFAULT_VAL_FRACTION, DEFAULT_VAL_PATCHES, DQCData, DQCRun,
@@ -103,6 +103,14 @@ def _launched_world() -> int:
     return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
 
 
+def _rounding_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--learned-rounding`` and its ``--rounding-lr`` / ``--rounding-weight`` (2dq-calibrate's block-reconstruction
+    group defines them; a parser without them leaves DQC's defaults)."""
+    if not getattr(args, "learned_rounding", False):
+        return {}
+    return {"rounding": True, "rounding_lr": args.rounding_lr, "rounding_weight": args.rounding_weight}
+
+
 def dqc_configs_from_args(args: argparse.Namespace, world: Optional[int] = None, *,
                           images: Optional[Sequence[Union[str, os.PathLike]]] = None
                           ) -> tuple[DQCConfig, DQCData, DQCRun]:
@@ -150,7 +158,8 @@ def dqc_configs_from_args(args: argparse.Namespace, world: Optional[int] = None,
         config = DQCConfig(iters=args.dqc_iters, batch=args.dqc_batch, lr=args.dqc_lr,
                            feature_weight=args.feature_weight, schedule=args.dqc_schedule, seed=args.seed,
                            checkpoint_every=args.checkpoint_every, val_every=args.val_every,
-                           accumulation=args.dqc_accumulation, feature_taps=args.feature_taps)
+                           accumulation=args.dqc_accumulation, feature_taps=args.feature_taps,
+                           **_rounding_options(args))
         data = DQCData(tuple(images), patch_size=args.dqc_patch_size, val_fraction=args.val_fraction,
                        val_patches=args.val_patches)
         run = DQCRun(device=args.device, threads=threads, checkpoint=checkpoint, resume=args.resume)

@@ -157,8 +157,12 @@ def validation_batch(val_files: list, patch: int, scale: int, seed: int, n: int)
 
 
 def run_dqc(model: nn.Module, config: DQCConfig, data: DQCData, run: DQCRun = DQCRun(), *,
-            teacher: Optional[nn.Module] = None, progress: bool = True) -> dict[str, Any]:
+            teacher: Optional[nn.Module] = None, progress: bool = True,
+            weights_out: Optional[dict[str, torch.Tensor]] = None) -> dict[str, Any]:
     """Run DQC on ``model`` (quantized, bounds from DOBI) over ``data``'s images; returns JSON metadata.
+
+    With ``config.rounding`` the weights end baked on their grids; ``weights_out`` (a dict) receives them by
+    parameter name, for the artifact (:func:`calib.artifact.save_artifact`'s ``weights``).
 
     The returned dict (``{"config", "data", "result", "checkpoint", "processes"}``) belongs in the
     artifact's ``method_options``; ``model`` ends with the bounds of the best validation step (the
@@ -203,5 +207,7 @@ def run_dqc(model: nn.Module, config: DQCConfig, data: DQCData, run: DQCRun = DQ
     finally:
         distributed.shutdown(context)
     description.pop("files")
+    if weights_out is not None:
+        weights_out.update(result.refined)
     return {"config": config.to_dict(), "data": description, "result": result.to_dict(),
             "checkpoint": None if run.checkpoint is None else str(run.checkpoint), "processes": context.world}

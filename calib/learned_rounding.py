@@ -1,4 +1,4 @@
-"""Learned weight rounding (AdaRound, Nagel et al., ICML 2020) for block reconstruction.
+"""Learned weight rounding (AdaRound, Nagel et al., ICML 2020) for block reconstruction and DQC.
 
 Round to nearest puts each weight on its nearest grid point. AdaRound learns, per weight, whether it
 goes down or up: the code is ``floor(w / s) + r`` with ``r = h(v)`` a stretched sigmoid of a logit ``v``
@@ -10,15 +10,20 @@ the grids and the export are unchanged: only which grid point each weight takes 
 while its rounding is learned.
 
 Weights under folds (:mod:`calib.transforms`) are written back through the folds' inverses, like GPTQ's.
+Block reconstruction (:mod:`calib.reconstruct`) learns the roundings one block at a time; DQC
+(:mod:`calib.dqc`, ``DQCConfig.rounding``) learns them end to end with the activation bounds, keeping the
+weight grids and the fold parameters the weights depend on fixed (:func:`weight_dependent`), and checkpoints
+the logits with the bounds (:func:`rounding_state`).
 """
 from __future__ import annotations
 
-from typing import Union
+import contextlib
+from typing import Iterator, Union
 
 import torch
 from torch import nn
 
-from toolchain.quant import QuantConv2d, QuantLinear, Quantizer, grid
+from toolchain.quant import QuantConv2d, QuantLinear, Quantizer, grid, quantizers
 
 #: AdaRound's defaults: regularizer exponent annealed from 20 to 2, after 20% of the steps without it
 DEFAULT_BETA = (20.0, 2.0)
@@ -123,3 +128,63 @@ def restore_weights(layers: dict[str, WeightLayer], snapshot: dict[str, torch.Te
     """Put the weights of :func:`weight_snapshot` back (after a rounding that did not pay)."""
     for name, layer in layers.items():
         _stored(layer).copy_(snapshot[name])
+
+
+#: key prefix of the rounding logits in DQC's state dicts (checkpoints, best state), by quantizer name
+ROUNDING_PREFIX = "rounding/"
+
+
+def rounding_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the logits of every attached :class:`LearnedRounding`, under :data:`ROUNDING_PREFIX` + quantizer name."""
+    return {key: v.detach().clone() for key, v in _logits(model).items()}
+
+
+def _logits(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {ROUNDING_PREFIX + name: q.rounding.v for name, q in quantizers(model).items()
+            if isinstance(q.rounding, LearnedRounding)}
+
+
+@torch.no_grad()
+def load_rounding_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy :func:`rounding_state` logits back (strict: the same quantizers carry a rounding)."""
+    own = _logits(model)
+    if set(own) != set(state):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise ValueError(f"rounding state does not match the model's learned roundings (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]})")
+    for key, value in state.items():
+        own[key].copy_(value)
+
+
+@contextlib.contextmanager
+def hard_rounding(model: nn.Module) -> Iterator[None]:
+    """Within the block, every attached rounding is hard (``v >= 0``: the codes the baked weights will have)."""
+    roundings = [q.rounding for q in quantizers(model).values() if isinstance(q.rounding, LearnedRounding)]
+    before = [r.hard for r in roundings]
+    for rounding in roundings:
+        rounding.hard = True
+    try:
+        yield
+    finally:
+        for rounding, hard in zip(roundings, before):
+            rounding.hard = hard
+
+
+def weight_dependent(layers: dict[str, WeightLayer], parameters: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Those of ``parameters`` (e.g. fold parameters) that any of the layers' weights is computed from."""
+    if not parameters:
+        return []
+    flags = [p.requires_grad for p in parameters]
+    used: set[int] = set()
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        with torch.enable_grad():
+            for layer in layers.values():
+                grads = torch.autograd.grad(layer.weight.sum(), parameters, allow_unused=True) \
+                    if layer.weight.requires_grad else [None] * len(parameters)
+                used.update(id(p) for p, g in zip(parameters, grads) if g is not None)
+    finally:
+        for parameter, flag in zip(parameters, flags):
+            parameter.requires_grad_(flag)
+    return [p for p in parameters if id(p) in used]

@@ -34,8 +34,9 @@ def add_reconstruct_arguments(group: argparse._ArgumentGroup) -> None:
                        help="QDrop: while training, each element of a block's input is the float model's with "
                        "probability P instead of the quantized model's (default: %(default)s)")
     group.add_argument("--learned-rounding", action="store_true",
-                       help="with --reconstruct: learn each weight's rounding (AdaRound) on its fixed grid instead "
-                       "of training the weight bounds; the weights are stored in the artifact (not with --gptq)")
+                       help="with --reconstruct or --method 2dquant (DQC): learn each weight's rounding (AdaRound) "
+                       "on its fixed grid instead of training the weight bounds; the weights are stored in the "
+                       "artifact (not with --gptq)")
     group.add_argument("--rounding-lr", type=float, default=DEFAULTS.rounding_lr,
                        help="Adam learning rate of the rounding logits (default: %(default)s)")
     group.add_argument("--rounding-weight", type=float, default=DEFAULTS.rounding_weight,
@@ -58,8 +59,9 @@ def reconstruct_config_from_args(args: argparse.Namespace) -> ReconstructConfig:
 def check_reconstruct_args(args: argparse.Namespace) -> None:
     """Usage errors of the options, before anything runs."""
     reconstruct_config_from_args(args)
-    if args.learned_rounding and not args.reconstruct:
-        raise UsageError("--learned-rounding learns the rounding block by block: it needs --reconstruct")
+    if args.learned_rounding and not (args.reconstruct or args.method == "2dquant"):
+        raise UsageError("--learned-rounding learns the weights' rounding block by block (--reconstruct) or end to "
+                         "end with the bounds (--method 2dquant): it needs one of them")
     if args.reconstruct and args.method == "2dquant":
         raise UsageError("--reconstruct is an alternative to DQC's end-to-end distillation (--method 2dquant): use it "
                          "with dobi, minmax or percentile")

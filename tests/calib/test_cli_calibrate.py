@@ -96,7 +96,7 @@ def test_bits_overrides_give_a_mixed_precision_artifact(tmp_path, capsys, tiny_c
     (["--bits-override", "layers.1.*"], "PATTERN=BITS"),
     (["--bits-override", "*.nothing.*=8"], "bits_overrides pattern"),
     (["--bits-override", "layers.1.*=8", "--target", "trt-int4"], "trt-int4"),
-    (["--learned-rounding"], "needs --reconstruct"),
+    (["--learned-rounding"], "it needs one of them"),
     (["--reconstruct", "--learned-rounding", "--gptq"], "pick one"),
     (["--reconstruct", "--method", "2dquant"], "alternative to DQC"),
     (["--reconstruct", "--reconstruct-iters", "0"], "--reconstruct-iters"),
