@@ -59,6 +59,9 @@ CONFIGS = {
                                                  "--reconstruct-drop", "0.5"],
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
                                                        "--learned-rounding", "--reconstruct-drop", "0.5"],
+    # DQC (40 CPU steps, the command's default) on the rotated recipe, without and with learned rounding inside it
+    "2dquant+pc+smooth+shifts+rotate": ["--method", "2dquant", *TRANSFORMS, *ROTATE],
+    "2dquant+pc+smooth+shifts+rotate+round": ["--method", "2dquant", *TRANSFORMS, *ROTATE, "--learned-rounding"],
     # mixed precision under a bit budget equal to the cell's bits (calib/bit_budget.py) on top of the best recipe
     "dobi+pc+smooth+shifts+rotate+gptq+budget": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--gptq", "--bit-budget",
                                                  "{bits}"],

@@ -221,18 +221,21 @@ def distill(
     frozen = [p for m in (model, teacher) if m is not None for p in m.parameters()]
     flags = [p.requires_grad for p in frozen]
     layers = weight_layers(model) if config.rounding else {}
+    if config.rounding and not layers:
+        log.warning("DQC: learned rounding asked for, but no weight is quantized: only the bounds train")
+    fixed: set[int] = set()
     if layers:  # AdaRound learns codes on fixed grids: the weights' bounds and folds stay
         fixed = {id(p) for layer in layers.values() for p in (layer.weight_quantizer.lower, layer.weight_quantizer.upper)}
         fixed.update(id(p) for p in weight_dependent(layers, transform_parameters(model)))
-        bounds = [p for p in bounds if id(p) not in fixed]
     start = time.perf_counter()
     baked = False
     try:
         for parameter in frozen:
             parameter.requires_grad_(False)
+        distributed.broadcast_(bounds, context)   # every rank starts from rank 0's bounds and folds
+        bounds = [p for p in bounds if id(p) not in fixed]
         for bound in bounds:
             bound.requires_grad_(True)
-        distributed.broadcast_(bounds, context)
         logits = [r.v for r in attach_rounding(layers).values()]  # identical on every rank: from the weights
         reference = Teacher(model, teacher)
         with contextlib.ExitStack() as stack:
