@@ -42,11 +42,13 @@ log = logging.getLogger("best_rows")
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = "DAT-light/DAT_light_x{scale}.pth"
 TRANSFORMS = ["--method", "dobi", "--granularity", "per-channel", "--smooth", "all", "--shifts"]
-#: bits -> 2dq-calibrate options: the held-out winner of each width (rotation_ablation.md)
+#: bits -> 2dq-calibrate options: the held-out winner of each width (rotation_ablation.md, reconstruct.md):
+#: W4 the rotated recipe with GPTQ under a 4-bit budget (mixed precision), W3 the transforms with GPTQ,
+#: W2 the rotated recipe with block reconstruction and learned rounding in place of GPTQ
 RECIPES = {
-    4: [*TRANSFORMS, "--rotate", "inputs", "--gptq"],
+    4: [*TRANSFORMS, "--rotate", "inputs", "--gptq", "--bit-budget", "4"],
     3: [*TRANSFORMS, "--gptq"],
-    2: [*TRANSFORMS, "--rotate", "inputs", "--gptq"],
+    2: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding"],
 }
 #: FP PSNR / SSIM of our evaluator (benchmarks/dat_light_ptq.md, results/dat_light_ptq_*.json; equal to the
 #: published figures within 0.01 dB)
@@ -114,6 +116,9 @@ def run_row(scale: int, bits: int, args: argparse.Namespace, data: dict) -> None
             row["calibrate_s"] = summary.get("seconds")
             meta = json.loads(artifact.with_suffix(".json").read_text())
             row["transforms"] = meta.get("method_options", {}).get("transforms", {})
+            budget = meta.get("method_options", {}).get("bit_budget")
+            if budget:  # mixed precision: the averages the budget held (weights per parameter, activations per element)
+                row["average_bits"] = budget["average_bits"]
         elif step == "build":
             row["verify"] = summary.get("verification", summary.get("verify"))
             row["verify_passed"] = done.returncode == 0
@@ -128,6 +133,13 @@ def run_row(scale: int, bits: int, args: argparse.Namespace, data: dict) -> None
     shutil.copyfile(artifact.with_suffix(".json"), target.with_suffix(".json"))
     row["artifact"] = str(target.with_suffix(".safetensors").relative_to(args.artifacts.parent.parent))
     save(args.out, data)
+
+
+def width(row: dict) -> str:
+    """``W4A4``, or for a mixed-precision row ``W4A4 mixed (avg 4.00 / 4.00)`` (weights / activations)."""
+    label = f"W{row['bits']}A{row['bits']}"
+    average = row.get("average_bits")
+    return f"{label} mixed (avg {average['weight']:.2f} / {average['activation']:.2f})" if average else label
 
 
 def table(data: dict) -> str:
@@ -147,7 +159,7 @@ def table(data: dict) -> str:
         seconds = f"{row['calibrate_s']:.0f}" if row.get("calibrate_s") is not None else "–"
         fq = row.get("fakequant_set5_whole")
         whole = f"{fq['psnr']:.2f} / {fq['ssim']:.4f}" if fq else "–"
-        lines.append(f"| x{row['scale']} | W{row['bits']}A{row['bits']} | `{recipe}` | {' | '.join(cells)} | "
+        lines.append(f"| x{row['scale']} | {width(row)} | `{recipe}` | {' | '.join(cells)} | "
                      f"{' / '.join(drops)} | {whole} | {verify} | {seconds} |")
     return "\n".join(lines)
 
@@ -169,7 +181,7 @@ def published_table(data: dict) -> str:
             ref = paper.get((scale, name, bits)) if name == "2DQuant" else later.get((scale, name, bits))
             cells.append("–" if ref is None else " / ".join(
                 f"{float(fp_paper[s + '_psnr']) - float(ref.get(s) or ref[s + '_psnr']):.2f}" for s in SETS.split(",")))
-        out.append(f"| x{scale} | W{bits}A{bits} | {ours} | " + " | ".join(cells) + " |")
+        out.append(f"| x{scale} | {width(row)} | {ours} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

@@ -25,12 +25,25 @@ def _weights(shared_dir: Path, row: dict) -> Path:
 
 @pytest.mark.parametrize("key", sorted(k for k, row in ROWS.items() if "artifact" in row))
 def test_each_committed_artifact_loads_with_its_row_width(key, shared_dir):
+    """Uniform rows: every quantizer has the row's width. Rows under a bit budget (``--bit-budget``, mixed
+    precision): the weights' average (bits per parameter, counted here) and the activations' recorded average are
+    within the row's bits, every width one the allocator may choose."""
     row = ROWS[key]
     artifact = BENCHMARKS.parent / row["artifact"]
     model = load_quantized_model(_weights(shared_dir, row), artifact)
+    sidecar = json.loads(artifact.with_suffix(".json").read_text())
     widths = {q.bits for q in quantizers(model).values()}
-    assert widths == {row["bits"]}, (key, widths)
-    assert json.loads(artifact.with_suffix(".json").read_text())["quant_config"]["w_bits"] == row["bits"]
+    if "--bit-budget" not in row["recipe"]:
+        assert widths == {row["bits"]}, (key, widths)
+        assert sidecar["quant_config"]["w_bits"] == row["bits"]
+        return
+    budget = sidecar["method_options"]["bit_budget"]
+    assert widths <= set(budget["allowed_widths"]) and len(widths) > 1, (key, widths)
+    weights = [(q.bits, layer.weight.numel()) for layer in model.modules()
+               for q in [getattr(layer, "weight_quantizer", None)] if q is not None and q.enabled]
+    average = sum(b * n for b, n in weights) / sum(n for _, n in weights)
+    assert average == pytest.approx(budget["average_bits"]["weight"], abs=1e-3) and average <= row["bits"] + 1e-3
+    assert budget["average_bits"]["activation"] <= row["bits"] + 1e-3
 
 
 @pytest.mark.slow
