@@ -25,16 +25,16 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from toolchain.quant import bound_parameters, bounds_state, load_bounds, quantizers
+from toolchain.quant import bound_parameters, quantizers
 
-from .transforms import load_transforms_state, transform_parameters, transforms_state
+from .transforms import transform_parameters
 from toolchain.quant.grid import order_bounds_
 
 from . import distributed
 from .feature_taps import feature_modules
-from .learned_rounding import (ROUNDING_PREFIX, LearnedRounding, attach_rounding, bake_rounding, beta_at,
-                               detach_rounding, hard_rounding, load_rounding_state, rounding_state, weight_dependent,
-                               weight_layers)
+from .learned_rounding import (LearnedRounding, attach_rounding, bake_rounding, beta_at, detach_rounding,
+                               hard_rounding, weight_dependent, weight_layers)
+from .trainable import TRANSFORM_PREFIX, load_trainable_state, trainable_state  # noqa: F401  (public here too)
 from .dqc_loss import FeatureTap, Teacher, Validation, distillation_loss, feature_distance
 from .dqc_state import (TrainingState, global_indices, load_checkpoint, refuse_unless_finished, run_hash,
                         save_checkpoint, tensor_digest, weights_fingerprint)
@@ -396,25 +396,3 @@ def _save(path, state: TrainingState, bounds, model) -> None:
     snapshot = dataclasses.replace(state, bounds=trainable_state(model), optimizer=state.optimizer.state_dict(),
                                    scheduler=state.scheduler.state_dict())
     save_checkpoint(path, snapshot)
-
-
-#: key prefix of fold parameters in DQC's state dicts (checkpoints, best state) beside the bounds
-TRANSFORM_PREFIX = "transforms/"
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything DQC trains: ``bounds_state`` plus the fold parameters under :data:`TRANSFORM_PREFIX` and the
-    learned roundings' logits under :data:`calib.learned_rounding.ROUNDING_PREFIX` (when attached)."""
-    state = dict(bounds_state(model))
-    state.update({TRANSFORM_PREFIX + k: v for k, v in transforms_state(model).items()})
-    state.update(rounding_state(model))
-    return state
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`trainable_state` (strict on every part)."""
-    prefixes = (TRANSFORM_PREFIX, ROUNDING_PREFIX)
-    load_bounds(model, {k: v for k, v in state.items() if not k.startswith(prefixes)})
-    load_transforms_state(model, {k[len(TRANSFORM_PREFIX):]: v for k, v in state.items()
-                                  if k.startswith(TRANSFORM_PREFIX)})
-    load_rounding_state(model, {k: v for k, v in state.items() if k.startswith(ROUNDING_PREFIX)})

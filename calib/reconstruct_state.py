@@ -1,7 +1,7 @@
 """Block reconstruction's checkpoint: the state after each finished block, so that a killed run resumes.
 
 One safetensors file (written atomically after every block): the trainable state (bounds and fold
-parameters, :func:`calib.dqc.trainable_state`), the learned-rounding weights so far, and JSON metadata: the
+parameters, :func:`calib.trainable.trainable_state`), the learned-rounding weights so far, and JSON metadata: the
 run hash (what must match to resume: configuration, blocks, patches, weights and starting bounds), the
 blocks done and their results.
 """
@@ -18,7 +18,7 @@ from torch import nn
 
 from toolchain.files import atomic_path
 
-from .dqc import load_trainable_state, trainable_state
+from .trainable import load_trainable_state, trainable_state
 from .dqc_state import run_hash, tensor_digest, weights_fingerprint
 
 KIND = "2dq-reconstruct-checkpoint"

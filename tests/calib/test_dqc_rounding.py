@@ -10,6 +10,7 @@ stores the baked weights in the artifact, and the loaded model computes what the
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -133,8 +134,6 @@ def test_the_command_stores_the_baked_weights(tmp_path, capsys, tiny_checkpoint,
                  "--dqc-batch", "2", "--dqc-patch-size", "16", "--val-every", "2", "--val-patches", "2"])
     capsys.readouterr()
     assert code == 0
-    import json
-
     sidecar = json.loads(out.with_suffix(".json").read_text())
     dqc = sidecar["method_options"]["dqc"]
     assert dqc["config"]["rounding"] is True and dqc["result"]["refined_weights"] > 0
