@@ -3,8 +3,8 @@
 2DQuant distils the outputs of SwinIR-light's four residual groups. The same idea, with no
 per-architecture code: walk the module tree breadth-first from the root, treating containers
 (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict`` of exactly those classes) as transparent, and
-stop at the first depth where one model-defined class (not a ``torch.nn`` building block) occurs at
-least twice: those modules are the taps. SwinIR / HAT / SRFormer: the residual groups
+stop at the first depth where one model-defined class (not a ``torch.nn`` building block, nor the
+``toolchain.quant`` module that replaced one) occurs at least twice: those modules are the taps. SwinIR / HAT / SRFormer: the residual groups
 (``layers.0`` .. ``layers.3``); NGswin: its encoder stages and decoder (``encoder_layer1`` ..
 ``decoder_layer1``); DAT-light, whose one residual group holds 18 blocks: the 18 blocks. A pattern
 (fnmatch on module paths, e.g. ``'layers.0.blocks.*[05]'``) replaces the rule.
@@ -62,7 +62,8 @@ def _expand(level: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
 
 
 def _is_builtin(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.")
+    """A ``torch.nn`` building block, or our quantized stand-in for one (``QuantLinear``, ``Quantizer``, ...)."""
+    return type(module).__module__.startswith(("torch.", "toolchain.quant."))
 
 
 class _Stage(nn.Module):
