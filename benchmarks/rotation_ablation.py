@@ -65,6 +65,12 @@ CONFIGS = {
     # mixed precision under a bit budget equal to the cell's bits (calib/bit_budget.py) on top of the best recipe
     "dobi+pc+smooth+shifts+rotate+gptq+budget": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--gptq", "--bit-budget",
                                                  "{bits}"],
+    "dobi+pc+smooth+shifts+gptq+budget": ["--method", "dobi", *TRANSFORMS, "--gptq", "--bit-budget", "{bits}"],
+    "dobi+pc+smooth+shifts+rotate+recon+round+budget": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
+                                                        "--learned-rounding", "--bit-budget", "{bits}"],
+    "dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
+                                                              "--learned-rounding", "--reconstruct-drop", "0.5",
+                                                              "--bit-budget", "{bits}"],
     "dobi+rotate(attn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.attn.qkv,*.attn.proj"],
     "dobi+rotate(ffn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.ffn.fc1,*.ffn.fc2"],
     **{f"dobi+rotate({name})": ["--method", "dobi", *ROTATE, "--rotate-only", f"*.{name}"]
