@@ -43,11 +43,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = "DAT-light/DAT_light_x{scale}.pth"
 TRANSFORMS = ["--method", "dobi", "--granularity", "per-channel", "--smooth", "all", "--shifts"]
 #: bits -> 2dq-calibrate options: the held-out winner of each width (rotation_ablation.md, reconstruct.md):
-#: W4 the rotated recipe with GPTQ under a 4-bit budget (mixed precision), W3 the transforms with GPTQ,
-#: W2 the rotated recipe with block reconstruction and learned rounding in place of GPTQ
+#: W4 the rotated recipe with GPTQ under a 4-bit budget (mixed precision), W3 the rotated recipe with block
+#: reconstruction and learned rounding under a 3-bit budget, W2 the same without the budget (at 2 bits no
+#: quantizer can go lower to pay for another's higher width: a 2-bit budget is the uniform model)
 RECIPES = {
     4: [*TRANSFORMS, "--rotate", "inputs", "--gptq", "--bit-budget", "4"],
-    3: [*TRANSFORMS, "--gptq"],
+    3: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--bit-budget", "3"],
     2: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding"],
 }
 #: FP PSNR / SSIM of our evaluator (benchmarks/dat_light_ptq.md, results/dat_light_ptq_*.json; equal to the
