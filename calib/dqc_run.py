@@ -175,7 +175,7 @@ def run_dqc(model: nn.Module, config: DQCConfig, data: DQCData, run: DQCRun = DQ
     >>> from toolchain.defaults import DEFAULT_CALIB_IMAGES
     >>> from calib import quantize
     >>> model = quantize(model, forward_loop=lambda m: m(torch.rand(8, 3, 16, 16)))   # DOBI bounds
-    >>> config = DQCConfig(iters=2, batch=2, val_every=0)
+    >>> config = DQCConfig(iters=2, batch=2, val_every=0, feature_taps="layers.0")  # one stage: name it
     >>> options = run_dqc(model, config, DQCData.from_folder(DEFAULT_CALIB_IMAGES, patch_size=16), progress=False)
     >>> options["result"]["iterations"], options["data"]["train_images"], options["checkpoint"]
     (2, 25, None)
