@@ -5,9 +5,9 @@ per-architecture code: walk the module tree breadth-first from the root, treatin
 (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict`` of exactly those classes) as transparent, and
 stop at the first depth where one model-defined class (not a ``torch.nn`` building block, nor the
 ``toolchain.quant`` module that replaced one) occurs at least twice: those modules are the taps. SwinIR /
-HAT / SRFormer: the residual groups (``layers.0`` .. ``layers.3``); NGswin: its encoder stages and decoder (``encoder_layer1`` ..
-``decoder_layer1``); DAT-light, whose one residual group holds 18 blocks: the 18 blocks. A pattern
-(fnmatch on module paths, e.g. ``'layers.0.blocks.*[05]'``) replaces the rule.
+HAT / SRFormer: the residual groups (``layers.0`` .. ``layers.3``); NGswin: its encoder stages and decoder
+(``encoder_layer1`` .. ``decoder_layer1``); DAT-light, whose one residual group holds 18 blocks: the 18
+blocks. A pattern (fnmatch on module paths, e.g. ``'layers.0.blocks.*[05]'``) replaces the rule.
 """
 from __future__ import annotations
 
