@@ -14,6 +14,7 @@ DQC) adds an entry whose ``run`` calls the first one and continues; nothing else
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -286,6 +287,14 @@ def _main(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     if budget is not None and config.target == "trt-int4":
         raise UsageError("--bit-budget: not with --target trt-int4 (its weights are all 4-bit)")
+    if budget is not None and budget.weight == budget.activation == budget.widths[0]:
+        # no quantizer can go narrower to pay for a wider one: the allocation is the uniform model, so skip its pass
+        narrowest = budget.widths[0]
+        log.warning("--bit-budget %s: %d bits is the narrowest allowed width, so every quantizer takes it; "
+                    "calibrating the uniform W%dA%d model (no sensitivity pass)", args.bit_budget, narrowest,
+                    narrowest, narrowest)
+        config = dataclasses.replace(config, w_bits=narrowest, a_bits=narrowest)
+        budget = None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -14,7 +14,9 @@ costs one block's forward and backward, so many more steps fit a CPU budget than
   is learned);
 - with ``rounding`` (:mod:`calib.learned_rounding`, AdaRound), each weight's rounding direction on its
   fixed grid, made hard at the end of the block and written into the weights (the artifact stores
-  them, as GPTQ's).
+  them, as GPTQ's);
+- with ``affine`` (:mod:`calib.float_affine`), the block's biases and normalization affines, which the
+  deployed graph keeps in float (the artifact stores them too).
 
 Fold parameters (:mod:`calib.transforms`) stay as calibrated; shifts are re-made exact after each block.
 A block whose loss on the calibration data ends higher than it started is restored to its start.
@@ -40,6 +42,7 @@ from toolchain.quant.grid import order_bounds_
 
 from .dqc import lr_factor
 from .feature_taps import feature_modules
+from .float_affine import affine_parameters
 from .reconstruct_state import Progress, load_progress, reconstruct_hash, restore_progress, save_progress
 from .learned_rounding import (attach_rounding, bake_rounding, beta_at, restore_weights, weight_layers,
                                weight_snapshot)
@@ -64,6 +67,8 @@ class ReconstructConfig:
     - ``drop``: while training, each element of a block's (quantized) input is replaced by the float
       model's with this probability (QDrop, Wei et al., ICLR 2022: a flatter, less over-fitted solution);
       0 = always the quantized input (BRECQ).
+    - ``affine``: also train the block's float biases and one-dimensional weights (normalization affines),
+      at Adam's learning rate ``affine_lr`` (absolute: they are O(0.1-1) in every model).
     """
 
     iters: int = 100
@@ -75,13 +80,15 @@ class ReconstructConfig:
     units: str = ""
     seed: int = 0
     drop: float = 0.0
+    affine: bool = False
+    affine_lr: float = 3e-2
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ReconstructConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("lr", "rounding_lr"):
+        for name in ("lr", "rounding_lr", "affine_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"ReconstructConfig.{name} must be a positive number, got {value!r}")
@@ -247,8 +254,9 @@ def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: Reconstr
     """Reconstruct ``model``'s blocks in order (in place) on the LR ``patches`` ``(N, 3, h, w)``.
 
     ``model`` is quantized with calibrated bounds (DOBI, MinMax, percentile; transforms attached and
-    finished). Returns each block's result and, with ``config.rounding``, the new float weights by
-    parameter name (for :func:`calib.artifact.save_artifact`'s ``weights``); otherwise an empty dict.
+    finished). Returns each block's result and, with ``config.rounding`` or ``config.affine``, the new float
+    weights (biases, affines) by parameter name (for :func:`calib.artifact.save_artifact`'s ``weights``);
+    otherwise an empty dict.
     Every other parameter is frozen for the run (flags restored after).
 
     ``checkpoint``: a file written after every block (:mod:`calib.reconstruct_state`); an existing one is an
@@ -297,8 +305,9 @@ def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: Reconstr
         if done:
             restore_progress(model, saved_state, refined)
         chained = _chained(first_calls, first_outputs)
-        log.info("block reconstruction: %d blocks, %d steps each on batches of %d of %d patches%s", len(units),
-                 config.iters, config.batch, len(patches), ", learned weight rounding" if config.rounding else "")
+        log.info("block reconstruction: %d blocks, %d steps each on batches of %d of %d patches%s%s", len(units),
+                 config.iters, config.batch, len(patches), ", learned weight rounding" if config.rounding else "",
+                 ", float biases and affines" if config.affine else "")
         calls: Optional[list[Call]] = None
         bar = tqdm(units, desc="reconstruct", unit="block", disable=not progress)
         for k, (path, unit) in enumerate(bar):
@@ -331,6 +340,8 @@ def _reconstruct_unit(path: str, unit: nn.Module, calls: list[Call], targets: li
     rounded = {id(layer.weight_quantizer) for layer in layers.values()}
     saved = {name: (q.lower.detach().clone(), q.upper.detach().clone()) for name, q in found.items()}
     before = weight_snapshot(layers)
+    affine = affine_parameters(unit, path) if config.affine else {}
+    affine_start = {name: p.detach().clone() for name, p in affine.items()}
     start = _unit_mse(unit, calls, targets, device)
     roundings = attach_rounding(layers)
     # each quantizer's bounds move at a rate relative to its range (weights span ~0.1, activations ~10)
@@ -338,6 +349,8 @@ def _reconstruct_unit(path: str, unit: nn.Module, calls: list[Call], targets: li
               for q in found.values() if id(q) not in rounded]
     if roundings:
         groups.append({"params": [r.v for r in roundings.values()], "lr": config.rounding_lr})
+    if affine:
+        groups.append({"params": list(affine.values()), "lr": config.affine_lr})
     for group in groups:
         for parameter in group["params"]:
             parameter.requires_grad_(True)
@@ -376,11 +389,14 @@ def _reconstruct_unit(path: str, unit: nn.Module, calls: list[Call], targets: li
     kept = end < start
     if kept:
         refined.update(weights)
+        refined.update({name: p.detach().clone() for name, p in affine.items()})
     else:
         with torch.no_grad():
             for name, q in found.items():
                 q.lower.copy_(saved[name][0])
                 q.upper.copy_(saved[name][1])
+            for name, p in affine.items():
+                p.copy_(affine_start[name])
         restore_weights(layers, before)
         end = start
     log.debug("reconstruct %s: MSE %.4g -> %.4g (%s)", path, start, end, "kept" if kept else "restored")

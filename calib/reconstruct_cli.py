@@ -33,6 +33,11 @@ def add_reconstruct_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--reconstruct-drop", type=float, default=DEFAULTS.drop, metavar="P",
                        help="QDrop: while training, each element of a block's input is the float model's with "
                        "probability P instead of the quantized model's (default: %(default)s)")
+    group.add_argument("--reconstruct-affine", action="store_true",
+                       help="also train each block's biases and normalization affines, which the deployed graph keeps "
+                       "in float (stored in the artifact)")
+    group.add_argument("--affine-lr", type=float, default=DEFAULTS.affine_lr,
+                       help="Adam learning rate of the biases and affines of --reconstruct-affine (default: %(default)s)")
     group.add_argument("--learned-rounding", action="store_true",
                        help="with --reconstruct or --method 2dquant (DQC): learn each weight's rounding (AdaRound) "
                        "on its fixed grid instead of training the weight bounds; the weights are stored in the "
@@ -48,11 +53,12 @@ def reconstruct_config_from_args(args: argparse.Namespace) -> ReconstructConfig:
         return ReconstructConfig(iters=args.reconstruct_iters, batch=args.reconstruct_batch, lr=args.reconstruct_lr,
                                  rounding=args.learned_rounding, rounding_lr=args.rounding_lr,
                                  rounding_weight=args.rounding_weight, units=args.reconstruct_units, seed=args.seed,
-                                 drop=args.reconstruct_drop)
+                                 drop=args.reconstruct_drop, affine=args.reconstruct_affine, affine_lr=args.affine_lr)
     except ValueError as err:
         option = str(err).split(".", 1)[1].split(" ", 1)[0] if "ReconstructConfig." in str(err) else ""
         flag = {"iters": "--reconstruct-iters", "batch": "--reconstruct-batch", "lr": "--reconstruct-lr",
-                "rounding_lr": "--rounding-lr", "rounding_weight": "--rounding-weight", "drop": "--reconstruct-drop"}.get(option, "--reconstruct")
+                "rounding_lr": "--rounding-lr", "rounding_weight": "--rounding-weight", "drop": "--reconstruct-drop",
+                "affine_lr": "--affine-lr"}.get(option, "--reconstruct")
         raise UsageError(f"{flag}: {err}") from None
 
 
@@ -62,6 +68,8 @@ def check_reconstruct_args(args: argparse.Namespace) -> None:
     if args.learned_rounding and not (args.reconstruct or args.method == "2dquant"):
         raise UsageError("--learned-rounding learns the weights' rounding block by block (--reconstruct) or end to "
                          "end with the bounds (--method 2dquant): it needs one of them")
+    if args.reconstruct_affine and not args.reconstruct:
+        raise UsageError("--reconstruct-affine trains the biases and affines block by block: it needs --reconstruct")
     if args.reconstruct and args.method == "2dquant":
         raise UsageError("--reconstruct is an alternative to DQC's end-to-end distillation (--method 2dquant): use it "
                          "with dobi, minmax or percentile")

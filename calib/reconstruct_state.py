@@ -70,10 +70,8 @@ def load_progress(path: str | os.PathLike, digest: str) -> tuple[Progress, dict[
 
 
 def restore_progress(model: nn.Module, state: dict[str, torch.Tensor], refined: dict[str, torch.Tensor]) -> None:
-    """Put a checkpoint's bounds, fold parameters and rounded weights into ``model``."""
-    from .learned_rounding import restore_weights
+    """Put a checkpoint's bounds, fold parameters and refined weights (rounded, biases, affines) into ``model``."""
+    from .float_affine import write_stored
 
     load_trainable_state(model, state)
-    suffix = ".weight"
-    layers = {name[:-len(suffix)]: model.get_submodule(name[:-len(suffix)]) for name in refined}
-    restore_weights(layers, {name[:-len(suffix)]: value for name, value in refined.items()})
+    write_stored(model, refined)

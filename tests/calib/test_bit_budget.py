@@ -244,3 +244,21 @@ def test_the_default_artifact_name_says_budget():
     args = build_parser().parse_args(["--bit-budget", "3.5,4"])
     _check_args(args, quant_config_from_args(args))
     assert Path(args.out).name == "dat_light_x4_w4a4_budget3.5-4.safetensors"
+
+
+def test_a_budget_at_the_narrowest_width_is_the_uniform_model_without_its_pass(loud_checkpoint, calib_images,
+                                                                                tmp_path, capsys, monkeypatch):
+    """``--bit-budget 2`` leaves no quantizer anything to trade (none can go below 2 bits): the command says so and
+    writes the uniform W2A2 artifact, bounds byte for byte, without measuring a sensitivity."""
+    import calib.cli
+
+    common = ["--weights", str(loud_checkpoint), "--calib-images", str(calib_images), "--patches", "4",
+              "--patch-size", "16", "--batch", "2", "--no-progress"]
+    assert _cli(capsys, *common, "--bits", "2", "--out", str(tmp_path / "uniform.safetensors"))[0] == 0
+    monkeypatch.setattr(calib.cli, "allocate_bits", lambda *a, **k: pytest.fail("the sensitivity pass ran"))
+    code, err = _cli(capsys, *common, "--bits", "4", "--bit-budget", "2", "--out", str(tmp_path / "b.safetensors"))
+    assert code == 0 and "narrowest allowed width" in err, err
+    uniform, budget = load_artifact(tmp_path / "uniform.safetensors"), load_artifact(tmp_path / "b.safetensors")
+    assert budget.quant_config == QuantConfig(w_bits=2, a_bits=2)
+    assert budget.bounds.keys() == uniform.bounds.keys()
+    assert all(torch.equal(budget.bounds[k], uniform.bounds[k]) for k in uniform.bounds)

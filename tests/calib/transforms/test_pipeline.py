@@ -243,6 +243,32 @@ def test_gptq_with_every_transform_exports_and_ort_matches(tmp_path, capsys, tin
     _ort_codes_agree(onnx_path, model, float_engine, tmp_path)
 
 
+def test_reconstructed_affines_with_every_transform_export_and_ort_matches(tmp_path, capsys, tiny_checkpoint,
+                                                                          calib_images, float_engine):
+    """``--reconstruct --reconstruct-affine`` under every fold: the trained biases and LayerNorm affines are in the
+    artifact by their checkpoint names, differ from the checkpoint's, and the exported graph computes them exactly."""
+    ort = pytest.importorskip("onnxruntime")
+    from export.onnx_export import ExportOptions, export_onnx
+    from toolchain import load_model
+
+    out = tmp_path / "affine.safetensors"
+    code, stdout, _ = run(capsys, *base_args(tiny_checkpoint, calib_images, out), "--granularity", "per-channel",
+                          "--smooth", "all", "--shifts", "--reconstruct", "--reconstruct-iters", "10",
+                          "--reconstruct-affine", "--affine-lr", "1e-4")
+    assert code == 0, stdout
+    artifact = load_artifact(out)
+    refined = {k[len("weights/"):]: v for k, v in artifact.bounds.items() if k.startswith("weights/")}
+    assert any(k.endswith("norm1.weight") for k in refined) and any(k.endswith("qkv.bias") for k in refined)
+    checkpoint = dict(load_model(tiny_checkpoint).named_parameters())
+    assert all(not torch.equal(checkpoint[k], v) for k, v in refined.items())
+    assert artifact.meta["method_options"]["reconstruct"]["config"]["affine"] is True
+    model = load_quantized_model(tiny_checkpoint, out)
+    onnx_path = tmp_path / "affine.onnx"
+    assert not export_onnx(tiny_checkpoint, out, onnx_path, ExportOptions(tile=16)).violations
+    assert _ort_psnr(ort, onnx_path, model) >= ORT_MIN_PSNR
+    _ort_codes_agree(onnx_path, model, float_engine, tmp_path)
+
+
 @pytest.mark.parametrize("options, message", [(["--gptq-damp", "0"], "--gptq-damp"),
                                               (["--method", "2dquant"], "does not go with --method 2dquant")])
 def test_gptq_usage_errors(tmp_path, capsys, tiny_checkpoint, calib_images, options, message):
