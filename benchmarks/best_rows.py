@@ -49,7 +49,7 @@ TRANSFORMS = ["--method", "dobi", "--granularity", "per-channel", "--smooth", "a
 RECIPES = {
     4: [*TRANSFORMS, "--rotate", "inputs", "--gptq", "--bit-budget", "4"],
     3: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--bit-budget", "3"],
-    2: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding"],
+    2: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--reconstruct-affine"],
 }
 #: FP PSNR / SSIM of our evaluator (benchmarks/dat_light_ptq.md, results/dat_light_ptq_*.json; equal to the
 #: published figures within 0.01 dB)
