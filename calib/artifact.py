@@ -8,8 +8,10 @@ the sidecar sits beside it with the suffix ``.json`` (``run/w4a4.safetensors`` -
   (shape ``()`` per tensor, ``(C_out, 1, ...)`` per channel), exactly
   :func:`toolchain.quant.bounds_state`; with folds (:mod:`calib.transforms`)
   also their learned parameters under ``transforms/`` (``transforms/smoothing.<group>.log_scale``,
-  ``transforms/shift.<site>.offset``); with GPTQ (:mod:`calib.gptq`) the refined float weights of the
-  linears under ``weights/`` (``weights/<module>.weight``: the checkpoint's parameter, replaced).
+  ``transforms/shift.<site>.offset``); with GPTQ (:mod:`calib.gptq`) or learned rounding the refined float
+  weights of the linears, and with ``--reconstruct-affine`` (:mod:`calib.float_affine`) the trained biases and
+  normalization affines, under ``weights/`` (``weights/<module>.weight``, ``weights/<module>.bias``: the
+  checkpoint's parameter, replaced).
 - sidecar: ``format_version``, ``checkpoint`` (file name) and ``checkpoint_sha256``, ``model``
   (``arch`` and ``config``), ``quant_config`` (:meth:`QuantConfig.to_dict`), ``method`` and
   ``method_options``, ``calibration`` (data folder, image count and list hash, patches, patch
@@ -124,7 +126,8 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
 
     ``checkpoint`` is the float checkpoint the model was loaded from (hashed unless
     ``checkpoint_sha256`` is given). ``weights``: float parameters that replace the checkpoint's, by
-    name (``<module>.weight``; GPTQ's refined weights). Nothing is left behind if writing fails.
+    name (``<module>.weight``, ``<module>.bias``: GPTQ's or learned rounding's weights, trained biases and affines).
+    Nothing is left behind if writing fails.
 
     >>> import tempfile
     >>> from toolchain import load_model

@@ -37,7 +37,7 @@ def add_reconstruct_arguments(group: argparse._ArgumentGroup) -> None:
                        help="also train each block's biases and normalization affines, which the deployed graph keeps "
                        "in float (stored in the artifact)")
     group.add_argument("--affine-lr", type=float, default=DEFAULTS.affine_lr,
-                       help="Adam learning rate of the biases and affines of --reconstruct-affine (default: %(default)s)")
+                       help="Adam learning rate of --reconstruct-affine's biases and affines (default: %(default)s)")
     group.add_argument("--learned-rounding", action="store_true",
                        help="with --reconstruct or --method 2dquant (DQC): learn each weight's rounding (AdaRound) "
                        "on its fixed grid instead of training the weight bounds; the weights are stored in the "

@@ -13,7 +13,8 @@ from toolchain.quant import bounds_state, load_bounds
 from .learned_rounding import ROUNDING_PREFIX, load_rounding_state, rounding_state
 from .transforms import load_transforms_state, transforms_state
 
-#: key prefix of fold parameters in DQC's state dicts (checkpoints, best state) beside the bounds
+#: key prefix of fold parameters beside the bounds in the state dicts of DQC (checkpoints, best state) and of block
+#: reconstruction's checkpoints
 TRANSFORM_PREFIX = "transforms/"
 
 
