@@ -25,6 +25,8 @@ from torch import nn
 
 from toolchain.quant import QuantConv2d, QuantLinear, Quantizer, grid, quantizers
 
+from .float_affine import stored_parameter
+
 #: AdaRound's defaults: regularizer exponent annealed from 20 to 2, after 20% of the steps without it
 DEFAULT_BETA = (20.0, 2.0)
 DEFAULT_WARMUP = 0.2
@@ -114,8 +116,7 @@ def bake_rounding(layers: dict[str, WeightLayer]) -> dict[str, torch.Tensor]:
 
 def _stored(layer: WeightLayer) -> torch.Tensor:
     """The tensor the layer's weight is computed from: under its folds, or the weight itself."""
-    parametrizations = getattr(layer, "parametrizations", {})
-    return parametrizations["weight"].original if "weight" in parametrizations else layer.weight
+    return stored_parameter(layer, "weight")
 
 
 def weight_snapshot(layers: dict[str, WeightLayer]) -> dict[str, torch.Tensor]:

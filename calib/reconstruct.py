@@ -126,10 +126,6 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output
 
 
-def _cpu(value: Any) -> Any:
-    return value.detach().to("cpu") if isinstance(value, torch.Tensor) else value
-
-
 def _cpu_all(value: Any) -> Any:
     return _to(value, "cpu")
 
@@ -162,9 +158,9 @@ def _float_targets(model: nn.Module, units: list[tuple[str, nn.Module]], chunks:
 
     def record_float(i: int):
         def hook(_module, args, output) -> None:
-            targets[i].append(_cpu(_first_tensor(output)))
+            targets[i].append(_cpu_all(_first_tensor(output)))
             kept = keep_inputs and args and isinstance(args[0], torch.Tensor)
-            inputs[i].append(_cpu(args[0]) if kept else None)
+            inputs[i].append(_cpu_all(args[0]) if kept else None)
         return hook
 
     hooks = [module.register_forward_hook(record_float(i)) for i, (_, module) in enumerate(units)]
@@ -243,7 +239,7 @@ def _next_calls(unit: nn.Module, calls: list[Call], template: Call, device: torc
     with torch.no_grad():
         for a, kw in calls:
             y = _first_tensor(unit(*_to(a, device), **_to(kw, device)))
-            out.append(((_cpu(y), *_cpu_all(tuple(args[1:]))), _cpu_all(kwargs)))
+            out.append(((_cpu_all(y), *_cpu_all(tuple(args[1:]))), _cpu_all(kwargs)))
     return out
 
 
