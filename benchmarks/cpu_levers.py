@@ -62,7 +62,9 @@ VARIANTS = {
     "compose_movements": ("compose_movements",),
     "reduce_transpose_rank": ("reduce_transpose_rank",),
     "exact": ("fold_constants", "dedupe_quantize", "compose_movements", "reduce_transpose_rank"),
-    "all": tuple(PASSES),
+    "all": tuple(p for p in PASSES if p != "quantize_before_movement"),
+    # codes instead of floats through the movement before a quantizer (export/quantize_early.py)
+    "quantize_before_movement": ("compose_movements", "quantize_before_movement"),
 }
 TILES_PER_CALL = (1, 4, 8)
 
@@ -116,10 +118,10 @@ def build_variants(graph: Path, out: Path, names: list[str]) -> dict[str, dict[s
         info["transpose_ranks"] = dict(sorted(collections.Counter(
             len(n.attribute[0].ints) for n in proto.graph.node if n.op_type == "Transpose").items()))
         ort_engine, ir_path = out / f"dat-light_w8a8_{name}.ort.onnx", out / f"dat-light_w8a8_{name}.ov.xml"
-        if not ort_engine.exists():
-            build_ort_engine(path, ort_engine)
+        if not ort_engine.exists():  # the variant's passes only (not the builders' default ones on top)
+            build_ort_engine(path, ort_engine, graph_passes=())
         if not ir_path.exists():
-            build_openvino_engine(path, ir_path)
+            build_openvino_engine(path, ir_path, graph_passes=())
         info.update(ort_engine=str(ort_engine), openvino_engine=str(ir_path),
                     bytes={"onnx": path.stat().st_size, "ort": ort_engine.stat().st_size,
                            "openvino": ir_path.stat().st_size + ir_path.with_suffix(".bin").stat().st_size})

@@ -80,6 +80,10 @@ CONFIGS = {
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
                                                               "--learned-rounding", "--reconstruct-drop", "0.5",
                                                               "--bit-budget", "{bits}"],
+    "dobi+pc+smooth+shifts+rotate+recon+round(drop)+affine+budget": ["--method", "dobi", *TRANSFORMS, *ROTATE,
+                                                                     "--reconstruct", "--learned-rounding",
+                                                                     "--reconstruct-drop", "0.5",
+                                                                     "--reconstruct-affine", "--bit-budget", "{bits}"],
     "dobi+rotate(attn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.attn.qkv,*.attn.proj"],
     "dobi+rotate(ffn)": ["--method", "dobi", *ROTATE, "--rotate-only", "*.ffn.fc1,*.ffn.fc2"],
     **{f"dobi+rotate({name})": ["--method", "dobi", *ROTATE, "--rotate-only", f"*.{name}"]

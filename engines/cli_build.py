@@ -97,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ORT graph optimization level saved into the engine (default: %(default)s; 'all' adds "
                      "machine-specific layouts)")
     ort.add_argument("--graph-passes", default=",".join(DEFAULT_PASSES), metavar="LIST",
-                     help="ort/openvino: exact graph passes run on the QDQ graph before the build, comma-separated "
+                     help="ort/openvino: graph passes run on the QDQ graph before the build, comma-separated "
                      f"from {{{','.join(PASSES)}}}, or 'none' (default: %(default)s: one Transpose where a chain of "
                      "transposes and reshapes moves the same elements; the engine is bit-identical, DAT-light x4 "
-                     "1.3x faster on OpenVINO)")
+                     "1.3x faster on OpenVINO; the others are measured options, benchmarks/cpu_speed.md: "
+                     "quantize_before_movement keeps OpenVINO bit-identical, not ORT)")
     ort.add_argument("--threads", type=int, help="CPU threads of the engine (ONNX Runtime intra-op, OpenVINO) for "
                      "building and verifying (default: all cores)")
     verify = parser.add_argument_group("verification against the fake-quant reference")
