@@ -161,6 +161,8 @@ def quantize_before_movement(graph: ir.Graph) -> int:
         name = codes.name
         codes.name, codes.shape, codes.dtype = f"{name}/before_movement", top.shape, code_type
         movement[0].replace_input_with(0, codes)
+        for above, node in zip(movement, movement[1:]):  # consecutive again where scalar nodes sat between
+            node.replace_input_with(0, above.outputs[0])
         for node in movement:
             node.outputs[0].dtype = code_type
         last.name = name

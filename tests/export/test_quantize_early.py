@@ -146,6 +146,11 @@ CONSTS = {"s": np.array(0.02, np.float32), "z": np.array(0, np.int8), "two": np.
     ([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]), helper.make_node("Mul", ["t", "two"], ["m"]),
       helper.make_node("Clip", ["m", "lo", "hi"], ["c"]), helper.make_node("QuantizeLinear", ["c", "s", "z"], ["q"])],
      {}, True),
+    # scalar nodes between movement nodes: the movement is consecutive again after the quantizer -> moved
+    ([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]), helper.make_node("Mul", ["t", "two"], ["m"]),
+      helper.make_node("Reshape", ["m", "shape"], ["r"]), helper.make_node("Clip", ["r", "lo", "hi"], ["c"]),
+      helper.make_node("QuantizeLinear", ["c", "s", "z"], ["q"])],
+     {"shape": np.array([1, 6, 4], np.int64)}, True),
     # a per-channel quantizer (one scale per element of the last axis, which the transpose moves) -> left
     ([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
       helper.make_node("QuantizeLinear", ["t", "sc", "zc"], ["q"], axis=2)],
