@@ -69,12 +69,14 @@ VARIANTS = {
 TILES_PER_CALL = (1, 4, 8)
 
 
-def export_w8a8(out: Path) -> tuple[Path, Path]:
-    """The W8A8 export and the artifact it came from (reused when present)."""
-    artifact, graph = out / "dat-light_w8a8_minmax.safetensors", out / "dat-light_w8a8.onnx"
+def export_w8a8(out: Path, quantize: tuple[str, ...] = ("linear", "matmul")) -> tuple[Path, Path]:
+    """The W8A8 export and the artifact it came from (reused when present); ``quantize``: what is
+    quantized (``QuantConfig.quantize``; the files of another choice than the default are named for it)."""
+    stem = "dat-light_w8a8" + ("" if quantize == ("linear", "matmul") else "_" + "-".join(quantize))
+    artifact, graph = out / f"{stem}_minmax.safetensors", out / f"{stem}.onnx"
     if not artifact.exists():
         patches, _ = sample_patches(DEFAULT_CALIB_IMAGES, 16, TILE, 4, seed=0)
-        config = QuantConfig(w_bits=8, a_bits=8)
+        config = QuantConfig(w_bits=8, a_bits=8, quantize=quantize)
         model = quantize_model(load_model(DEFAULT_WEIGHTS), config)
         calibrate_minmax(model, batch_forward_loop(patches, batch_size=8, progress=False))
         save_artifact(artifact, model, checkpoint=DEFAULT_WEIGHTS, quant_config=config, method="minmax")
