@@ -122,7 +122,8 @@ class OrtBuild:
 def prepared_graph(onnx_path: Path, passes: Sequence[str], folder: Path) -> tuple[Path, dict[str, int]]:
     """``onnx_path`` with the exact CPU graph ``passes`` of :mod:`export.speed_passes` applied, saved in
     ``folder`` (the export itself is left as it is), and what each pass changed; ``onnx_path`` itself when
-    ``passes`` is empty. Elements are moved, never computed differently: the engine stays bit-identical.
+    ``passes`` is empty. With the default passes elements are moved, never computed differently: the engine
+    stays bit-identical (``quantize_before_movement``, an option, keeps OpenVINO's so, not ORT's kernels).
     """
     if not passes:
         return onnx_path, {}
