@@ -50,7 +50,7 @@ def main() -> None:
         ov_path, ort_path = graph.with_suffix(".ov.xml"), graph.with_suffix(".ort.onnx")
         ov_build = build_openvino_engine(graph, ov_path, threads=args.threads)
         ort_build = build_ort_engine(graph, ort_path, threads=args.threads)
-        result["placements"][name] = {"onnx": str(graph), "artifact": str(artifact),
+        result["placements"][name] = {"onnx": str(graph), "artifact": str(artifact), "openvino_engine": str(ov_path),
                                       "openvino_int8_layers": ov_build.int8_layers,
                                       "ort_integer_kernels": ort_build.integer_kernels}
         runners[f"openvino:{name}"] = OpenVinoTileRunner(ov_path, threads=args.threads, batch=1)
@@ -61,8 +61,7 @@ def main() -> None:
     result["tile"] = {"ms": {k: round(1000 * v, 2) for k, v in seconds.items()},
                       "x_vs_openvino_fp32": {k: round(best / v, 3) for k, v in seconds.items()}}
     print(json.dumps(result["tile"], indent=1), flush=True)
-    result["openvino_profile_ms"] = {name: openvino_profile(str(args.out_dir / (Path(info["onnx"]).stem + ".ov.xml")),
-                                                            args.threads)
+    result["openvino_profile_ms"] = {name: openvino_profile(info["openvino_engine"], args.threads)
                                      for name, info in result["placements"].items()}
     result["machine"]["load_after"] = os.getloadavg()
     if args.json:

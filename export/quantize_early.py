@@ -33,7 +33,7 @@ from typing import Optional
 
 import onnx_ir as ir
 
-#: pure data movement (what :mod:`export.movement_chains` composes)
+#: pure data movement (what :mod:`export.movement_chains` composes; :mod:`export.speed_passes` uses it too)
 MOVEMENT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
 #: element-wise ops that commute with movement when every other operand is a one-element constant
 SCALAR_OPS = ("Clip", "Mul", "Div", "Add", "Sub")
@@ -98,7 +98,8 @@ def _folded_into_product(quantize: ir.Node, movement: list[ir.Node]) -> bool:
     return False
 
 
-def _only_use(value: ir.Value) -> bool:
+def only_use(value: ir.Value) -> bool:
+    """Whether ``value`` feeds exactly one node and is no graph output."""
     return len(list(value.uses())) == 1 and not value.is_graph_output()
 
 
@@ -107,7 +108,7 @@ def _chain_above(quantize: ir.Node) -> tuple[list[ir.Node], list[ir.Node]]:
     and the first node above it that is neither, through values used only by the chain."""
     scalar, movement = [], []
     value = quantize.inputs[0]
-    while value is not None and value.producer() is not None and _only_use(value):
+    while value is not None and value.producer() is not None and only_use(value):
         node = value.producer()
         if node.op_type in MOVEMENT_OPS and node.domain in ("", "ai.onnx"):
             movement.insert(0, node)

@@ -50,12 +50,9 @@ import onnx_ir.passes.common as common_passes
 
 from .graph_rewrite import FOLD_SIZE_LIMIT, QDQ_OPS
 from .movement_chains import Dim, Step, format_dim, parse_dim, plan_movement, same_movement
-from .quantize_early import quantize_before_movement
+from .quantize_early import MOVEMENT_OPS, only_use, quantize_before_movement
 
 log = logging.getLogger(__name__)
-
-RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
-MOVEMENTS = ("Transpose", *RESHAPES)
 
 
 def _dims(value: Optional[ir.Value]) -> Optional[list[Dim]]:
@@ -71,12 +68,12 @@ def _movement_chains(graph: ir.Graph) -> list[list[ir.Node]]:
     chains: list[list[ir.Node]] = []
     tail_of: dict[int, list[ir.Node]] = {}
     for node in graph:
-        if node.op_type not in MOVEMENTS or node.domain != "":
+        if node.op_type not in MOVEMENT_OPS or node.domain != "":
             continue
         source = node.inputs[0]
         producer = source.producer() if source is not None else None
         chain = tail_of.pop(id(producer), None) if producer is not None else None
-        if chain is not None and len(list(source.uses())) == 1 and not source.is_graph_output():
+        if chain is not None and only_use(source):
             chain.append(node)
         else:
             chain = [node]
@@ -247,21 +244,17 @@ def _add_operands(node: ir.Node) -> Optional[tuple[ir.Value, np.ndarray]]:
     return (x, c) if c.dtype.kind == "f" else None
 
 
-def _only_use(value: ir.Value) -> bool:
-    return len(list(value.uses())) == 1 and not value.is_graph_output()
-
-
 def one_bias_add(graph: ir.Graph) -> int:
     """``Add(Add(x, C1), C2)`` and ``Add(Reshape(Add(x, C1)), C2)`` as one Add of a constant; returns how many."""
     merged = 0
     for node in list(graph):
         outer = _add_operands(node)
-        if outer is None or outer[0].producer() is None or not _only_use(outer[0]):
+        if outer is None or outer[0].producer() is None or not only_use(outer[0]):
             continue
         between = outer[0].producer()
         reshape = between if between.op_type == "Reshape" and between.domain == "" else None
         inner_value = reshape.inputs[0] if reshape is not None else outer[0]
-        if inner_value.producer() is None or not _only_use(inner_value):
+        if inner_value.producer() is None or not only_use(inner_value):
             continue
         inner = _add_operands(inner_value.producer())
         if inner is None:

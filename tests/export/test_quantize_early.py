@@ -7,6 +7,7 @@ window attention is ``Reshape -> Transpose -> Reshape -> Mul(scale) -> Clip -> Q
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -127,13 +128,17 @@ def test_openvino_engine_is_bit_identical_and_moves_codes(dat_graphs, tmp_path):
     assert int8_transposes[1] >= int8_transposes[0] + moved
 
 
-def _graph(chain: list[onnx.NodeProto], consts: dict[str, np.ndarray]) -> ir.Model:
-    """``x (1, 4, 6) -> chain -> q -> DequantizeLinear -> MatMul(. , w)`` (``q`` the chain's codes)."""
+def _graph(chain: list[onnx.NodeProto], consts: dict[str, np.ndarray], shape: tuple[int, ...] = (1, 4, 6),
+           operands: tuple[str, str] = ("d", "w"), other: Optional[list[int]] = None) -> ir.Model:
+    """``x (shape) -> chain -> q -> DequantizeLinear -> d -> MatMul(operands)`` (``q`` the chain's codes; a
+    constant ``w`` or an input ``other`` of shape ``other`` as the product's other factor)."""
     nodes = [*chain, helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
-             helper.make_node("MatMul", ["d", "w"], ["y"])]
+             helper.make_node("MatMul", list(operands), ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))]
+    if other is not None:
+        inputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, other))
     inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
 
 
@@ -185,16 +190,9 @@ def test_a_transposed_second_factor_stays(perm, factor, moves):
     shape = [2, 4, 6]
     moved_shape = [shape[p] for p in perm]
     other = [moved_shape[0], 3, moved_shape[1]] if factor == 1 else [moved_shape[0], moved_shape[2], 3]
-    operands = ["d", "other"] if factor == 0 else ["other", "d"]
-    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=perm),
-             helper.make_node("QuantizeLinear", ["t", "s", "z"], ["q"]),
-             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
-             helper.make_node("MatMul", operands, ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape),
-                                           helper.make_tensor_value_info("other", TensorProto.FLOAT, other)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(CONSTS[k], k) for k in ("s", "z")])
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    chain = [helper.make_node("Transpose", ["x"], ["t"], perm=perm),
+             helper.make_node("QuantizeLinear", ["t", "s", "z"], ["q"])]
+    model = _graph(chain, CONSTS, shape, ("d", "other") if factor == 0 else ("other", "d"), other)
     before = ir.serde.serialize_model(model)
     assert quantize_before_movement(model.graph) == int(moves)
     feeds = {"x": np.random.default_rng(1).normal(size=shape).astype(np.float32),
