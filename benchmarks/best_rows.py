@@ -49,7 +49,8 @@ TRANSFORMS = ["--method", "dobi", "--granularity", "per-channel", "--smooth", "a
 RECIPES = {
     4: [*TRANSFORMS, "--rotate", "inputs", "--gptq", "--bit-budget", "4"],
     3: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--bit-budget", "3"],
-    2: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--reconstruct-affine"],
+    2: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--reconstruct-affine",
+        "--reconstruct-iters", "200"],
 }
 #: FP PSNR / SSIM of our evaluator (benchmarks/dat_light_ptq.md, results/dat_light_ptq_*.json; equal to the
 #: published figures within 0.01 dB)
@@ -112,6 +113,7 @@ def run_row(scale: int, bits: int, args: argparse.Namespace, data: dict) -> None
         if done.returncode not in (0, 1) or not report.is_file():
             raise RuntimeError(f"{key} {step}: exit {done.returncode}\n{done.stderr[-3000:]}")
         row["seconds"][step] = round(time.perf_counter() - started, 1)
+        row["threads"] = args.threads
         summary = json.loads(report.read_text())
         if step == "calibrate":
             row["calibrate_s"] = summary.get("seconds")
@@ -158,6 +160,8 @@ def table(data: dict) -> str:
             verify += f" ({check['psnr_vs_reference']:.1f} / {check['floor']:.1f} dB)"
         recipe = " ".join(o for o in row["recipe"] if o not in ("--method",))
         seconds = f"{row['calibrate_s']:.0f}" if row.get("calibrate_s") is not None else "–"
+        if row.get("threads", 1) != 1 and row.get("calibrate_s") is not None:
+            seconds += f" ({row['threads']} threads)"
         fq = row.get("fakequant_set5_whole")
         whole = f"{fq['psnr']:.2f} / {fq['ssim']:.4f}" if fq else "–"
         lines.append(f"| x{row['scale']} | {width(row)} | `{recipe}` | {' | '.join(cells)} | "

@@ -14,15 +14,13 @@ The PSNR cost is measured apart, with the console scripts (see ``cpu_speed.md``)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-from pathlib import Path
 
 import torch
 
-from cpu_levers import FloatOpenVino, export_float, export_w8a8, openvino_profile
+from cpu_levers import FloatOpenVino, export_float, export_w8a8, openvino_profile, speed_parser
 from cpu_speed import TILE, PlainOrt
 from engines.openvino_engine import OpenVinoTileRunner, build_openvino_engine
 from engines.ort_engine import OrtTileRunner, build_ort_engine
@@ -32,12 +30,7 @@ PLACEMENTS = {"linear,matmul": ("linear", "matmul"), "linear,matmul,conv": ("lin
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", required=True, type=Path, help="folder for exports and engines (reused)")
-    parser.add_argument("--threads", type=int, default=1, help="inference threads (default: %(default)s)")
-    parser.add_argument("--tile-rounds", type=int, default=41, help="interleaved rounds (default: %(default)s)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON")
-    args = parser.parse_args()
+    args = speed_parser(__doc__, tile_rounds=41).parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     floats = export_float(args.out_dir)

@@ -34,6 +34,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -135,16 +136,20 @@ def build_variants(graph: Path, out: Path, names: list[str]) -> dict[str, dict[s
 
 
 class FloatOpenVino:
-    """OpenVINO f32 on our float export at a fixed batch (the best FP32 runtime of ``cpu_speed.md``)."""
+    """OpenVINO f32 on our float export at a fixed batch (the best FP32 runtime of ``cpu_speed.md``);
+    ``precision="bf16"``: the same with its float layers in bf16 (for information, never an FP32 baseline);
+    ``denormals``: the CPU plugin flushes denormal floats to zero (``CPU_DENORMALS_OPTIMIZATION``). Any
+    graph with one input named ``input`` (an engine's IR too) compiles the same way."""
 
-    def __init__(self, path: Path, threads: int, batch: int) -> None:
+    def __init__(self, path: Path, threads: int, batch: int, precision: str = "f32", denormals: bool = False) -> None:
         import openvino as ov
 
         model = ov.Core().read_model(str(path))
         model.reshape({"input": [batch, 3, TILE, TILE]})
         self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                               "PERFORMANCE_HINT": "LATENCY",
-                                                              "INFERENCE_PRECISION_HINT": "f32"})
+                                                              "INFERENCE_PRECISION_HINT": precision,
+                                                              "CPU_DENORMALS_OPTIMIZATION": denormals})
         self.batch, self.tile, self.scale, self.multiple = batch, TILE, 4, 1
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -152,6 +157,26 @@ class FloatOpenVino:
 
         run = lambda chunk: np.array(self.compiled(chunk)[0])  # noqa: E731
         return torch.from_numpy(run_in_fixed_batches(tiles.numpy(), self.batch, run))
+
+
+def speed_parser(doc: str, tile_rounds: int) -> argparse.ArgumentParser:
+    """The options every CPU speed benchmark here shares (its own ones are added by the caller)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out-dir", required=True, type=Path, help="folder for exports and engines (reused)")
+    parser.add_argument("--threads", type=int, default=1, help="inference threads (default: %(default)s)")
+    parser.add_argument("--tile-rounds", type=int, default=tile_rounds, help="interleaved rounds for the tile "
+                        "timing (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="write the results as JSON")
+    return parser
+
+
+def time_tile(runners: dict[str, Any], tile: torch.Tensor, rounds: int, baselines: Sequence[str]) -> dict[str, Any]:
+    """Every runner on ``tile`` in ``rounds`` interleaved rounds: medians (ms) and ratios to the fastest of
+    ``baselines`` (the FP32 runtimes)."""
+    seconds = time_rounds({k: (lambda r=r: r(tile)) for k, r in runners.items()}, rounds)
+    best = min(baselines, key=lambda k: seconds[k])
+    return {"ms": {k: round(1000 * v, 2) for k, v in seconds.items()}, "best_fp32": best,
+            "x_vs_best_fp32": {k: round(seconds[best] / v, 3) for k, v in seconds.items()}}
 
 
 def agreement(runners: dict[str, Any], tile: torch.Tensor) -> dict[str, dict[str, float]]:
@@ -186,17 +211,13 @@ def openvino_profile(ir_path: str, threads: int, calls: int = 7) -> dict[str, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", required=True, type=Path, help="folder for exports and engines (reused)")
-    parser.add_argument("--threads", type=int, default=1, help="inference threads (default: %(default)s)")
-    parser.add_argument("--tile-rounds", type=int, default=9, help="interleaved rounds for the tile timing")
+    parser = speed_parser(__doc__, tile_rounds=9)
     parser.add_argument("--image-rounds", type=int, default=3,
                         help="interleaved rounds for the 256x256 image (0: skip it)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated lever variants timed on the tile (default: all of them)")
     parser.add_argument("--image-variants", default="baseline,compose_movements",
                         help="comma-separated variants timed on the image (default: %(default)s)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON")
     args = parser.parse_args()
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -228,10 +249,7 @@ def main() -> None:
     tile = torch.rand(1, 3, TILE, TILE, generator=torch.Generator().manual_seed(1))
     result["agreement_vs_baseline"] = agreement(runners, tile)
     print(json.dumps(result["agreement_vs_baseline"], indent=1), flush=True)
-    tile_s = time_rounds({k: (lambda r=r: r(tile)) for k, r in runners.items()}, args.tile_rounds)
-    best = min(FP32_BASELINES, key=lambda k: tile_s[k])
-    result["tile"] = {"ms": {k: round(1000 * v, 2) for k, v in tile_s.items()}, "best_fp32": best,
-                      "x_vs_best_fp32": {k: round(tile_s[best] / v, 3) for k, v in tile_s.items()}}
+    result["tile"] = time_tile(runners, tile, args.tile_rounds, FP32_BASELINES)
     print(json.dumps(result["tile"], indent=1), flush=True)
     del runners
 

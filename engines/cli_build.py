@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "quantize_before_movement keeps OpenVINO bit-identical, not ORT)")
     ort.add_argument("--threads", type=int, help="CPU threads of the engine (ONNX Runtime intra-op, OpenVINO) for "
                      "building and verifying (default: all cores)")
+    ort.add_argument("--float-precision", choices=("f32", "bf16"), default="f32",
+                     help="openvino: what the float layers between the int8 kernels run in (default: %(default)s, "
+                     "the reference's arithmetic; bf16 changes the model and is verified against the same "
+                     "criterion, benchmarks/cpu_speed.md)")
     verify = parser.add_argument_group("verification against the fake-quant reference")
     verify.add_argument("--verify", action="store_true", help="run the engine and the reference on real images")
     verify.add_argument("--weights", metavar="CKPT", help="float checkpoint the export came from (default: the shipped "
@@ -167,9 +171,9 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     if args.backend == "openvino":
         from .openvino_engine import build_openvino_engine
 
-        built = build_openvino_engine(args.onnx, args.out, args.threads, passes)
+        built = build_openvino_engine(args.onnx, args.out, args.threads, passes, args.float_precision)
         print(f"built {built.engine} + {Path(built.weights).name} ({built.seconds:.1f} s, OpenVINO "
-              f"{built.openvino_version.split('-')[0]})")
+              f"{built.openvino_version.split('-')[0]}, float layers in {built.float_precision})")
         print(f"layers running in int8 on this CPU: {built.int8_layers or 'none'}")
         print(f"graph passes (changes): {built.graph_passes or 'none'}")
         return built.to_dict()
@@ -312,6 +316,8 @@ def _main(args: argparse.Namespace) -> int:
                                           "export first: 2dq-export --onnx"))
     if not Path(args.onnx).is_file():
         raise UsageError(f"--onnx {args.onnx}: no such file")
+    if args.float_precision != "f32" and args.backend != "openvino":
+        raise UsageError(f"--float-precision {args.float_precision} is an OpenVINO option (--backend openvino)")
     if args.out is None:
         if args.backend == "trt":
             raise UsageError("--out is required with --backend trt (a .plan file)")

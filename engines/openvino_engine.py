@@ -11,7 +11,8 @@ report how many layers run in int8 (:attr:`OpenVinoBuild.int8_layers`).
 
 Running (:class:`OpenVinoTileRunner`) follows the tile-runner contract of :mod:`toolchain.backends`.
 Two settings keep the engine on the reference's arithmetic: ``INFERENCE_PRECISION_HINT=f32`` (the
-CPU plugin otherwise runs float layers in bf16 on CPUs that have it) and a static batch of tiles
+CPU plugin otherwise runs float layers in bf16 on CPUs that have it; ``float_precision="bf16"`` asks for
+that, an option that changes the model: the IR records it and every runner compiles with it) and a static batch of tiles
 (the plugin's ShuffleChannelsFusion fails on the window reshapes of a dynamic batch: "Cannot get
 length of dynamic dimension"); shorter batches are padded with zero tiles.
 """
@@ -44,6 +45,11 @@ IR_SUFFIX = ".xml"
 DEVICE = "CPU"
 #: float layers run in fp32 as the reference does (bf16 is the CPU plugin's default where the CPU has it)
 PRECISION = "f32"
+#: what the float layers may run in: ``f32`` (the reference's arithmetic) or ``bf16`` (an option that changes the
+#: model: 8-bit mantissas between the int8 kernels; verified against the same criterion, which it may fail)
+FLOAT_PRECISIONS = ("f32", "bf16")
+#: the IR's ``rt_info`` entry holding the float precision its runners compile with
+PRECISION_KEY = ENGINE_PREFIX + "float_precision"
 #: tiles per call when the export's batch is dynamic (the compiled model's batch is static)
 DEFAULT_BATCH = 4
 #: the ``rt_info`` section the ONNX frontend stores ``metadata_props`` in
@@ -70,6 +76,8 @@ class OpenVinoBuild:
     int8_layers: dict[str, int]
     #: exact graph passes run before the conversion (:mod:`export.speed_passes`) and what each changed
     graph_passes: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: what the float layers run in (:data:`FLOAT_PRECISIONS`)
+    float_precision: str = PRECISION
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,12 +89,16 @@ def ir_weights(xml_path: str | os.PathLike) -> Path:
 
 
 def build_openvino_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
-                          threads: Optional[int] = None, graph_passes: Sequence[str] = DEFAULT_PASSES) -> OpenVinoBuild:
+                          threads: Optional[int] = None, graph_passes: Sequence[str] = DEFAULT_PASSES,
+                          float_precision: str = PRECISION) -> OpenVinoBuild:
     """Convert the QDQ graph ``onnx_path`` to OpenVINO IR at ``out_path`` (``.xml``; ``.bin`` beside it),
     after the exact CPU ``graph_passes`` (:func:`engines.ort_engine.prepared_graph`; DAT-light x4 W8A8 at one
-    thread: 1.3x faster, bit-identical, ``benchmarks/cpu_speed.md``).
+    thread: 1.3x faster, bit-identical, ``benchmarks/cpu_speed.md``). ``float_precision`` (``f32``, or
+    ``bf16``: an option that changes the model, ``benchmarks/cpu_speed.md``) is stored in the IR, so every
+    runner of the engine compiles its float layers in it.
 
-    Raises ``ValueError`` if ``onnx_path`` is not a 2dq export or ``out_path`` does not end in ``.xml``.
+    Raises ``ValueError`` if ``onnx_path`` is not a 2dq export, ``out_path`` does not end in ``.xml`` or
+    ``float_precision`` is not one of :data:`FLOAT_PRECISIONS`.
     Both files are written under temporary names and renamed when complete (weights first, so a
     complete ``.xml`` always has its weights).
 
@@ -113,15 +125,17 @@ def build_openvino_engine(onnx_path: str | os.PathLike, out_path: str | os.PathL
     if out_path.suffix != IR_SUFFIX:
         raise ValueError(f"{out_path}: an OpenVINO engine is IR: name it <name>{IR_SUFFIX} (weights go to "
                          f"{ir_weights(out_path).name})")
+    _check_precision(float_precision, out_path)
     export = ExportMetadata.read(onnx_path)  # refuse files that are not 2dq exports before converting
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="2dq-ov-") as scratch:
         graph, changes = prepared_graph(onnx_path, graph_passes, Path(scratch))
         model = ov.convert_model(str(graph))  # the converter may read the file later: keep it until saved
         source_sha256 = sha256_file(onnx_path)
-        for name, value in {"source_sha256": source_sha256, "openvino_version": ov.get_version()}.items():
+        for name, value in {"source_sha256": source_sha256, "openvino_version": ov.get_version(),
+                            "float_precision": float_precision}.items():
             model.set_rt_info(str(value), [RT_SECTION, ENGINE_PREFIX + name])
-        compiled = _compile(ov, _static(model, export, DEFAULT_BATCH), threads)
+        compiled = _compile(ov, _static(model, export, DEFAULT_BATCH), threads, precision=float_precision)
         layers, int8 = runtime_layers(compiled)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         stage = out_path.with_name(f".{out_path.stem}.{os.getpid()}.tmp{IR_SUFFIX}")
@@ -133,7 +147,7 @@ def build_openvino_engine(onnx_path: str | os.PathLike, out_path: str | os.PathL
             for leftover in (stage, ir_weights(stage)):
                 leftover.unlink(missing_ok=True)
     build = OpenVinoBuild(str(out_path), str(ir_weights(out_path)), str(onnx_path), source_sha256, ov.get_version(),
-                          round(time.perf_counter() - start, 3), layers, int8, changes)
+                          round(time.perf_counter() - start, 3), layers, int8, changes, float_precision)
     log.info("OpenVINO engine %s: int8 layers %s", out_path, int8)
     return build
 
@@ -168,8 +182,13 @@ def _static(model: Any, export: ExportMetadata, batch: int) -> Any:
     return model
 
 
-def _compile(ov: Any, model: Any, threads: Optional[int], profile: bool = False) -> Any:
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION, "PERFORMANCE_HINT": "LATENCY",
+def _check_precision(precision: str, where: Path) -> None:
+    if precision not in FLOAT_PRECISIONS:
+        raise ValueError(f"{where}: float precision {precision!r}: expected one of {', '.join(FLOAT_PRECISIONS)}")
+
+
+def _compile(ov: Any, model: Any, threads: Optional[int], profile: bool = False, precision: str = PRECISION) -> Any:
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                               "PERF_COUNT": profile}
     if threads is not None:
         if threads < 1:
@@ -211,7 +230,10 @@ class OpenVinoTileRunner:
         if names != ["input"]:
             raise ValueError(f"{self.path}: expected one input named 'input', got {names}")
         self.batch = self.export.batch or batch
-        self.compiled = _compile(ov, _static(model, self.export, self.batch), threads, profile)
+        #: what the float layers run in, as built (IRs from before the option: f32)
+        self.float_precision = self.metadata.get(PRECISION_KEY, PRECISION)
+        _check_precision(self.float_precision, self.path)
+        self.compiled = _compile(ov, _static(model, self.export, self.batch), threads, profile, self.float_precision)
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,38 @@ def test_refuses_what_it_cannot_build_or_run(w8a8, tmp_path):
         OpenVinoTileRunner(engine, batch=2)(torch.rand(1, 3, 24, 24))
 
 
+def _runtime_precisions(runner: OpenVinoTileRunner) -> set[str]:
+    return {op.get_rt_info()["runtimePrecision"].astype(str) for op in runner.compiled.get_runtime_model().get_ops()}
+
+
+def test_bf16_float_layers_are_an_option_the_engine_records(w8a8, tile_batch, tmp_path):
+    """``float_precision="bf16"`` is stored in the IR: every runner of it compiles the float layers in bf16
+    (the f32 engine has none), and its output differs from the f32 engine's; the default stays f32."""
+    import openvino as ov
+
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16 arithmetic for OpenVINO")
+    made, engine, build = w8a8
+    half = tmp_path / "bf16.ov.xml"
+    assert build_openvino_engine(made.onnx, half, threads=2, float_precision="bf16").float_precision == "bf16"
+    runner, exact = OpenVinoTileRunner(half, threads=2), OpenVinoTileRunner(engine, threads=2)
+    assert (runner.float_precision, exact.float_precision, build.float_precision) == ("bf16", "f32", "f32")
+    assert runner.metadata["2dq.engine.float_precision"] == "bf16"
+    assert "bf16" in _runtime_precisions(runner) and "bf16" not in _runtime_precisions(exact)
+    assert not torch.equal(runner(tile_batch), exact(tile_batch))
+
+
+def test_float_precision_is_checked(w8a8, tmp_path, capsys):
+    made, _, _ = w8a8
+    with pytest.raises(ValueError, match=r"float precision 'fp16': expected one of f32, bf16"):
+        build_openvino_engine(made.onnx, tmp_path / "e.xml", float_precision="fp16")
+    assert not (tmp_path / "e.xml").exists()
+    assert build_main(["--backend", "ort", "--onnx", str(made.onnx), "--out", str(tmp_path / "e.onnx"),
+                       "--float-precision", "bf16"]) == 2
+    assert "--float-precision bf16 is an OpenVINO option" in capsys.readouterr().err
+    assert not (tmp_path / "e.onnx").exists()
+
+
 def test_without_openvino_the_backend_says_how_to_install_it(w8a8, tmp_path, monkeypatch):
     made, _, _ = w8a8
     monkeypatch.setitem(sys.modules, "openvino", None)  # what a missing package looks like to import
