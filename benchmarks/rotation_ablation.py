@@ -68,6 +68,9 @@ CONFIGS = {
     "dobi+pc+smooth+shifts+gptq+budget": ["--method", "dobi", *TRANSFORMS, "--gptq", "--bit-budget", "{bits}"],
     "dobi+pc+smooth+shifts+rotate+recon+round+budget": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
                                                         "--learned-rounding", "--bit-budget", "{bits}"],
+    "dobi+pc+smooth+shifts+rotate+recon+round+budget(200)": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
+                                                             "--learned-rounding", "--bit-budget", "{bits}",
+                                                             "--reconstruct-iters", "200"],
     # ... and the blocks' float biases and LayerNorm affines trained with them (calib/float_affine.py)
     "dobi+pc+smooth+shifts+rotate+recon+round+affine": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct",
                                                         "--learned-rounding", "--reconstruct-affine"],
