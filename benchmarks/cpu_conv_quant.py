@@ -20,11 +20,10 @@ import platform
 
 import torch
 
-from cpu_levers import FloatOpenVino, export_float, export_w8a8, openvino_profile, speed_parser
+from cpu_levers import FloatOpenVino, export_float, export_w8a8, openvino_profile, speed_parser, time_tile
 from cpu_speed import TILE, PlainOrt
 from engines.openvino_engine import OpenVinoTileRunner, build_openvino_engine
 from engines.ort_engine import OrtTileRunner, build_ort_engine
-from ort_speed import time_rounds
 
 PLACEMENTS = {"linear,matmul": ("linear", "matmul"), "linear,matmul,conv": ("linear", "matmul", "conv")}
 
@@ -49,10 +48,7 @@ def main() -> None:
         runners[f"openvino:{name}"] = OpenVinoTileRunner(ov_path, threads=args.threads, batch=1)
         runners[f"ort:{name}"] = OrtTileRunner(ort_path, threads=args.threads)
     tile = torch.rand(1, 3, TILE, TILE, generator=torch.Generator().manual_seed(1))
-    seconds = time_rounds({k: (lambda r=r: r(tile)) for k, r in runners.items()}, args.tile_rounds)
-    best = seconds["openvino-fp32"]
-    result["tile"] = {"ms": {k: round(1000 * v, 2) for k, v in seconds.items()},
-                      "x_vs_openvino_fp32": {k: round(best / v, 3) for k, v in seconds.items()}}
+    result["tile"] = time_tile(runners, tile, args.tile_rounds, ("openvino-fp32",))
     print(json.dumps(result["tile"], indent=1), flush=True)
     result["openvino_profile_ms"] = {name: openvino_profile(info["openvino_engine"], args.threads)
                                      for name, info in result["placements"].items()}

@@ -54,6 +54,7 @@ from .compare import (
     verify_engine,
 )
 from .noise import noise_floor, noise_sigma, task_noise
+from .openvino_engine import FLOAT_PRECISIONS, PRECISION
 from .ort_engine import BUILD_LEVEL, LEVELS, OrtTileRunner, build_ort_engine
 
 log = logging.getLogger("2dq-build-engine")
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "quantize_before_movement keeps OpenVINO bit-identical, not ORT)")
     ort.add_argument("--threads", type=int, help="CPU threads of the engine (ONNX Runtime intra-op, OpenVINO) for "
                      "building and verifying (default: all cores)")
-    ort.add_argument("--float-precision", choices=("f32", "bf16"), default="f32",
+    ort.add_argument("--float-precision", choices=FLOAT_PRECISIONS, default=PRECISION,
                      help="openvino: what the float layers between the int8 kernels run in (default: %(default)s, "
                      "the reference's arithmetic; bf16 changes the model and is verified against the same "
                      "criterion, benchmarks/cpu_speed.md)")
@@ -316,7 +317,7 @@ def _main(args: argparse.Namespace) -> int:
                                           "export first: 2dq-export --onnx"))
     if not Path(args.onnx).is_file():
         raise UsageError(f"--onnx {args.onnx}: no such file")
-    if args.float_precision != "f32" and args.backend != "openvino":
+    if args.float_precision != PRECISION and args.backend != "openvino":
         raise UsageError(f"--float-precision {args.float_precision} is an OpenVINO option (--backend openvino)")
     if args.out is None:
         if args.backend == "trt":
