@@ -48,7 +48,8 @@ TRANSFORMS = ["--method", "dobi", "--granularity", "per-channel", "--smooth", "a
 #: quantizer can go lower to pay for another's higher width: a 2-bit budget is the uniform model)
 RECIPES = {
     4: [*TRANSFORMS, "--rotate", "inputs", "--gptq", "--bit-budget", "4"],
-    3: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--bit-budget", "3"],
+    3: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--bit-budget", "3",
+        "--reconstruct-iters", "200"],
     2: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--reconstruct-affine",
         "--reconstruct-iters", "200"],
 }
