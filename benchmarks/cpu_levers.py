@@ -69,6 +69,8 @@ VARIANTS = {
     "all": tuple(p for p in PASSES if p not in CPU_ONLY_PASSES),
     # codes instead of floats through the movement before a quantizer (export/quantize_early.py)
     "quantize_before_movement": ("compose_movements", "quantize_before_movement"),
+    # the shifted-window mask added in 4-D, so OpenVINO fuses those attentions too (export/window_mask.py)
+    "flat_window_mask": ("flat_window_mask", "compose_movements"),
 }
 TILES_PER_CALL = (1, 4, 8)
 

@@ -22,6 +22,9 @@ weights are never changed, so the engine still computes the calibrated grid.
   sum is ``C1`` itself, where it is -100 softmax gives 0 either way).
 - ``dedupe_quantize``: ``QuantizeLinear`` nodes with the same input, scale, zero point and attributes
   become one (its ``DequantizeLinear`` nodes stay one per consumer, as QDQ fusions expect). Exact.
+- ``flat_window_mask`` (:mod:`export.window_mask`): the shifted-window mask added through a 5-D view
+  (``Reshape -> Add(mask) -> Reshape``) becomes one ``Add`` of the mask tiled over the batch, so OpenVINO
+  fuses the masked window attentions too. Bit-identical.
 - ``quantize_before_movement`` (:mod:`export.quantize_early`): a per-tensor quantizer and the scalar
   element-wise nodes before it move above the data movement that feeds them, which then moves int8
   codes. Exact codes; for CPU runtimes only (:data:`CPU_ONLY_PASSES`): TensorRT's QDQ rules refuse it.
@@ -51,6 +54,7 @@ import onnx_ir.passes.common as common_passes
 from .graph_rewrite import FOLD_SIZE_LIMIT, QDQ_OPS
 from .movement_chains import Dim, Step, format_dim, parse_dim, plan_movement, same_movement
 from .quantize_early import MOVEMENT_OPS, only_use, quantize_before_movement
+from .window_mask import flat_window_mask
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +328,7 @@ PASSES: dict[str, Callable[[ir.Graph], int]] = {
     "fold_constants": fold_constants,
     "one_bias_add": one_bias_add,
     "dedupe_quantize": dedupe_quantize,
+    "flat_window_mask": flat_window_mask,
     "compose_movements": compose_movements,
     "reduce_transpose_rank": reduce_transpose_rank,
     "quantize_before_movement": quantize_before_movement,
