@@ -54,7 +54,7 @@ import onnx_ir.passes.common as common_passes
 
 from .graph_rewrite import FOLD_SIZE_LIMIT, QDQ_OPS
 from .movement_chains import Dim, Step, format_dim, parse_dim, plan_movement, same_movement
-from .quantize_early import MOVEMENT_OPS, only_use, quantize_before_movement
+from .quantize_early import MOVEMENT_OPS, constant_array as _constant, only_use, quantize_before_movement
 from .window_mask import flat_window_mask
 
 log = logging.getLogger(__name__)
@@ -232,10 +232,6 @@ def _evaluate(graph: ir.Graph, nodes: list[ir.Node], outputs: list[ir.Value]) ->
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run([v.name for v in outputs], {})
-
-
-def _constant(value: Optional[ir.Value]) -> Optional[np.ndarray]:
-    return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
 def _add_operands(node: ir.Node) -> Optional[tuple[ir.Value, np.ndarray]]:

@@ -27,11 +27,7 @@ from typing import Optional
 import numpy as np
 import onnx_ir as ir
 
-from .quantize_early import only_use
-
-
-def _constant(value: Optional[ir.Value]) -> Optional[np.ndarray]:
-    return None if value is None or value.const_value is None else value.const_value.numpy()
+from .quantize_early import constant_array as _constant, only_use
 
 
 def _static_tail(value: ir.Value) -> Optional[list[int]]:
