@@ -71,6 +71,8 @@ VARIANTS = {
     "quantize_before_movement": ("compose_movements", "quantize_before_movement"),
     # the shifted-window mask added in 4-D, so OpenVINO fuses those attentions too (export/window_mask.py)
     "flat_window_mask": ("flat_window_mask", "compose_movements"),
+    # the channel attention's q, k, v sliced before their head-split transpose (export/gather_early.py)
+    "gather_before_transpose": ("flat_window_mask", "gather_before_transpose", "compose_movements"),
 }
 TILES_PER_CALL = (1, 4, 8)
 
@@ -194,17 +196,44 @@ def agreement(runners: dict[str, Any], tile: torch.Tensor) -> dict[str, dict[str
     return found
 
 
+def _fused_attentions(compiled: Any) -> set[str]:
+    """Names of the runtime graph's fused attention kernels: ``Subgraph`` nodes of three or more inputs with a
+    4-D output (``q @ k^T -> softmax -> @ v`` in one kernel, OpenVINO's MHA snippets)."""
+    fused = set()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if (info["layerType"].astype(str) == "Subgraph" and op.get_input_size() >= 3
+                and len(op.output(0).get_partial_shape()) == 4):
+            fused.add(op.get_friendly_name())
+    return fused
+
+
 def openvino_profile(ir_path: str, threads: int, calls: int = 7) -> dict[str, float]:
-    """OpenVINO's per-node times on one tile, ms summed by node type (median over ``calls``), most first."""
-    runner = OpenVinoTileRunner(ir_path, threads=threads, batch=1, profile=True)
+    """OpenVINO's per-node times on one tile, ms summed by node type (median over ``calls``), most first; fused
+    attention kernels apart from the other ``Subgraph``s. ``ir_path``: an engine's IR, or (not ending in
+    ``.xml``) a float ONNX graph, compiled in f32 as :class:`FloatOpenVino` does."""
+    if str(ir_path).endswith(".xml"):
+        runner = OpenVinoTileRunner(ir_path, threads=threads, batch=1, profile=True)
+        compiled, request = runner.compiled, runner.request
+    else:
+        import openvino as ov
+
+        model = ov.Core().read_model(str(ir_path))
+        model.reshape({"input": [1, 3, TILE, TILE]})
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True,
+                                                          "PERFORMANCE_HINT": "LATENCY",
+                                                          "INFERENCE_PRECISION_HINT": "f32"})
+        request = compiled.create_infer_request()
+    attentions = _fused_attentions(compiled)
     tile = torch.rand(1, 3, TILE, TILE, generator=torch.Generator().manual_seed(3))
-    runner(tile)
+    request.infer({0: tile.numpy()})
     samples: dict[str, list[float]] = collections.defaultdict(list)
     for _ in range(calls):
-        runner(tile)
+        request.infer({0: tile.numpy()})
         totals: collections.Counter = collections.Counter()
-        for info in runner.request.profiling_info:
-            totals[f"{info.node_type} ({info.exec_type})"] += info.real_time.total_seconds() * 1000
+        for info in request.profiling_info:
+            kind = "attention, fused" if info.node_name in attentions else info.node_type
+            totals[f"{kind} ({info.exec_type})"] += info.real_time.total_seconds() * 1000
         totals["total"] = sum(totals.values())
         for key in totals:
             samples[key].append(totals[key])
@@ -272,8 +301,9 @@ def main() -> None:
                            "x_vs_best_fp32": {k: round(image_s[best_image] / v, 3) for k, v in image_s.items()}}
         print(json.dumps(result["image"], indent=1), flush=True)
         del upscalers
-    result["openvino_profile_ms"] = {name: openvino_profile(variants[name]["openvino_engine"], t)
-                                     for name in variants}
+    result["openvino_profile_ms"] = {"openvino-fp32": openvino_profile(str(floats["fp32"]), t),
+                                     **{name: openvino_profile(variants[name]["openvino_engine"], t)
+                                        for name in variants}}
     result["machine"]["load_after"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

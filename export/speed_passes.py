@@ -25,6 +25,9 @@ weights are never changed, so the engine still computes the calibrated grid.
 - ``flat_window_mask`` (:mod:`export.window_mask`): the shifted-window mask added through a 5-D view
   (``Reshape -> Add(mask) -> Reshape``) becomes one ``Add`` of the mask tiled over the batch, so OpenVINO
   fuses the masked window attentions too. Bit-identical.
+- ``gather_before_transpose`` (:mod:`export.gather_early`): ``Transpose -> Gather`` x 3 (the head split of
+  a fused ``qkv``) as the gathers on the transpose's input, each followed by its slice's transpose, which
+  ``compose_movements`` then merges with the transpose after it. Bit-identical.
 - ``quantize_before_movement`` (:mod:`export.quantize_early`): a per-tensor quantizer and the scalar
   element-wise nodes before it move above the data movement that feeds them, which then moves int8
   codes. Exact codes; for CPU runtimes only (:data:`CPU_ONLY_PASSES`): TensorRT's QDQ rules refuse it.
@@ -54,6 +57,7 @@ import onnx_ir.passes.common as common_passes
 
 from .graph_rewrite import FOLD_SIZE_LIMIT, QDQ_OPS
 from .movement_chains import Dim, Step, format_dim, parse_dim, plan_movement, same_movement
+from .gather_early import gather_before_transpose
 from .quantize_early import MOVEMENT_OPS, constant_array as _constant, only_use, quantize_before_movement
 from .window_mask import flat_window_mask
 
@@ -326,6 +330,7 @@ PASSES: dict[str, Callable[[ir.Graph], int]] = {
     "one_bias_add": one_bias_add,
     "dedupe_quantize": dedupe_quantize,
     "flat_window_mask": flat_window_mask,
+    "gather_before_transpose": gather_before_transpose,
     "compose_movements": compose_movements,
     "reduce_transpose_rank": reduce_transpose_rank,
     "quantize_before_movement": quantize_before_movement,

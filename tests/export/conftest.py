@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx_ir as ir
 import pytest
 import torch
 from calib.artifact import save_artifact
@@ -74,6 +75,44 @@ def tiny_dat_export(path: Path) -> Path:
     calibrate_minmax(model, batch_forward_loop(images, batch_size=2, progress=False))
     export_model(model, path, ExportOptions(tile=DAT_TILE), Provenance("d" * 64, "e" * 64, {"w_bits": 8, "a_bits": 8}))
     return path
+
+
+def tiny_dat_with_and_without(folder: Path, base: tuple[str, ...], lever: str) -> tuple[Path, Path, int]:
+    """The tiny DAT export rewritten by the speed passes ``base``, and by ``base`` plus ``lever``; (the two
+    graphs, how much ``lever`` changed)."""
+    from export.speed_passes import run_speed_passes
+
+    export = tiny_dat_export(folder / "dat_w8a8.onnx")
+    paths, changed = [], 0
+    for name, passes in (("without", base), ("with", (*base, lever))):
+        model = ir.load(str(export))
+        changed = run_speed_passes(model, passes).get(lever, 0)
+        ir.save(model, str(folder / f"{name}.onnx"))
+        paths.append(folder / f"{name}.onnx")
+    return paths[0], paths[1], changed
+
+
+def cpu_engine_runs(graphs: list[Path], tiles: torch.Tensor, backend: str) -> tuple[list[dict], list]:
+    """Each of ``graphs`` built into a ``backend`` (``ort`` or ``openvino``) engine without the builders' default
+    passes and run on ``tiles``: (runtime layer counts, OpenVINO only, else empty dicts; output arrays)."""
+    from engines.ort_engine import OrtTileRunner, build_ort_engine
+
+    layers, outputs = [], []
+    for path in graphs:
+        if backend == "ort":
+            engine = path.with_suffix(".ort.onnx")
+            build_ort_engine(path, engine, threads=2, graph_passes=())
+            layers.append({})
+            outputs.append(OrtTileRunner(engine, threads=2)(tiles).numpy())
+            continue
+        from engines.openvino_engine import OpenVinoTileRunner, build_openvino_engine, runtime_layers
+
+        engine = path.with_suffix(".ov.xml")
+        build_openvino_engine(path, engine, threads=1, graph_passes=())
+        runner = OpenVinoTileRunner(engine, threads=1, batch=len(tiles))
+        layers.append(runtime_layers(runner.compiled)[0])
+        outputs.append(runner(tiles).numpy())
+    return layers, outputs
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.ort_engine import OrtTileRunner, build_ort_engine
 from export.lint import lint_model
-from export.speed_passes import run_speed_passes
 from export.window_mask import flat_window_mask
 
-from .conftest import DAT_TILE, tiny_dat_export
+from .conftest import DAT_TILE, cpu_engine_runs, tiny_dat_with_and_without
 
 HEADS, N = 3, 4
 
@@ -84,15 +82,7 @@ def test_other_views_are_left_alone(mask_shape, split, merge):
 @pytest.fixture(scope="module")
 def dat_graphs(tmp_path_factory) -> tuple[Path, Path, int]:
     """The tiny DAT export with the default movement pass, and the same with the flat masks too."""
-    folder = tmp_path_factory.mktemp("mask")
-    export = tiny_dat_export(folder / "dat_w8a8.onnx")
-    paths, rewritten = [], 0
-    for name, passes in (("composed", ("compose_movements",)), ("flat", ("flat_window_mask", "compose_movements"))):
-        model = ir.load(str(export))
-        rewritten = run_speed_passes(model, passes).get("flat_window_mask", 0)
-        ir.save(model, str(folder / f"{name}.onnx"))
-        paths.append(folder / f"{name}.onnx")
-    return paths[0], paths[1], rewritten
+    return tiny_dat_with_and_without(tmp_path_factory.mktemp("mask"), ("compose_movements",), "flat_window_mask")
 
 
 def test_tiny_dat_engine_output_is_unchanged(dat_graphs):
@@ -100,11 +90,7 @@ def test_tiny_dat_engine_output_is_unchanged(dat_graphs):
     assert rewritten > 0
     assert lint_model(onnx.load(str(flat))) == []
     tiles = torch.rand(2, 3, DAT_TILE, DAT_TILE, generator=torch.Generator().manual_seed(8))
-    outputs = []
-    for path in (composed, flat):
-        engine = path.with_suffix(".ort.onnx")
-        build_ort_engine(path, engine, threads=2, graph_passes=())
-        outputs.append(OrtTileRunner(engine, threads=2)(tiles).numpy())
+    _, outputs = cpu_engine_runs([composed, flat], tiles, "ort")
     np.testing.assert_array_equal(outputs[1], outputs[0])
 
 
@@ -112,17 +98,10 @@ def test_openvino_fuses_the_masked_attentions(dat_graphs):
     """Each rewritten mask lets OpenVINO's CPU plugin fuse one more ``q @ k^T -> softmax -> @ v`` into one
     attention kernel: two int8 products and a softmax fewer in its runtime graph; the output stays bit-identical."""
     pytest.importorskip("openvino")
-    from engines.openvino_engine import OpenVinoTileRunner, build_openvino_engine, runtime_layers
 
     composed, flat, rewritten = dat_graphs
     tiles = torch.rand(1, 3, DAT_TILE, DAT_TILE, generator=torch.Generator().manual_seed(9))
-    layers, outputs = [], []
-    for path in (composed, flat):
-        engine = path.with_suffix(".ov.xml")
-        build_openvino_engine(path, engine, threads=1, graph_passes=())
-        runner = OpenVinoTileRunner(engine, threads=1, batch=1)
-        layers.append(runtime_layers(runner.compiled)[0])
-        outputs.append(runner(tiles).numpy())
+    layers, outputs = cpu_engine_runs([composed, flat], tiles, "openvino")
     assert layers[1].get("Softmax", 0) == layers[0]["Softmax"] - rewritten
     assert layers[1].get("MatMul", 0) == layers[0]["MatMul"] - 2 * rewritten
     np.testing.assert_array_equal(outputs[1], outputs[0])

@@ -9,7 +9,9 @@ held-out numbers are of the same images.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .imresize import imresize
@@ -23,7 +25,10 @@ SET_NAME = "Heldout"
 def make_heldout_split(images: Path, work: Path, *, held_out: int = HELD_OUT, crop: int = HR_CROP,
                        scale: int = 4) -> tuple[Path, Path]:
     """(calibration folder, benchmark root holding the set ``Heldout``) under ``work``; made once (an existing
-    complete split is reused). ``ValueError`` if ``images`` has too few PNGs or one is smaller than ``crop``."""
+    complete split is reused). ``ValueError`` if ``images`` has too few PNGs or one is smaller than ``crop``.
+
+    Safe when several processes make the same split at once: every file is written under a temporary name
+    of its own and renamed into place, and the first complete ``Heldout`` folder wins."""
     calib, root = work / "calib", work / "heldout"
     done = root / SET_NAME / "LR_bicubic" / f"X{scale}"
     if calib.is_dir() and done.is_dir():
@@ -35,17 +40,31 @@ def make_heldout_split(images: Path, work: Path, *, held_out: int = HELD_OUT, cr
         raise ValueError(f"held-out crop {crop} is not a multiple of the scale {scale}")
     calib.mkdir(parents=True, exist_ok=True)
     for path in paths[:-held_out]:
-        shutil.copyfile(path, calib / path.name)
-    staging = root / f".{SET_NAME}.partial"  # renamed into place when complete
-    shutil.rmtree(staging, ignore_errors=True)
-    for path in paths[-held_out:]:
-        hr = to_uint8(read_image(path))
-        if min(hr.shape[:2]) < crop:
-            raise ValueError(f"{path}: {hr.shape[1]}x{hr.shape[0]} is smaller than the held-out crop {crop}")
-        top, left = (hr.shape[0] - crop) // 2, (hr.shape[1] - crop) // 2
-        hr = hr[top:top + crop, left:left + crop]
-        write_image(staging / "HR" / path.name, hr)
-        write_image(staging / "LR_bicubic" / f"X{scale}" / f"{path.stem}x{scale}.png", imresize(hr, 1 / scale))
-    shutil.rmtree(root / SET_NAME, ignore_errors=True)
-    staging.rename(root / SET_NAME)
+        partial = calib / f".{path.name}.{os.getpid()}.partial"
+        shutil.copyfile(path, partial)
+        os.replace(partial, calib / path.name)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{SET_NAME}.", suffix=".partial", dir=root))  # this process's own
+    try:
+        for path in paths[-held_out:]:
+            hr = to_uint8(read_image(path))
+            if min(hr.shape[:2]) < crop:
+                raise ValueError(f"{path}: {hr.shape[1]}x{hr.shape[0]} is smaller than the held-out crop {crop}")
+            top, left = (hr.shape[0] - crop) // 2, (hr.shape[1] - crop) // 2
+            hr = hr[top:top + crop, left:left + crop]
+            write_image(staging / "HR" / path.name, hr)
+            write_image(staging / "LR_bicubic" / f"X{scale}" / f"{path.stem}x{scale}.png", imresize(hr, 1 / scale))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if done.is_dir():  # another process completed the same split meanwhile
+        shutil.rmtree(staging)
+        return calib, root
+    shutil.rmtree(root / SET_NAME, ignore_errors=True)  # an incomplete one
+    try:
+        staging.rename(root / SET_NAME)
+    except OSError:
+        if not done.is_dir():
+            raise
+        shutil.rmtree(staging)  # lost the race to a complete split
     return calib, root

@@ -47,3 +47,43 @@ def test_a_complete_split_is_reused_and_bad_inputs_are_named(tmp_path):
         make_heldout_split(tmp_path / "train", tmp_path / "w3", held_out=1, crop=48)
     with pytest.raises(ValueError, match="not a multiple of the scale 4"):
         make_heldout_split(tmp_path / "train", tmp_path / "w4", held_out=1, crop=30)
+
+
+def _split_in_process(train: str, work: str, barrier, results) -> None:
+    barrier.wait()  # all start together
+    calib, root = make_heldout_split(Path(train), Path(work), held_out=4, crop=128, scale=4)
+    results.put((str(calib), str(root)))
+
+
+def test_processes_making_the_same_split_at_once_all_get_it_complete(tmp_path):
+    """Two ablation runs started together on an empty work folder used to share one staging folder, and
+    one of them failed; now each stages its own and the first complete split wins."""
+    import multiprocessing
+
+    paths = _images(tmp_path / "train", [(192, 192)] * 10)
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_split_in_process, args=(str(tmp_path / "train"), str(tmp_path / "work"),
+                                                                 barrier, results)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0] * 4
+    splits = [results.get(timeout=5) for _ in workers]
+    calib, root = Path(splits[0][0]), Path(splits[0][1])
+    assert all(split == splits[0] for split in splits)
+    assert sorted(p.name for p in calib.iterdir()) == [p.name for p in paths[:-4]]
+    for path in paths[-4:]:
+        hr = to_uint8(read_image(root / "Heldout" / "HR" / path.name))
+        np.testing.assert_array_equal(hr, to_uint8(read_image(path))[32:160, 32:160])
+        lr = to_uint8(read_image(root / "Heldout" / "LR_bicubic" / "X4" / f"{path.stem}x4.png"))
+        np.testing.assert_array_equal(lr, imresize(hr, 1 / 4))
+    assert not any(p.name.startswith(".") for p in root.iterdir())  # no staging folder left
+
+
+def test_a_refused_split_leaves_no_staging_folder(tmp_path):
+    _images(tmp_path / "train", [(40, 40)] * 2 + [(20, 20)])
+    with pytest.raises(ValueError, match="smaller than the held-out crop"):
+        make_heldout_split(tmp_path / "train", tmp_path / "work", held_out=1, crop=32)
+    assert not any((tmp_path / "work" / "heldout").iterdir())
