@@ -37,10 +37,11 @@ weights are never changed, so the engine still computes the calibrated grid.
 :func:`apply_speed_passes` runs them on a ``ModelProto`` and keeps the ``2dq.*`` metadata, so the
 result is still accepted by ``2dq-build-engine`` and its ``--verify``. Measured on DAT-light x4 W8A8 at
 one thread (``benchmarks/cpu_speed.md``, graph levers): ``compose_movements`` makes the OpenVINO engine
-1.3x and the ORT engine 1.13x faster, bit-identical, and ``flat_window_mask`` the OpenVINO engine 1.09x more
-(ORT: the same within noise, bit-identical); the others gain nothing there (``one_bias_add`` grows the graph
-2.5x), so :data:`DEFAULT_PASSES` is ``flat_window_mask`` and ``compose_movements`` (and ``dedupe_quantize``,
-which finds nothing on our exports). The CPU engine builders (:func:`engines.ort_engine.build_ort_engine`,
+1.3x and the ORT engine 1.13x faster, bit-identical, ``flat_window_mask`` the OpenVINO engine 1.09x more
+(ORT: the same within noise) and ``gather_before_transpose`` 1.09-1.16x more on OpenVINO, 1.04-1.06x on ORT,
+both bit-identical; the others gain nothing there (``one_bias_add`` grows the graph 2.5x), so
+:data:`DEFAULT_PASSES` is ``flat_window_mask``, ``gather_before_transpose`` and ``compose_movements`` (and
+``dedupe_quantize``, which finds nothing on our exports). The CPU engine builders (:func:`engines.ort_engine.build_ort_engine`,
 :func:`engines.openvino_engine.build_openvino_engine`, ``2dq-build-engine --graph-passes``) run
 :data:`DEFAULT_PASSES` on the graph they read; ``2dq-export``'s file, which TensorRT reads, is left as it is.
 """
@@ -344,7 +345,7 @@ CPU_ONLY_PASSES = ("quantize_before_movement",)
 
 #: what :func:`apply_speed_passes` runs unless told: the passes that paid on DAT-light x4
 #: (``benchmarks/cpu_speed.md``, graph levers); the others are measured options
-DEFAULT_PASSES = ("dedupe_quantize", "flat_window_mask", "compose_movements")
+DEFAULT_PASSES = ("dedupe_quantize", "flat_window_mask", "gather_before_transpose", "compose_movements")
 
 
 def run_speed_passes(model: ir.Model, passes: Sequence[str] = DEFAULT_PASSES) -> dict[str, int]:
