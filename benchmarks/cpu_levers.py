@@ -142,10 +142,12 @@ def build_variants(graph: Path, out: Path, names: list[str]) -> dict[str, dict[s
 class FloatOpenVino:
     """OpenVINO f32 on our float export at a fixed batch (the best FP32 runtime of ``cpu_speed.md``);
     ``precision="bf16"``: the same with its float layers in bf16 (for information, never an FP32 baseline);
-    ``denormals``: the CPU plugin flushes denormal floats to zero (``CPU_DENORMALS_OPTIMIZATION``). Any
-    graph with one input named ``input`` (an engine's IR too) compiles the same way."""
+    ``denormals``: the CPU plugin flushes denormal floats to zero (``CPU_DENORMALS_OPTIMIZATION``);
+    ``profile``: per-node counters on (``PERF_COUNT``). Any graph with one input named ``input`` (an engine's
+    IR too) compiles the same way."""
 
-    def __init__(self, path: Path, threads: int, batch: int, precision: str = "f32", denormals: bool = False) -> None:
+    def __init__(self, path: Path, threads: int, batch: int, precision: str = "f32", denormals: bool = False,
+                 profile: bool = False) -> None:
         import openvino as ov
 
         model = ov.Core().read_model(str(path))
@@ -153,7 +155,8 @@ class FloatOpenVino:
         self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                               "PERFORMANCE_HINT": "LATENCY",
                                                               "INFERENCE_PRECISION_HINT": precision,
-                                                              "CPU_DENORMALS_OPTIMIZATION": denormals})
+                                                              "CPU_DENORMALS_OPTIMIZATION": denormals,
+                                                              "PERF_COUNT": profile})
         self.batch, self.tile, self.scale, self.multiple = batch, TILE, 4, 1
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -216,13 +219,7 @@ def openvino_profile(ir_path: str, threads: int, calls: int = 7) -> dict[str, fl
         runner = OpenVinoTileRunner(ir_path, threads=threads, batch=1, profile=True)
         compiled, request = runner.compiled, runner.request
     else:
-        import openvino as ov
-
-        model = ov.Core().read_model(str(ir_path))
-        model.reshape({"input": [1, 3, TILE, TILE]})
-        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True,
-                                                          "PERFORMANCE_HINT": "LATENCY",
-                                                          "INFERENCE_PRECISION_HINT": "f32"})
+        compiled = FloatOpenVino(Path(ir_path), threads, batch=1, profile=True).compiled
         request = compiled.create_infer_request()
     attentions = _fused_attentions(compiled)
     tile = torch.rand(1, 3, TILE, TILE, generator=torch.Generator().manual_seed(3))

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                      f"from {{{','.join(PASSES)}}}, or 'none' (default: %(default)s: one Transpose where a chain of "
                      "transposes and reshapes moves the same elements, the shifted-window mask added without "
                      "a 5-D view so OpenVINO fuses those attentions, and a head split's q/k/v sliced before its "
-                     "transpose; the engine is bit-identical, DAT-light x4 W8A8 1.9x the best FP32 on OpenVINO; the others are measured options, benchmarks/cpu_speed.md: "
+                     "transpose; the engine is bit-identical, DAT-light x4 W8A8 1.8-1.9x the best FP32 on OpenVINO; the others are measured options, benchmarks/cpu_speed.md: "
                      "quantize_before_movement keeps OpenVINO bit-identical, not ORT)")
     ort.add_argument("--threads", type=int, help="CPU threads of the engine (ONNX Runtime intra-op, OpenVINO) for "
                      "building and verifying (default: all cores)")

@@ -45,7 +45,7 @@ def _slice_perm(perm: list[int], axis: int, scalar: bool) -> list[int]:
 def _gathers(transpose: ir.Node) -> Optional[list[tuple[ir.Node, np.ndarray, int]]]:
     """``(gather, indices, output axis)`` of every use of ``transpose``; None when a use is anything else."""
     out = transpose.outputs[0]
-    if out.is_graph_output():
+    if out.is_graph_output() or out.shape is None:
         return None
     found = []
     for use in out.uses():
@@ -53,7 +53,7 @@ def _gathers(transpose: ir.Node) -> Optional[list[tuple[ir.Node, np.ndarray, int
         if gather.op_type != "Gather" or gather.domain != "" or use.idx != 0 or len(gather.inputs) != 2:
             return None
         indices = _constant(gather.inputs[1])
-        if indices is None or indices.ndim > 1 or indices.dtype.kind not in "iu" or out.shape is None:
+        if indices is None or indices.ndim > 1 or indices.dtype.kind not in "iu":
             return None
         axis = gather.attributes.get_int("axis", 0)
         axis = axis + len(out.shape) if axis < 0 else axis

@@ -9,11 +9,11 @@ held-out numbers are of the same images.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from ..files import atomic_path
 from .imresize import imresize
 from .io import read_image, to_uint8, write_image
 
@@ -40,9 +40,8 @@ def make_heldout_split(images: Path, work: Path, *, held_out: int = HELD_OUT, cr
         raise ValueError(f"held-out crop {crop} is not a multiple of the scale {scale}")
     calib.mkdir(parents=True, exist_ok=True)
     for path in paths[:-held_out]:
-        partial = calib / f".{path.name}.{os.getpid()}.partial"
-        shutil.copyfile(path, partial)
-        os.replace(partial, calib / path.name)
+        with atomic_path(calib / path.name) as partial:
+            shutil.copyfile(path, partial)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{SET_NAME}.", suffix=".partial", dir=root))  # this process's own
     try:
@@ -57,14 +56,12 @@ def make_heldout_split(images: Path, work: Path, *, held_out: int = HELD_OUT, cr
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if done.is_dir():  # another process completed the same split meanwhile
-        shutil.rmtree(staging)
-        return calib, root
-    shutil.rmtree(root / SET_NAME, ignore_errors=True)  # an incomplete one
     try:
-        staging.rename(root / SET_NAME)
+        staging.rename(root / SET_NAME)  # fails when the folder is there (another process's, or a leftover)
     except OSError:
-        if not done.is_dir():
-            raise
-        shutil.rmtree(staging)  # lost the race to a complete split
+        if done.is_dir():  # another process completed the same split meanwhile: keep it
+            shutil.rmtree(staging)
+        else:  # the leftover of an interrupted run
+            shutil.rmtree(root / SET_NAME, ignore_errors=True)
+            staging.rename(root / SET_NAME)
     return calib, root

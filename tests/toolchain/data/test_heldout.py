@@ -87,3 +87,13 @@ def test_a_refused_split_leaves_no_staging_folder(tmp_path):
     with pytest.raises(ValueError, match="smaller than the held-out crop"):
         make_heldout_split(tmp_path / "train", tmp_path / "work", held_out=1, crop=32)
     assert not any((tmp_path / "work" / "heldout").iterdir())
+
+
+def test_the_leftover_of_an_interrupted_split_is_replaced(tmp_path):
+    _images(tmp_path / "train", [(40, 40)] * 3)
+    leftover = tmp_path / "work" / "heldout" / "Heldout" / "HR"
+    leftover.mkdir(parents=True)
+    (leftover / "stale.png").write_bytes(b"not an image")
+    _, root = make_heldout_split(tmp_path / "train", tmp_path / "work", held_out=1, crop=32)
+    assert sorted(p.name for p in (root / "Heldout" / "HR").iterdir()) == ["img02.png"]
+    assert (root / "Heldout" / "LR_bicubic" / "X4" / "img02x4.png").is_file()
