@@ -49,7 +49,7 @@ def format_dim(dim: Dim) -> Union[int, str]:
     return symbol if coefficient == 1 else f"{coefficient}*{symbol}"
 
 
-def _divides(a: Dim, b: Dim) -> bool:
+def divides(a: Dim, b: Dim) -> bool:
     return b[0] % a[0] == 0 and (a[1] is None or a[1] == b[1])
 
 
@@ -57,7 +57,7 @@ def _quotient(b: Dim, a: Dim) -> Dim:
     return b[0] // a[0], (b[1] if a[1] is None else None)
 
 
-def _product(dims: Sequence[Dim]) -> Optional[Dim]:
+def dims_product(dims: Sequence[Dim]) -> Optional[Dim]:
     """Product of ``dims``; None when a symbol would appear twice (not one batch dimension)."""
     coefficient, symbol = 1, None
     for c, s in dims:
@@ -74,7 +74,7 @@ def plan_movement(in_dims: Sequence[Dim], steps: Sequence[Step], out_dims: Seque
     with the transpose of the lowest rank; None when a reshape of the chain is not a split or merge of
     axes (``(6, 4) -> (4, 6)``) or the shapes hold more than one symbolic dimension.
     """
-    if _product(in_dims) is None or _product(in_dims) != _product(out_dims):
+    if dims_product(in_dims) is None or dims_product(in_dims) != dims_product(out_dims):
         return None
     sizes: list[Dim] = []
     input_order: list[int] = []
@@ -100,10 +100,10 @@ def plan_movement(in_dims: Sequence[Dim], steps: Sequence[Step], out_dims: Seque
                 if i >= len(flat):
                     return None
                 atom = flat[i]
-                if _divides(sizes[atom], rest):
+                if divides(sizes[atom], rest):
                     group.append(atom)
                     rest, i = _quotient(rest, sizes[atom]), i + 1
-                elif _divides(rest, sizes[atom]):  # the reshape splits this atom: major part first
+                elif divides(rest, sizes[atom]):  # the reshape splits this atom: major part first
                     sizes.extend([rest, _quotient(sizes[atom], rest)])
                     major, minor = len(sizes) - 2, len(sizes) - 1
                     at = input_order.index(atom)
@@ -123,7 +123,7 @@ def plan_movement(in_dims: Sequence[Dim], steps: Sequence[Step], out_dims: Seque
 
 def _axis_dims(axes: list[list[int]], sizes: list[Dim]) -> list[Dim]:
     """The dims of a tensor whose axes are ``axes`` (lists of atoms of ``sizes``)."""
-    return [_product([sizes[a] for a in axis]) or ONE for axis in axes]
+    return [dims_product([sizes[a] for a in axis]) or ONE for axis in axes]
 
 
 def _shortest(in_dims: list[Dim], input_order: list[int], output_order: list[int], sizes: list[Dim],
@@ -139,7 +139,7 @@ def _shortest(in_dims: list[Dim], input_order: list[int], output_order: list[int
     by_input = sorted(range(len(runs)), key=lambda r: position[runs[r][0]])
     rank = {run: k for k, run in enumerate(by_input)}
     perm = tuple(rank[run] for run in range(len(runs)))  # output axis k reads merged input axis perm[k]
-    merged = [_product([sizes[a] for a in runs[r]]) for r in by_input]
+    merged = [dims_product([sizes[a] for a in runs[r]]) for r in by_input]
     if perm == tuple(range(len(perm))):
         return [] if out_dims == in_dims else [("reshape", tuple(out_dims))]
     steps: list[Step] = []

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
+import numpy as np  # noqa: F401  (the doctests use it)
 import onnx_ir as ir
+
+from .ir_values import only_use
 
 #: pure data movement (what :mod:`export.movement_chains` composes; :mod:`export.speed_passes` uses it too)
 MOVEMENT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
@@ -97,17 +99,6 @@ def _folded_into_product(quantize: ir.Node, movement: list[ir.Node]) -> bool:
                 u.node.op_type == "MatMul" and u.idx == 1 for u in use.node.outputs[0].uses()):
             return True
     return False
-
-
-def constant_array(value: Optional[ir.Value]) -> Optional[np.ndarray]:
-    """``value``'s constant as an array; None when it has none (:mod:`export.speed_passes` and
-    :mod:`export.window_mask` use it too)."""
-    return None if value is None or value.const_value is None else value.const_value.numpy()
-
-
-def only_use(value: ir.Value) -> bool:
-    """Whether ``value`` feeds exactly one node and is no graph output."""
-    return len(list(value.uses())) == 1 and not value.is_graph_output()
 
 
 def _chain_above(quantize: ir.Node) -> tuple[list[ir.Node], list[ir.Node]]:

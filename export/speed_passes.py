@@ -26,8 +26,10 @@ weights are never changed, so the engine still computes the calibrated grid.
   (``Reshape -> Add(mask) -> Reshape``) becomes one ``Add`` of the mask tiled over the batch, so OpenVINO
   fuses the masked window attentions too. Bit-identical.
 - ``gather_before_transpose`` (:mod:`export.gather_early`): ``Transpose -> Gather`` x 3 (the head split of
-  a fused ``qkv``) as the gathers on the transpose's input, each followed by its slice's transpose, which
-  ``compose_movements`` then merges with the transpose after it. Bit-identical.
+  a fused ``qkv``, also through the slices, rolls and views of DAT's spatial blocks) as the gathers on the
+  transpose's input, each followed by its slice's transpose (if any), which ``compose_movements`` then merges
+  with the transpose after it. Movement chains are composed first, so the split is one transpose.
+  Bit-identical.
 - ``quantize_before_movement`` (:mod:`export.quantize_early`): a per-tensor quantizer and the scalar
   element-wise nodes before it move above the data movement that feeds them, which then moves int8
   codes. Exact codes; for CPU runtimes only (:data:`CPU_ONLY_PASSES`): TensorRT's QDQ rules refuse it.
@@ -57,20 +59,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from .graph_rewrite import FOLD_SIZE_LIMIT, QDQ_OPS
-from .movement_chains import Dim, Step, format_dim, parse_dim, plan_movement, same_movement
+from .movement_chains import Dim, Step, format_dim, plan_movement, same_movement
 from .gather_early import gather_before_transpose
-from .quantize_early import MOVEMENT_OPS, constant_array as _constant, only_use, quantize_before_movement
+from .ir_values import constant_array as _constant, int64_initializer, only_use, value_dims as _dims
+from .quantize_early import MOVEMENT_OPS, quantize_before_movement
 from .window_mask import flat_window_mask
 
 log = logging.getLogger(__name__)
-
-
-def _dims(value: Optional[ir.Value]) -> Optional[list[Dim]]:
-    """The parsed dims of ``value``'s shape; None when any dim is unknown."""
-    if value is None or value.shape is None:
-        return None
-    dims = [parse_dim(d if isinstance(d, int) else d.value) for d in value.shape]
-    return None if any(d is None for d in dims) else dims
 
 
 def _movement_chains(graph: ir.Graph) -> list[list[ir.Node]]:
@@ -110,11 +105,7 @@ def _steps(chain: list[ir.Node]) -> Optional[list[Step]]:
 
 def _shape_constant(graph: ir.Graph, dims: Sequence[Dim], name: str) -> ir.Value:
     """An int64 initializer for a Reshape to ``dims`` (the symbolic dimension as -1)."""
-    values = np.array([-1 if s is not None else c for c, s in dims], dtype=np.int64)
-    value = ir.Value(name=name, const_value=ir.tensor(values, name=name))
-    value.shape, value.dtype = ir.Shape(values.shape), ir.DataType.INT64
-    graph.register_initializer(value)
-    return value
+    return int64_initializer(graph, name, [-1 if s is not None else c for c, s in dims])
 
 
 def _emit(graph: ir.Graph, chain: list[ir.Node], in_dims: list[Dim], steps: list[Step]) -> None:
@@ -325,13 +316,20 @@ def dedupe_quantize(graph: ir.Graph) -> int:
     return removed
 
 
+def gather_before_transpose_composed(graph: ir.Graph) -> int:
+    """:func:`export.gather_early.gather_before_transpose` on movement chains composed first (a head split's
+    transposes are then the one the slices are taken from); returns how many transposes it rewrote."""
+    compose_movements(graph)
+    return gather_before_transpose(graph)
+
+
 #: name -> pass, in the order :func:`apply_speed_passes` runs them
 PASSES: dict[str, Callable[[ir.Graph], int]] = {
     "fold_constants": fold_constants,
     "one_bias_add": one_bias_add,
     "dedupe_quantize": dedupe_quantize,
     "flat_window_mask": flat_window_mask,
-    "gather_before_transpose": gather_before_transpose,
+    "gather_before_transpose": gather_before_transpose_composed,
     "compose_movements": compose_movements,
     "reduce_transpose_rank": reduce_transpose_rank,
     "quantize_before_movement": quantize_before_movement,

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import onnx_ir as ir
 
-from .quantize_early import constant_array as _constant, only_use
+from .ir_values import constant_array as _constant, int64_initializer as _int64, only_use
 
 
 def _static_tail(value: ir.Value) -> Optional[list[int]]:
@@ -71,14 +71,6 @@ def _match(split: ir.Node) -> Optional[tuple[ir.Value, ir.Value, np.ndarray, ir.
     if merge.outputs[0].is_graph_output():
         return None
     return attn, other, mask, add, merge
-
-
-def _int64(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
-    array = np.array(values, dtype=np.int64)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.INT64
-    graph.register_initializer(value)
-    return value
 
 
 def _tiled(graph: ir.Graph, attn: ir.Value, mask: ir.Value, windows: int, base: str, before: ir.Node) -> ir.Value:
