@@ -118,19 +118,22 @@ class _ClipRoundScale(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, step, low, high = ctx.saved_tensors
         need_x, need_step, need_low, need_high = ctx.needs_input_grad
-        below, above = x < low, x > high
-        tie_low, tie_high = x == low, x == high
         grad_x = grad_step = grad_low = grad_high = None
-        if need_x:
-            inside = ~(below | above | tie_low | tie_high)
-            grad_x = grad * (inside + 0.5 * (tie_low | tie_high))
+        if need_x or need_low or need_high:
+            # per end: 0 past it, 1/2 on it, 1 inside (low < high always); every product and difference
+            # below is exact (factors 0, 1/2, 1), so the values are those of the masks written out, in
+            # fewer full-size passes and without bool-to-float copies (the bulk of a DQC or
+            # reconstruction step on attention probabilities)
+            inside_low = grad * (x - low).sign_().add_(1).mul_(0.5)
+            if need_low:
+                grad_low = (grad - inside_low).sum_to_size(low.shape)
+            through = inside_low * (high - x).sign_().add_(1).mul_(0.5)
+            if need_high:
+                grad_high = (inside_low - through).sum_to_size(high.shape)
+            grad_x = through if need_x else None
         if need_step:
             t = torch.clamp(x, low, high).div_(step)
             grad_step = (grad * torch.round(t).sub_(t)).sum_to_size(step.shape)
-        if need_low:
-            grad_low = (grad * (below + 0.5 * tie_low)).sum_to_size(low.shape)
-        if need_high:
-            grad_high = (grad * (above + 0.5 * tie_high)).sum_to_size(high.shape)
         return grad_x, grad_step, grad_low, grad_high
 
 
