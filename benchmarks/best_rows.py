@@ -47,7 +47,8 @@ TRANSFORMS = ["--method", "dobi", "--granularity", "per-channel", "--smooth", "a
 #: reconstruction and learned rounding under a 3-bit budget, W2 the same without the budget (at 2 bits no
 #: quantizer can go lower to pay for another's higher width: a 2-bit budget is the uniform model)
 RECIPES = {
-    4: [*TRANSFORMS, "--rotate", "inputs", "--gptq", "--bit-budget", "4"],
+    4: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
+        "--bit-budget", "4", "--reconstruct-iters", "200"],
     3: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--bit-budget", "3",
         "--reconstruct-iters", "200"],
     2: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--reconstruct-affine",
@@ -132,6 +133,7 @@ def run_row(scale: int, bits: int, args: argparse.Namespace, data: dict) -> None
             (result,) = summary["results"]
             row["fakequant_set5_whole"] = {"psnr": result["psnr"], "ssim": result["ssim"]}
         save(args.out, data)
+    args.artifacts.mkdir(parents=True, exist_ok=True)
     target = args.artifacts / f"dat_light_x{scale}_w{bits}a{bits}"
     shutil.copyfile(artifact, target.with_suffix(".safetensors"))
     shutil.copyfile(artifact.with_suffix(".json"), target.with_suffix(".json"))
