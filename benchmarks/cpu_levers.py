@@ -71,8 +71,11 @@ VARIANTS = {
     "quantize_before_movement": ("compose_movements", "quantize_before_movement"),
     # the shifted-window mask added in 4-D, so OpenVINO fuses those attentions too (export/window_mask.py)
     "flat_window_mask": ("flat_window_mask", "compose_movements"),
-    # q, k, v sliced before their head-split transpose, channel and unshifted spatial blocks (export/gather_early.py)
+    # the channel attention's q, k, v sliced before their head-split transpose (export/gather_early.py)
     "gather_before_transpose": ("flat_window_mask", "gather_before_transpose", "compose_movements"),
+    # the same, also through the spatial blocks' channel halves, rolls and views: no qkv split transpose left
+    "carry_transpose_to_gathers": ("flat_window_mask", "gather_before_transpose", "carry_transpose_to_gathers",
+                                   "compose_movements"),
 }
 TILES_PER_CALL = (1, 4, 8)
 

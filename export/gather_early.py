@@ -12,20 +12,23 @@ axis the transpose moved, then the transpose of the slice, of one axis fewer for
 the slice's transpose composes with the one after it (``compose_movements`` runs after this pass) and the
 big transpose disappears. Elements are only selected and moved, never computed: bit-identical.
 
-DAT's spatial blocks split ``qkv [B, N, 3, C]`` the same way (``Transpose(2, 0, 1, 3)``) but reach their
-gathers through more data movement: the channel halves are cut first (``Slice``), and the shifted blocks
-view the split as an image (``Reshape`` to ``[3, B, H, W, C]``), roll it (``Slice`` x 2 and ``Concat`` per
-axis) and view it back (``Reshape``). Each such node (:data:`CARRIED`) is rewritten on the transpose's input
-instead (its axes carried back through the perm; a reshape only where each group of axes it merges or
-splits is consecutive and in order there), so the transpose moves below all of them to the gathers, where
-the q, k, v slices come out in the order they are used in: no transpose is left.
+With ``carry`` (the ``carry_transpose_to_gathers`` pass, a measured option) the transpose is also carried
+below the data movement between it and the gathers: DAT's spatial blocks split ``qkv [B, N, 3, C]`` the same
+way (``Transpose(2, 0, 1, 3)``) but cut the channel halves first (``Slice``), and the shifted blocks view the
+split as an image (``Reshape`` to ``[3, B, H, W, C]``), roll it (``Slice`` x 2 and ``Concat`` per axis) and
+view it back (``Reshape``). Each such node (:data:`CARRIED`) is rewritten on the transpose's input instead
+(its axes carried back through the perm; a reshape only where each group of axes it merges or splits is
+consecutive and in order there), so the transpose moves down to the gathers, where the q, k, v slices come
+out in the order they are used in: no transpose is left. It does not pay on OpenVINO
+(``benchmarks/cpu_speed.md``): its CPU plugin runs a gather on a middle axis with a reference kernel that
+costs what the transposes did.
 
 It rewrites a transpose only when every value below it, down to the gathers, is used by such nodes only
 (gathers with constant indices, 0-D or 1-D) and at most one slice keeps a transpose of its own that nothing
 composes with (a slice whose transpose is the identity needs none; one whose only consumer is a
 ``Transpose`` composes). So the elements moved by transposes never grow: DAT's channel blocks (all three
-slices transposed again) and spatial blocks are rewritten; SwinIR's window attention (``q`` and ``v`` used
-as they are) is left alone. No quantizer is touched.
+slices transposed again) are rewritten, and with ``carry`` its spatial blocks; SwinIR's window attention
+(``q`` and ``v`` used as they are) is left alone. No quantizer is touched.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import onnx_ir as ir
 from .ir_values import constant_array as _constant, int64_initializer, value_dims
 from .movement_chains import Dim, dims_product, divides
 
-#: the nodes a transpose is carried below (each is rewritten on the transpose's input instead)
+#: the nodes a transpose is carried below with ``carry`` (each is rewritten on the transpose's input instead)
 CARRIED = ("Slice", "Concat", "Reshape")
 #: a size-1 axis (reshapes that add or drop one are not carried)
 ONE_AXES = {(1, None)}
@@ -143,8 +146,8 @@ class _Region:
     reshapes: dict[ir.Node, list[Dim]] = field(default_factory=dict)
 
 
-def _collect(transpose: ir.Node) -> Optional[_Region]:
-    """Every node reached from ``transpose`` through :data:`CARRIED` nodes, ending in constant-index gathers;
+def _collect(transpose: ir.Node, carried: tuple[str, ...]) -> Optional[_Region]:
+    """Every node reached from ``transpose`` through ``carried`` nodes, ending in constant-index gathers;
     None when a value of the region is used by anything else or is a graph output."""
     out = transpose.outputs[0]
     region = _Region(perms={out: _perm(transpose, len(transpose.inputs[0].shape))})
@@ -161,7 +164,7 @@ def _collect(transpose: ir.Node) -> Optional[_Region]:
                 if taken is None:
                     return None
                 region.gathers.append(taken)
-            elif node.op_type not in CARRIED or node.domain != "" or (node.op_type != "Concat" and use.idx != 0):
+            elif node.op_type not in carried or node.domain != "" or (node.op_type != "Concat" and use.idx != 0):
                 return None
             elif node not in seen:
                 seen.add(node)
@@ -276,16 +279,16 @@ def _rewrite(graph: ir.Graph, transpose: ir.Node, region: _Region) -> None:
     graph.remove(transpose, safe=True)
 
 
-def gather_before_transpose(graph: ir.Graph) -> int:
-    """Each ``Transpose`` whose uses end, through :data:`CARRIED` nodes, in constant-index ``Gather``s (and worth
-    it, see the module docstring) carried below them; returns how many transposes were removed so."""
+def gather_before_transpose(graph: ir.Graph, carry: bool = False) -> int:
+    """Each ``Transpose`` whose uses are constant-index ``Gather``s (with ``carry``: also through :data:`CARRIED`
+    nodes), and worth it (see the module docstring), moved below them; returns how many transposes went so."""
     rewritten, order = 0, {}
     for transpose in list(graph):
         if transpose.op_type != "Transpose" or transpose.domain != "" or transpose.inputs[0] is None:
             continue
         if transpose.inputs[0].shape is None:
             continue
-        region = _collect(transpose)
+        region = _collect(transpose, CARRIED if carry else ())
         if region is not None and any(node not in order for node in region.nodes):
             order = {node: k for k, node in enumerate(graph)}  # (again after a rewrite added nodes)
         if region is None or not region.gathers or not _plan(order, region) or not _worth_it(region):

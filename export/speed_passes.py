@@ -26,10 +26,12 @@ weights are never changed, so the engine still computes the calibrated grid.
   (``Reshape -> Add(mask) -> Reshape``) becomes one ``Add`` of the mask tiled over the batch, so OpenVINO
   fuses the masked window attentions too. Bit-identical.
 - ``gather_before_transpose`` (:mod:`export.gather_early`): ``Transpose -> Gather`` x 3 (the head split of
-  a fused ``qkv``, also through the slices, rolls and views of DAT's spatial blocks) as the gathers on the
-  transpose's input, each followed by its slice's transpose (if any), which ``compose_movements`` then merges
-  with the transpose after it. Movement chains are composed first, so the split is one transpose.
-  Bit-identical.
+  a fused ``qkv``) as the gathers on the transpose's input, each followed by its slice's transpose, which
+  ``compose_movements`` then merges with the transpose after it. Bit-identical.
+- ``carry_transpose_to_gathers``: the same, also through the slices, rolls and views between a split and its
+  gathers (DAT's spatial blocks), on movement chains composed first: no qkv split keeps a transpose.
+  Bit-identical; not faster on OpenVINO (its reference ``Gather`` kernel on a middle axis costs what the
+  transposes did: 1.84x vs 1.83x the best FP32, ``benchmarks/cpu_speed.md``).
 - ``quantize_before_movement`` (:mod:`export.quantize_early`): a per-tensor quantizer and the scalar
   element-wise nodes before it move above the data movement that feeds them, which then moves int8
   codes. Exact codes; for CPU runtimes only (:data:`CPU_ONLY_PASSES`): TensorRT's QDQ rules refuse it.
@@ -316,11 +318,11 @@ def dedupe_quantize(graph: ir.Graph) -> int:
     return removed
 
 
-def gather_before_transpose_composed(graph: ir.Graph) -> int:
-    """:func:`export.gather_early.gather_before_transpose` on movement chains composed first (a head split's
-    transposes are then the one the slices are taken from); returns how many transposes it rewrote."""
+def carry_transpose_to_gathers(graph: ir.Graph) -> int:
+    """:func:`export.gather_early.gather_before_transpose` with ``carry``, on movement chains composed first (a head
+    split's transposes are then the one the slices are taken from); returns how many transposes it moved."""
     compose_movements(graph)
-    return gather_before_transpose(graph)
+    return gather_before_transpose(graph, carry=True)
 
 
 #: name -> pass, in the order :func:`apply_speed_passes` runs them
@@ -329,7 +331,8 @@ PASSES: dict[str, Callable[[ir.Graph], int]] = {
     "one_bias_add": one_bias_add,
     "dedupe_quantize": dedupe_quantize,
     "flat_window_mask": flat_window_mask,
-    "gather_before_transpose": gather_before_transpose_composed,
+    "gather_before_transpose": gather_before_transpose,
+    "carry_transpose_to_gathers": carry_transpose_to_gathers,
     "compose_movements": compose_movements,
     "reduce_transpose_rank": reduce_transpose_rank,
     "quantize_before_movement": quantize_before_movement,

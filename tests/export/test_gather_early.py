@@ -154,8 +154,9 @@ def test_dat_spatial_split_loses_every_transpose_bit_identically(cuts):
     its axes left out): each cut is taken from the transpose's input, on the axis the transpose moved there,
     and every slice comes out without a transpose; outputs equal element for element at batch 1 and 2."""
     model = _spatial_split(cuts)
-    rewritten, changes = _passes(model, ("gather_before_transpose", "compose_movements"))
-    assert changes["gather_before_transpose"] == 1
+    assert _passes(model, ("gather_before_transpose",))[1]["gather_before_transpose"] == 0  # the default pass
+    rewritten, changes = _passes(model, ("carry_transpose_to_gathers", "compose_movements"))
+    assert changes["carry_transpose_to_gathers"] == 1
     assert _transposes(rewritten) == []
     assert [n.op_type for n in rewritten.graph.node].count("Slice") == len(cuts)
     for batch in (1, 2):
@@ -167,8 +168,8 @@ def test_dat_spatial_split_loses_every_transpose_bit_identically(cuts):
 def test_a_cut_with_another_use_is_left_alone():
     """A cut that also feeds something other than a gather would still need the transpose: left alone."""
     model = _spatial_split(HALVES, extra_use=True)
-    rewritten, changes = _passes(model, ("gather_before_transpose",))
-    assert changes["gather_before_transpose"] == 0
+    rewritten, changes = _passes(model, ("carry_transpose_to_gathers",))
+    assert changes["carry_transpose_to_gathers"] == 0
     assert _transposes(rewritten) == _transposes(model)
 
 
@@ -220,8 +221,8 @@ def test_dat_shifted_split_is_carried_through_reshapes_slices_and_the_roll():
     """Reshape (a split axis), Slice, Concat (the roll) and Reshape (merged back) between the transpose and
     the gathers: all taken on the transpose's input, no transpose left, bit-identical at batch 1 and 3."""
     model = _shifted_split()
-    rewritten, changes = _passes(model, ("gather_before_transpose", "compose_movements"))
-    assert changes["gather_before_transpose"] == 1
+    rewritten, changes = _passes(model, ("carry_transpose_to_gathers", "compose_movements"))
+    assert changes["carry_transpose_to_gathers"] == 1
     assert _transposes(rewritten) == []
     ops = collections.Counter(n.op_type for n in rewritten.graph.node)
     assert (ops["Slice"], ops["Concat"], ops["Reshape"]) == (3, 1, 2)
@@ -234,8 +235,8 @@ def test_dat_shifted_split_is_carried_through_reshapes_slices_and_the_roll():
 def test_a_reshape_that_mixes_the_moved_axes_is_left_alone():
     """``[3, B, N, C] -> [3B, N, C]`` merges axes the transpose put together from apart: not carried."""
     model = _shifted_split(merge_rows=True)
-    rewritten, changes = _passes(model, ("gather_before_transpose",))
-    assert changes["gather_before_transpose"] == 0
+    rewritten, changes = _passes(model, ("carry_transpose_to_gathers",))
+    assert changes["carry_transpose_to_gathers"] == 0
     assert _transposes(rewritten) == _transposes(model)
 
 
@@ -251,9 +252,6 @@ def test_tiny_dat_has_fewer_transposes_and_the_same_ort_engine_output(dat_graphs
     assert rewritten > 0
     counts = [collections.Counter(n.op_type for n in onnx.load(str(p)).graph.node) for p in (default, gathered)]
     assert counts[1]["Transpose"] == counts[0]["Transpose"] - rewritten
-    splits = [sum(n.op_type == "Transpose" and list(n.attribute[0].ints) == [2, 0, 1, 3]
-                  for n in onnx.load(str(p)).graph.node) for p in (default, gathered)]
-    assert splits[0] > 0 and splits[1] == 0  # the spatial splits, through channel halves, rolls and views
     assert lint_model(onnx.load(str(gathered))) == []
     tiles = torch.rand(2, 3, DAT_TILE, DAT_TILE, generator=torch.Generator().manual_seed(8))
     _, outputs = cpu_engine_runs([default, gathered], tiles, "ort")
@@ -267,4 +265,19 @@ def test_openvino_runs_fewer_float_transposes_with_the_same_output(dat_graphs):
     tiles = torch.rand(1, 3, DAT_TILE, DAT_TILE, generator=torch.Generator().manual_seed(9))
     layers, outputs = cpu_engine_runs([default, gathered], tiles, "openvino")
     assert layers[1]["Transpose"] < layers[0]["Transpose"]
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+
+
+def test_carried_through_the_spatial_blocks_tiny_dat_keeps_no_split_transpose_and_its_ort_output(tmp_path):
+    """``carry_transpose_to_gathers`` on the tiny DAT: every qkv split transpose (``(2, 0, 1, 3)`` of the spatial
+    blocks) is gone, through channel halves, rolls and views; the ORT engine's output is the same."""
+    default = ("dedupe_quantize", "flat_window_mask", "gather_before_transpose", "compose_movements")
+    plain, carried, moved = tiny_dat_with_and_without(tmp_path, default, "carry_transpose_to_gathers")
+    assert moved > 0
+    splits = [sum(n.op_type == "Transpose" and list(n.attribute[0].ints) == [2, 0, 1, 3]
+                  for n in onnx.load(str(p)).graph.node) for p in (plain, carried)]
+    assert splits[0] > 0 and splits[1] == 0
+    assert lint_model(onnx.load(str(carried))) == []
+    tiles = torch.rand(2, 3, DAT_TILE, DAT_TILE, generator=torch.Generator().manual_seed(10))
+    _, outputs = cpu_engine_runs([plain, carried], tiles, "ort")
     np.testing.assert_array_equal(outputs[1], outputs[0])
