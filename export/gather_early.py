@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 import onnx_ir as ir
 
-from .ir_values import constant_array as _constant, int64_initializer, value_dims
+from .ir_values import constant_array as _constant, int64_initializer, shape_initializer, value_dims
 from .movement_chains import Dim, dims_product, divides
 
 #: the nodes a transpose is carried below with ``carry`` (each is rewritten on the transpose's input instead)
@@ -226,8 +226,7 @@ def _carried(graph: ir.Graph, node: ir.Node, inputs: list[ir.Value], perm: list[
         early = ir.node("Concat", inputs, attributes={"axis": perm[axis + rank if axis < 0 else axis]}, name=name)
     else:
         dims = region.reshapes[node]
-        shape = [-1 if symbol is not None else size for size, symbol in dims]
-        early = ir.node("Reshape", [inputs[0], int64_initializer(graph, f"{name}/shape", shape)], name=name)
+        early = ir.node("Reshape", [inputs[0], shape_initializer(graph, f"{name}/shape", dims)], name=name)
     out_perm = region.perms[node.outputs[0]]
     dims = [None] * len(out_perm)
     for axis, dim in enumerate(node.outputs[0].shape):

@@ -23,6 +23,11 @@ def int64_initializer(graph: ir.Graph, name: str, values: list[int]) -> ir.Value
     return value
 
 
+def shape_initializer(graph: ir.Graph, name: str, dims: list[Dim]) -> ir.Value:
+    """An int64 initializer for a Reshape to ``dims`` (the one symbolic dimension, the batch, as -1)."""
+    return int64_initializer(graph, name, [-1 if symbol is not None else size for size, symbol in dims])
+
+
 def only_use(value: ir.Value) -> bool:
     """Whether ``value`` feeds exactly one node and is no graph output."""
     return len(list(value.uses())) == 1 and not value.is_graph_output()

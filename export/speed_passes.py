@@ -63,7 +63,7 @@ import onnx_ir.passes.common as common_passes
 from .graph_rewrite import FOLD_SIZE_LIMIT, QDQ_OPS
 from .movement_chains import Dim, Step, format_dim, plan_movement, same_movement
 from .gather_early import gather_before_transpose
-from .ir_values import constant_array as _constant, int64_initializer, only_use, value_dims as _dims
+from .ir_values import constant_array as _constant, only_use, shape_initializer, value_dims as _dims
 from .quantize_early import MOVEMENT_OPS, quantize_before_movement
 from .window_mask import flat_window_mask
 
@@ -105,11 +105,6 @@ def _steps(chain: list[ir.Node]) -> Optional[list[Step]]:
     return steps
 
 
-def _shape_constant(graph: ir.Graph, dims: Sequence[Dim], name: str) -> ir.Value:
-    """An int64 initializer for a Reshape to ``dims`` (the symbolic dimension as -1)."""
-    return int64_initializer(graph, name, [-1 if s is not None else c for c, s in dims])
-
-
 def _emit(graph: ir.Graph, chain: list[ir.Node], in_dims: list[Dim], steps: list[Step]) -> None:
     """Replace ``chain`` (input of ``in_dims``) by ``steps``."""
     head, tail = chain[0], chain[-1]
@@ -121,7 +116,7 @@ def _emit(graph: ir.Graph, chain: list[ir.Node], in_dims: list[Dim], steps: list
             node = ir.Node("", "Transpose", [current], [ir.AttrInt64s("perm", list(arg))], name=name)
             dims = [current_dims[p] for p in arg]
         else:
-            node = ir.Node("", "Reshape", [current, _shape_constant(graph, arg, f"{name}/shape")], name=name)
+            node = ir.Node("", "Reshape", [current, shape_initializer(graph, f"{name}/shape", list(arg))], name=name)
             dims = list(arg)
         node.outputs[0].name = f"{name}/output"
         node.outputs[0].dtype = head.inputs[0].dtype
