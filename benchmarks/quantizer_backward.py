@@ -22,8 +22,9 @@ import logging
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from torch.nn import functional as F
 from calib.artifact import load_quantized_model
 from calib.feature_taps import feature_modules
 from calib.learned_rounding import attach_rounding, beta_at, weight_layers
+from calib.reconstruct import _first_tensor, _quantized_inputs
 from toolchain.allocator import keep_freed_memory
 from toolchain.files import atomic_path
 from toolchain.quant import quantizers
@@ -67,48 +69,20 @@ def masked_backward(ctx, grad: torch.Tensor):
 BACKWARDS: dict[str, Callable] = {"masked (before)": masked_backward, "sign (now)": _ClipRoundScale.backward}
 
 
-class use_backward:
-    """Context manager: ``_ClipRoundScale.backward`` is ``fn`` inside, today's again after."""
-
-    def __init__(self, fn: Callable) -> None:
-        self.fn, self.saved = fn, _ClipRoundScale.__dict__["backward"]
-
-    def __enter__(self) -> None:
-        _ClipRoundScale.backward = staticmethod(self.fn)
-
-    def __exit__(self, *exc) -> None:
-        _ClipRoundScale.backward = self.saved
-
-
-def block_inputs(model: nn.Module, unit: nn.Module, lr: torch.Tensor) -> tuple[tuple, dict]:
-    """The arguments ``unit`` receives when the quantized model runs on ``lr`` (the rest is not run)."""
-    captured = {}
-
-    class _Stop(Exception):
-        pass
-
-    def grab(_module, args, kwargs):
-        captured["call"] = (args, kwargs)
-        raise _Stop
-
-    handle = unit.register_forward_pre_hook(grab, with_kwargs=True)
+@contextmanager
+def use_backward(fn: Callable) -> Iterator[None]:
+    """``_ClipRoundScale.backward`` is ``fn`` inside, today's again after."""
+    saved = _ClipRoundScale.__dict__["backward"]
+    _ClipRoundScale.backward = staticmethod(fn)
     try:
-        with torch.no_grad():
-            model(lr)
-    except _Stop:
-        pass
+        yield
     finally:
-        handle.remove()
-    return captured["call"]
-
-
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
+        _ClipRoundScale.backward = saved
 
 
 def time_unit(model: nn.Module, path: str, unit: nn.Module, lr: torch.Tensor, rounds: int, steps: int) -> dict:
     """Seconds per reconstruction step of ``unit`` with each backward, and whether their gradients agree."""
-    args, kwargs = block_inputs(model, unit, lr)
+    (args, kwargs), = _quantized_inputs(model, unit, [lr], torch.device("cpu"))
     layers = weight_layers(unit, path)
     roundings = attach_rounding(layers)
     rounded = {id(layer.weight_quantizer) for layer in layers.values()}
@@ -119,10 +93,10 @@ def time_unit(model: nn.Module, path: str, unit: nn.Module, lr: torch.Tensor, ro
     for p in params:
         p.requires_grad_(True)
     with torch.no_grad():
-        target = _first(unit(*args, **kwargs))
+        target = _first_tensor(unit(*args, **kwargs))
 
     def step(keep: bool = False) -> list[torch.Tensor]:
-        out = _first(unit(*args, **kwargs))
+        out = _first_tensor(unit(*args, **kwargs))
         loss = F.mse_loss(out, target) + 0.01 * sum(r.regularizer(beta_at(100, 200)) for r in roundings.values())
         loss.backward()
         grads = [p.grad.clone() if keep else None for p in params]

@@ -31,7 +31,7 @@ weights are never changed, so the engine still computes the calibrated grid.
 - ``carry_transpose_to_gathers``: the same, also through the slices, rolls and views between a split and its
   gathers (DAT's spatial blocks), on movement chains composed first: no qkv split keeps a transpose.
   Bit-identical; not faster on OpenVINO (its reference ``Gather`` kernel on a middle axis costs what the
-  transposes did: 1.84x vs 1.83x the best FP32, ``benchmarks/cpu_speed.md``).
+  transposes did: 1.83x vs 1.88x the best FP32 without it, ``benchmarks/cpu_speed.md``).
 - ``quantize_before_movement`` (:mod:`export.quantize_early`): a per-tensor quantizer and the scalar
   element-wise nodes before it move above the data movement that feeds them, which then moves int8
   codes. Exact codes; for CPU runtimes only (:data:`CPU_ONLY_PASSES`): TensorRT's QDQ rules refuse it.
