@@ -9,7 +9,9 @@ interleaved rounds (every runtime once per round, so that load from other proces
 alike), medians:
 
 - one 64x64 tile (batch 1): every variant on both engines, against the FP32 baselines of
-  ``cpu_speed.py`` (ORT on the plain and on our float export, OpenVINO f32 on our float export);
+  ``cpu_speed.py`` (ORT on the plain and on our float export, OpenVINO f32 on our float export), and
+  OpenVINO f32 on our float export after the builders' default passes ("FP32 with our passes": timed and
+  profiled, not one of the baselines the ratios use);
 - a 256x256 image through overlapping 64x64 tiles (overlap 16) at 1 / 4 / 8 tiles per call:
   ``--image-variants`` on both engines, and OpenVINO f32 on our float export (the best FP32 runtime).
 
@@ -44,7 +46,7 @@ import torch
 from calib.artifact import save_artifact
 from calib.baselines import calibrate_minmax
 from calib.observers import batch_forward_loop
-from cpu_speed import FP32_BASELINES, IMAGE, OVERLAP, TILE, PlainOrt
+from cpu_speed import FP32_BASELINES, IMAGE, OVERLAP, TILE, PlainOrt, float_with_passes
 from engines.openvino_engine import OpenVinoTileRunner, build_openvino_engine
 from engines.ort_engine import OrtTileRunner, build_ort_engine
 from export.onnx_export import ExportOptions, Provenance, export_model, export_onnx
@@ -97,7 +99,8 @@ def export_w8a8(out: Path, quantize: tuple[str, ...] = ("linear", "matmul")) -> 
 
 
 def export_float(out: Path) -> dict[str, Path]:
-    """Our float export and the plain TorchScript one (the FP32 baselines of ``cpu_speed.py``)."""
+    """Our float export, the plain TorchScript one and ours after the default passes (the FP32 baselines of
+    ``cpu_speed.py``)."""
     files = {"fp32": out / "dat-light_fp32.onnx", "fp32-plain": out / "dat-light_fp32_plain.onnx"}
     if not files["fp32"].exists():
         export_model(load_model(DEFAULT_WEIGHTS), files["fp32"], ExportOptions(tile=TILE),
@@ -107,6 +110,7 @@ def export_float(out: Path) -> dict[str, Path]:
             torch.onnx.export(load_model(DEFAULT_WEIGHTS), (torch.zeros(1, 3, TILE, TILE),), str(files["fp32-plain"]),
                               dynamo=False, opset_version=17, input_names=["input"], output_names=["output"],
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    files["fp32-passes"] = float_with_passes(files["fp32"])
     return files
 
 
@@ -273,6 +277,7 @@ def main() -> None:
         "ort-fp32-plain": PlainOrt(floats["fp32-plain"], t, 4, 1),
         "ort-fp32": PlainOrt(floats["fp32"], t, 4, 1),
         "openvino-fp32": FloatOpenVino(floats["fp32"], t, 1),
+        "openvino-fp32-passes": FloatOpenVino(floats["fp32-passes"], t, 1),
     }
     for name, info in variants.items():
         runners[f"openvino:{name}"] = OpenVinoTileRunner(info["openvino_engine"], threads=t, batch=1)
@@ -302,6 +307,7 @@ def main() -> None:
         print(json.dumps(result["image"], indent=1), flush=True)
         del upscalers
     result["openvino_profile_ms"] = {"openvino-fp32": openvino_profile(str(floats["fp32"]), t),
+                                     "openvino-fp32-passes": openvino_profile(str(floats["fp32-passes"]), t),
                                      **{name: openvino_profile(variants[name]["openvino_engine"], t)
                                         for name in variants}}
     result["machine"]["load_after"] = os.getloadavg()
