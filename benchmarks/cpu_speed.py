@@ -134,7 +134,8 @@ def float_with_passes(fp32: Path) -> Path:
 
 
 def export_files(name: str, make: Callable[[], torch.nn.Module], checkpoint_sha: str, patches: torch.Tensor,
-                 out: Path) -> dict[str, Path]:
+                 out: Path, widths: dict[str, tuple[int, int]] = WIDTHS) -> dict[str, Path]:
+    """The float exports and one QDQ export per entry of ``widths`` (reused when present)."""
     files = {"fp32": out / f"{name}_fp32.onnx", "fp32-plain": out / f"{name}_fp32_plain.onnx"}
     if not files["fp32"].exists():
         export_model(make(), files["fp32"], ExportOptions(tile=TILE), Provenance(checkpoint_sha, "", {}))
@@ -144,7 +145,7 @@ def export_files(name: str, make: Callable[[], torch.nn.Module], checkpoint_sha:
                               opset_version=17, input_names=["input"], output_names=["output"],
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     files["fp32-passes"] = float_with_passes(files["fp32"])
-    for width, (w_bits, a_bits) in WIDTHS.items():
+    for width, (w_bits, a_bits) in widths.items():
         files[width] = out / f"{name}_{width}.onnx"
         if files[width].exists():
             continue
