@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import io
 import json
 import os
 import platform
@@ -46,10 +44,10 @@ import torch
 from calib.artifact import save_artifact
 from calib.baselines import calibrate_minmax
 from calib.observers import batch_forward_loop
-from cpu_speed import FP32_BASELINES, IMAGE, OVERLAP, TILE, PlainOrt, float_with_passes
+from cpu_speed import FP32_BASELINES, IMAGE, OVERLAP, TILE, PlainOrt, export_files
 from engines.openvino_engine import OpenVinoTileRunner, build_openvino_engine
 from engines.ort_engine import OrtTileRunner, build_ort_engine
-from export.onnx_export import ExportOptions, Provenance, export_model, export_onnx
+from export.onnx_export import ExportOptions, export_onnx
 from export.speed_passes import CPU_ONLY_PASSES, PASSES, run_speed_passes
 from ort_speed import time_rounds
 from toolchain.backends import TiledUpscaler
@@ -100,18 +98,9 @@ def export_w8a8(out: Path, quantize: tuple[str, ...] = ("linear", "matmul")) -> 
 
 def export_float(out: Path) -> dict[str, Path]:
     """Our float export, the plain TorchScript one and ours after the default passes (the FP32 baselines of
-    ``cpu_speed.py``)."""
-    files = {"fp32": out / "dat-light_fp32.onnx", "fp32-plain": out / "dat-light_fp32_plain.onnx"}
-    if not files["fp32"].exists():
-        export_model(load_model(DEFAULT_WEIGHTS), files["fp32"], ExportOptions(tile=TILE),
-                     Provenance(sha256_file(DEFAULT_WEIGHTS), "", {}))
-    if not files["fp32-plain"].exists():
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            torch.onnx.export(load_model(DEFAULT_WEIGHTS), (torch.zeros(1, 3, TILE, TILE),), str(files["fp32-plain"]),
-                              dynamo=False, opset_version=17, input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-    files["fp32-passes"] = float_with_passes(files["fp32"])
-    return files
+    ``cpu_speed.py``, made by its :func:`cpu_speed.export_files`)."""
+    return export_files("dat-light", lambda: load_model(DEFAULT_WEIGHTS), sha256_file(DEFAULT_WEIGHTS), None, out,
+                        widths={})
 
 
 def build_variants(graph: Path, out: Path, names: list[str]) -> dict[str, dict[str, Any]]:

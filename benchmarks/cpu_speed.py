@@ -39,7 +39,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import onnx
@@ -133,9 +133,11 @@ def float_with_passes(fp32: Path) -> Path:
     return path
 
 
-def export_files(name: str, make: Callable[[], torch.nn.Module], checkpoint_sha: str, patches: torch.Tensor,
-                 out: Path, widths: dict[str, tuple[int, int]] = WIDTHS) -> dict[str, Path]:
-    """The float exports and one QDQ export per entry of ``widths`` (reused when present)."""
+def export_files(name: str, make: Callable[[], torch.nn.Module], checkpoint_sha: str,
+                 patches: Optional[torch.Tensor], out: Path,
+                 widths: dict[str, tuple[int, int]] = WIDTHS) -> dict[str, Path]:
+    """The float exports and one QDQ export per entry of ``widths``, its MinMax bounds from ``patches``
+    (reused when present)."""
     files = {"fp32": out / f"{name}_fp32.onnx", "fp32-plain": out / f"{name}_fp32_plain.onnx"}
     if not files["fp32"].exists():
         export_model(make(), files["fp32"], ExportOptions(tile=TILE), Provenance(checkpoint_sha, "", {}))
@@ -149,6 +151,8 @@ def export_files(name: str, make: Callable[[], torch.nn.Module], checkpoint_sha:
         files[width] = out / f"{name}_{width}.onnx"
         if files[width].exists():
             continue
+        if patches is None:
+            raise ValueError(f"{files[width]}: exporting {width} needs calibration patches")
         config = QuantConfig(w_bits=w_bits, a_bits=a_bits)
         model = make()
         quantize_model(model, config)
