@@ -216,7 +216,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         for key in row["tile_ms"]:
             cells = [row["model"], str(row["threads"]), key]
             for what, digits in (("tile", 1), ("image", 0)):
-                marks = [m for m, label in (("a", "best_fp32"), ("b", "fp32_passes")) if row.get(f"{label}_{what}") == key]
+                marks = [m for m, label in (("a", "best_fp32"), ("b", "fp32_passes")) if row[f"{label}_{what}"] == key]
                 cells.append(f"{row[f'{what}_ms'][key]:.{digits}f}" + (f" ({', '.join(marks)})" if marks else ""))
                 cells += [f"{row[f'x_vs_{label}_{what}'][key]:.2f}" for label in ("best_fp32", "fp32_passes")]
             lines.append("| " + " | ".join(cells) + " |")

@@ -19,8 +19,7 @@ def _transposes(path: Path) -> int:
 
 
 def test_float_baselines_with_passes_and_both_ratios(tmp_path):
-    patches = torch.rand(4, 3, cpu_speed.TILE, cpu_speed.TILE, generator=torch.Generator().manual_seed(0))
-    files = cpu_speed.export_files("tiny-dat", lambda: tiny_dat(scale=4), "0" * 64, patches, tmp_path, widths={})
+    files = cpu_speed.export_files("tiny-dat", lambda: tiny_dat(scale=4), "0" * 64, None, tmp_path, widths={})
     assert sorted(files) == ["fp32", "fp32-passes", "fp32-plain"]
     # the passes are real on the float graph (DAT's head split chains collapse) and exact on ORT
     assert _transposes(files["fp32-passes"]) < _transposes(files["fp32"])
