@@ -164,3 +164,34 @@ def test_outputs_that_would_lose_alpha_or_16_bits_are_refused(built, tmp_path, c
                  "--out", str(outs / "sr.jpg")]) == 2
     assert not outs.exists()  # nothing written, not even the folder
     assert run(tmp_path / "gray16.png", outs / "sr.tif", made) == 0  # TIFF stores plain 16-bit grayscale
+
+
+def test_engine_runs_import_no_model_loader(built, small_image, datasets_dir, tmp_path):
+    """``2dq-upscale --engine`` and ``2dq-eval --engine`` never read a checkpoint, so they leave spandrel (and the
+    torchvision it brings, about 1.3 s of every launch) unimported; a checkpoint run in the same process does
+    import it (the check can see it)."""
+    import json
+    import subprocess
+    import sys
+
+    made = built(w_bits=4, a_bits=4)
+    script = (
+        "import json, sys\n"
+        "from engines.cli_upscale import main as upscale\n"
+        "from toolchain.cli.eval import main as evaluate\n"
+        "def loaded():\n"
+        "    return sorted(m for m in sys.modules if m.split('.')[0] in ('spandrel', 'torchvision'))[:3]\n"
+        "image, engine, weights, data, out = sys.argv[1:6]\n"
+        "seen = []\n"
+        "assert upscale([image, '--engine', engine, '--out', out + '/e.png', '--overlap', '4', '-q']) == 0\n"
+        "assert evaluate(['--engine', engine, '--data', data, '--sets', 'Set5', '--overlap', '4', '--no-progress', '-q']) == 0\n"
+        "seen.append(loaded())\n"
+        "assert upscale([image, '--weights', weights, '--out', out + '/w.png', '--overlap', '4', '--tile', '16', '-q']) == 0\n"
+        "seen.append(loaded())\n"
+        "print(json.dumps(seen))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(small_image), str(made.engine), str(made.checkpoint),
+                           str(datasets_dir), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    engine_only, with_checkpoint = json.loads(done.stdout.strip().splitlines()[-1])
+    assert engine_only == []
+    assert with_checkpoint != []

@@ -9,18 +9,25 @@ NGswin; its code here follows the official checkpoints' names). What a tool need
 from __future__ import annotations
 
 import functools
-
-from spandrel import MAIN_REGISTRY, ArchRegistry, ArchSupport
+from typing import TYPE_CHECKING
 
 from .info import ModelInfo, example_input, info_of, with_info
+
+if TYPE_CHECKING:
+    from spandrel import ArchRegistry
 
 
 @functools.lru_cache(maxsize=1)
 def registry() -> ArchRegistry:
-    """spandrel's architectures and NGswin (a copy: spandrel's global registry is left as it is)."""
-    from .ngswin import NGswinArch
+    """spandrel's architectures and NGswin (a copy: spandrel's global registry is left as it is).
 
+    spandrel is imported here, not with the package: it brings torchvision and every architecture (about
+    1.3 s), which the tools that only run engines (``2dq-upscale --engine``, ``2dq-eval --engine``) never need.
+    """
+    from spandrel import MAIN_REGISTRY, ArchSupport
     from spandrel_extra_arches import EXTRA_REGISTRY
+
+    from .ngswin import NGswinArch
 
     extended = MAIN_REGISTRY.copy()
     extended.add(*EXTRA_REGISTRY.architectures("insertion"), ignore_duplicates=True)  # SRFormer, ...
