@@ -69,6 +69,10 @@ def chain(tmp: Path, checkpoint: Path, datasets: Path, scale: int, tile: int, *c
             "report": json.loads((pages / "report.json").read_text()) if report else None}
 
 
+#: the tiny random-weight models agree with themselves near 100 dB under noise: one noise draw sets their floor (the
+#: default 4 draws, which measure a task spread a 4-bit real model has, run in the README main job on DAT-light)
+ONE_DRAW = ("--noise-draws", "1")
+
 TINY = {
     "swinir": (tiny_models.tiny_swinir, 4, 32),
     "dat": (tiny_models.tiny_dat, 2, 64),
@@ -87,7 +91,7 @@ def test_dobi_chain_on_every_family(family: str, tmp_path: Path, datasets_dir: P
     linears = sum(name.endswith(".weight") for name in names)
     matmuls = sum(name.endswith(".a") for name in names)
     report = family == "swinir"   # the report's own chain, once (real weights: tests/test_readme.py); CI time
-    result = chain(tmp_path, checkpoint, datasets_dir, scale, tile, "--method", "dobi", report=report)
+    result = chain(tmp_path, checkpoint, datasets_dir, scale, tile, "--method", "dobi", report=report, verify=ONE_DRAW)
     assert _both_inputs_dequantized(result["onnx"]) == linears + matmuls
     verdict = result["verification"]
     assert verdict["passed"] and verdict["psnr_passed"] and verdict["task_passed"]
@@ -107,7 +111,8 @@ def test_dobi_chain_on_every_family(family: str, tmp_path: Path, datasets_dir: P
 ], ids=["2dquant", "dobi+beyond"])
 def test_methods_chain_on_tiny_swinir(options: tuple, tmp_path: Path, datasets_dir: Path) -> None:
     checkpoint = tiny_models.save_checkpoint(tiny_models.tiny_swinir(scale=4), tmp_path / "swinir.safetensors")
-    result = chain(tmp_path, checkpoint, datasets_dir, 4, 32, *options, report=False)   # the report: the family test
+    result = chain(tmp_path, checkpoint, datasets_dir, 4, 32, *options, report=False,   # the report: the family test
+                   verify=ONE_DRAW)
     assert result["verification"]["passed"], result["verification"]
 
 

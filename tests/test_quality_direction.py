@@ -32,7 +32,9 @@ patches, the test runs seed 0; DOBI alone 22.137 / 22.047 / 22.040 dB, float 23.
   SmoothQuant's factors move the activations' outliers into the 4-bit weights, a trade DQC then learns.
   ``--smooth all`` adds the explicit input smoothing (``input`` alone -0.01 / +0.16 / +0.23).
 
-Each calibrate + eval takes 10-25 s on one CPU thread (about 5 s of it starting the two processes).
+Each calibrate + eval takes 10-25 s on one CPU thread (about 5 s of it starting the two processes); two run side
+by side, one thread each (the fixture: 114 s on this project's two-core machine, 173 s one at a time with two
+threads each; the held-out PSNRs above are the same either way).
 Budgets are small (8 calibration patches, 3 DQC steps): the claims are directions, not the numbers of
 ``benchmarks/dat_light_ptq.md`` (where 60 DQC steps on a GPU add 0.2-2.4 dB over DOBI).
 """
@@ -42,6 +44,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,9 @@ from toolchain.data.heldout import make_heldout_split
 from toolchain.defaults import DEFAULT_CALIB_IMAGES, DEFAULT_WEIGHTS
 
 PATCHES = ("--patches", "8")
+#: runs side by side, one torch thread each: a launch spends about 4 s importing on one core (torch, spandrel), and
+#: two one-thread calibrations use two cores better than one two-thread calibration does
+PROCESSES, THREADS = 2, ("--threads", "1")
 DOBI = ("--method", "dobi")
 DQC = ("--method", "2dquant", "--dqc-iters", "3", "--dqc-batch", "4", "--dqc-patch-size", "32",
        "--val-every", "1", "--val-patches", "8")
@@ -98,10 +104,10 @@ def _calibrate_and_eval(calib: Path, heldout: Path, tmp: Path, name: str, option
     start = time.perf_counter()
     artifact = tmp / f"{name}.safetensors"
     _run(_tool("2dq-calibrate"), "--calib-images", str(calib), "--bits", "4", *PATCHES, "--no-progress",
-         "--out", str(artifact), *options)
+         "--out", str(artifact), *THREADS, *options)
     report = tmp / f"{name}_eval.json"
     _run(_tool("2dq-eval"), "--weights", str(DEFAULT_WEIGHTS), "--calib", str(artifact), "--data", str(heldout),
-         "--sets", "Heldout", "--no-progress", "--json", str(report))
+         "--sets", "Heldout", "--no-progress", "--json", str(report), *THREADS)
     (row,) = json.loads(report.read_text())["results"]
     return Run(row["psnr"], time.perf_counter() - start, json.loads(artifact.with_suffix(".json").read_text()))
 
@@ -111,7 +117,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     """Every run of :data:`RUNS`, calibrated and evaluated once for the module's tests."""
     root = tmp_path_factory.mktemp("direction")
     calib, heldout = make_heldout_split(DEFAULT_CALIB_IMAGES, root)  # 24 calibrate, 4 held out
-    return {name: _calibrate_and_eval(calib, heldout, root, name, options) for name, options in RUNS.items()}
+    with ThreadPoolExecutor(PROCESSES) as pool:
+        futures = {name: pool.submit(_calibrate_and_eval, calib, heldout, root, name, options)
+                   for name, options in RUNS.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def _summary(runs: dict[str, Run]) -> str:
