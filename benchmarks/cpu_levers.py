@@ -44,7 +44,7 @@ import torch
 from calib.artifact import save_artifact
 from calib.baselines import calibrate_minmax
 from calib.observers import batch_forward_loop
-from cpu_speed import FP32_BASELINES, IMAGE, OVERLAP, TILE, PlainOrt, export_files
+from cpu_speed import FP32_BASELINES, IMAGE, OVERLAP, TILE, FloatOpenVino, PlainOrt, export_files
 from engines.openvino_engine import OpenVinoTileRunner, build_openvino_engine
 from engines.ort_engine import OrtTileRunner, build_ort_engine
 from export.onnx_export import ExportOptions, export_onnx
@@ -133,33 +133,6 @@ def build_variants(graph: Path, out: Path, names: list[str]) -> dict[str, dict[s
                            "openvino": ir_path.stat().st_size + ir_path.with_suffix(".bin").stat().st_size})
         variants[name] = info
     return variants
-
-
-class FloatOpenVino:
-    """OpenVINO f32 on our float export at a fixed batch (the best FP32 runtime of ``cpu_speed.md``);
-    ``precision="bf16"``: the same with its float layers in bf16 (for information, never an FP32 baseline);
-    ``denormals``: the CPU plugin flushes denormal floats to zero (``CPU_DENORMALS_OPTIMIZATION``);
-    ``profile``: per-node counters on (``PERF_COUNT``). Any graph with one input named ``input`` (an engine's
-    IR too) compiles the same way."""
-
-    def __init__(self, path: Path, threads: int, batch: int, precision: str = "f32", denormals: bool = False,
-                 profile: bool = False) -> None:
-        import openvino as ov
-
-        model = ov.Core().read_model(str(path))
-        model.reshape({"input": [batch, 3, TILE, TILE]})
-        self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                              "PERFORMANCE_HINT": "LATENCY",
-                                                              "INFERENCE_PRECISION_HINT": precision,
-                                                              "CPU_DENORMALS_OPTIMIZATION": denormals,
-                                                              "PERF_COUNT": profile})
-        self.batch, self.tile, self.scale, self.multiple = batch, TILE, 4, 1
-
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        from engines.ort_engine import run_in_fixed_batches
-
-        run = lambda chunk: np.array(self.compiled(chunk)[0])  # noqa: E731
-        return torch.from_numpy(run_in_fixed_batches(tiles.numpy(), self.batch, run))
 
 
 def speed_parser(doc: str, tile_rounds: int) -> argparse.ArgumentParser:

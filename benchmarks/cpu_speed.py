@@ -86,30 +86,42 @@ class PlainOrt:
         return torch.from_numpy(self.session.run(None, {"input": tiles.numpy()})[0])
 
 
-class PlainOpenVino:
-    """OpenVINO on a float ONNX, static batch 1 or ``TILES_PER_CALL`` (``hint``: ``f32`` or the plugin's default)."""
+class FloatOpenVino:
+    """OpenVINO on a float ONNX (any graph with one input named ``input``: an engine's IR too) compiled for a fixed
+    ``batch`` of tiles (shorter calls are padded). ``precision``: ``INFERENCE_PRECISION_HINT`` (``f32``, ``bf16``;
+    None: the plugin's default, bf16 on a CPU with bf16); ``denormals``: flush denormal floats to zero
+    (``CPU_DENORMALS_OPTIMIZATION``); ``profile``: per-node counters on (``PERF_COUNT``)."""
 
-    def __init__(self, path: Path, threads: int, scale: int, multiple: int, hint: str | None) -> None:
+    def __init__(self, path: Path, threads: int, batch: int, precision: Optional[str] = "f32", *, scale: int = 4,
+                 multiple: int = 1, denormals: bool = False, profile: bool = False) -> None:
         import openvino as ov
 
-        core = ov.Core()
-        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        if hint:
-            config["INFERENCE_PRECISION_HINT"] = hint
-        self.compiled = {}
-        for batch in (1, TILES_PER_CALL):
-            model = core.read_model(str(path))
-            model.reshape({"input": [batch, 3, TILE, TILE]})
-            self.compiled[batch] = core.compile_model(model, "CPU", config)
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                                  "CPU_DENORMALS_OPTIMIZATION": denormals, "PERF_COUNT": profile}
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        model = ov.Core().read_model(str(path))
+        model.reshape({"input": [batch, 3, TILE, TILE]})
+        self.compiled = ov.Core().compile_model(model, "CPU", config)
+        self.batch, self.tile, self.scale, self.multiple = batch, TILE, scale, multiple
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        from engines.ort_engine import run_in_fixed_batches
+
+        run = lambda chunk: np.array(self.compiled(chunk)[0])  # noqa: E731
+        return torch.from_numpy(run_in_fixed_batches(tiles.numpy(), self.batch, run))
+
+
+class PlainOpenVino:
+    """OpenVINO on a float ONNX, compiled for batch 1 (tile timing) and ``TILES_PER_CALL`` (image timing)."""
+
+    def __init__(self, path: Path, threads: int, scale: int, multiple: int, hint: Optional[str]) -> None:
+        self.one, self.many = (FloatOpenVino(path, threads, batch, hint, scale=scale, multiple=multiple)
+                               for batch in (1, TILES_PER_CALL))
         self.tile, self.scale, self.multiple = TILE, scale, multiple
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        n = tiles.shape[0]
-        batch = 1 if n == 1 else TILES_PER_CALL
-        x = tiles.numpy()
-        if n < batch:
-            x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)])
-        return torch.from_numpy(np.array(self.compiled[batch](x)[0][:n]))
+        return (self.one if tiles.shape[0] == 1 else self.many)(tiles)
 
 
 class OursOpenVino:
