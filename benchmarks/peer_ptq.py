@@ -417,10 +417,10 @@ def main() -> None:
     fp32 = args.out_dir / "fp32.onnx"
 
     def fp_row() -> dict[str, Any]:
-        from export.onnx_export import ExportOptions, Provenance, export_model
+        from export.onnx_export import ExportOptions, export_float_onnx
 
         t0 = time.perf_counter()
-        export_model(load_model(DEFAULT_WEIGHTS), fp32, ExportOptions(tile=TILE), Provenance(sha256_file(DEFAULT_WEIGHTS), "", {}))
+        export_float_onnx(DEFAULT_WEIGHTS, fp32, ExportOptions(tile=TILE))   # = 2dq-export --float
         return finish_onnx_row({"errors": {}, "export_s": round(time.perf_counter() - t0, 1)}, fp32, args)
 
     rows = [{"tool": "FP", "method": "our float export", "width": "FP32", **cached("fp32", args, fp_row)}]

@@ -50,6 +50,7 @@ from .compare import (
     check_provenance,
     cut_tiles,
     polygraphy_compare,
+    reference_model,
     reference_upscaler,
     verify_engine,
 )
@@ -238,13 +239,14 @@ def plan_float_dtype(record: dict[str, Any], onnx_path: str) -> str:
 def _verify(args: argparse.Namespace) -> dict[str, Any]:
     """The verification criterion of ARCHITECTURE.md s. 7 (:class:`engines.compare.Verdict`)."""
     args.weights = args.weights or str(defaults.DEFAULT_WEIGHTS)
-    args.calib = args.calib or str(defaults.existing(defaults.artifact_of_onnx(args.onnx), "--calib"))
     args.data = args.data or str(defaults.DEFAULT_DATA)
     if any(value is not None and value < 0 for value in (args.noise_floor, args.floor_margin)):
         raise UsageError("--noise-floor and --floor-margin must be non-negative")
     if args.noise_draws < 1:
         raise UsageError(f"--noise-draws must be positive, got {args.noise_draws}")
     runner, meta, float_dtype = _runner(args)
+    if meta.get("artifact_sha256"):   # else a float export (2dq-export --float): its reference is the float model
+        args.calib = args.calib or str(defaults.existing(defaults.artifact_of_onnx(args.onnx), "--calib"))
     check_provenance(meta, args.weights, args.calib, where=str(args.out))
     sets = [name.strip() for name in args.sets.split(",") if name.strip()]
     images = benchmark_images(args.data, sets, runner.scale)
@@ -281,6 +283,22 @@ def _verify(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _check_float_export(args: argparse.Namespace) -> None:
+    """Before building: the options --verify refuses for a float export (no artifact recorded), whose engine is
+    compared with the float model of --weights."""
+    try:
+        artifact = ExportMetadata.read(args.onnx).artifact_sha256
+    except ValueError:
+        return   # not a 2dq export: the build reports it
+    if artifact:
+        return
+    if args.calib:
+        raise UsageError(f"--calib {args.calib}: {args.onnx} is a float export (2dq-export --float); --verify "
+                         "compares its engine with the float model of --weights")
+    if args.codes:
+        raise UsageError(f"--codes compares quantizer codes; {args.onnx} is a float export and has none")
+
+
 def _codes(args: argparse.Namespace, runner: Any, images: list) -> dict[str, Any]:
     if args.backend != "ort":
         raise UsageError("--codes reads the QuantizeLinear outputs of ORT engines")
@@ -301,9 +319,7 @@ def _codes(args: argparse.Namespace, runner: Any, images: list) -> dict[str, Any
 def _polygraphy(args: argparse.Namespace, runner: Any, images: list) -> dict[str, Any]:
     if args.backend != "ort":
         raise UsageError("--polygraphy compares ORT engines; for TensorRT use engines.trt.verify")
-    from calib.artifact import load_quantized_model
-
-    model = load_quantized_model(args.weights, args.calib, device=args.device)
+    model = reference_model(args.weights, args.calib, args.device)
     tiles = [cut_tiles(lr, runner.tile, runner.multiple, args.overlap) for _, lr, *_ in images]
     batches = [chunk for t in tiles for chunk in t.split(args.batch)]
     passed, stats = polygraphy_compare(args.out, lambda x: model(x.to(args.device)), batches)
@@ -324,6 +340,8 @@ def _main(args: argparse.Namespace) -> int:
         if args.backend == "trt":
             raise UsageError("--out is required with --backend trt (a .plan file)")
         args.out = str(defaults.engine_path(args.onnx, args.backend))
+    if args.verify:
+        _check_float_export(args)
     report: dict[str, Any] = {"backend": args.backend, "build": _build(args)}
     ok = True
     if args.verify:

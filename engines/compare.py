@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from toolchain.backends import Upscaler, to_batch
@@ -292,30 +293,44 @@ def agreement_summary(agreement: Agreement) -> str:
 
 
 
-def check_provenance(metadata: Mapping[str, Any], weights: str | os.PathLike, calib: str | os.PathLike,
+def check_provenance(metadata: Mapping[str, Any], weights: str | os.PathLike, calib: str | os.PathLike | None,
                      where: str = "engine") -> None:
     """Refuse an engine built from another checkpoint or artifact than ``weights`` / ``calib``.
 
     ``metadata`` holds ``checkpoint_sha256`` and ``artifact_sha256`` (the export's ``2dq.*`` metadata
-    without the prefix, or a TensorRT plan's sidecar).
+    without the prefix, or a TensorRT plan's sidecar). ``calib`` None: the engine of a float export
+    (``2dq-export --float``), which must record no artifact.
     """
     from toolchain.files import check_sha256
 
+    if calib is None:
+        if metadata.get("artifact_sha256"):
+            raise ValueError(f"{where} is a quantized export (it records an artifact): give its --calib")
     for key, path in (("checkpoint_sha256", weights), ("artifact_sha256", calib)):
+        if path is None:
+            continue
         expected = metadata.get(key)
         if not expected:
             raise ValueError(f"{where} does not record {key}; cannot tell which model it belongs to")
         check_sha256(path, expected, f"{where} was built from another file (its {key})")
 
 
-def reference_upscaler(weights: str | os.PathLike, calib: str | os.PathLike, tile: int, *, overlap: int = 16,
-                       batch: int = 4, device: str = "cpu") -> Upscaler:
-    """The fake-quant model of ``weights`` + ``calib`` run in ``tile`` tiles, each image computed once
-    (:class:`Remembered`: the engine comparison and every noise draw share its outputs)."""
+def reference_model(weights: str | os.PathLike, calib: str | os.PathLike | None, device: str = "cpu") -> nn.Module:
+    """What an engine is verified against: the fake-quant model of ``weights`` + ``calib``, or the float model of
+    ``weights`` for the engine of a float export (``calib`` None)."""
     from calib.artifact import load_quantized_model
+    from toolchain.loading import load_model
+
+    return load_model(weights, device=device) if calib is None else load_quantized_model(weights, calib, device=device)
+
+
+def reference_upscaler(weights: str | os.PathLike, calib: str | os.PathLike | None, tile: int, *,
+                       overlap: int = 16, batch: int = 4, device: str = "cpu") -> Upscaler:
+    """:func:`reference_model` run in ``tile`` tiles, each image computed once (:class:`Remembered`: the engine
+    comparison and every noise draw share its outputs)."""
     from toolchain.backends import TorchUpscaler
 
-    model = load_quantized_model(weights, calib, device=device)
+    model = reference_model(weights, calib, device)
     return Remembered(TorchUpscaler(model, device, TileSpec(tile, overlap, batch)))
 
 
@@ -332,10 +347,11 @@ class Remembered:
         return self._outputs[key][1]
 
 
-def verify_engine(runner: Any, weights: str | os.PathLike, calib: str | os.PathLike,
+def verify_engine(runner: Any, weights: str | os.PathLike, calib: str | os.PathLike | None,
                   images: Sequence[tuple[str, np.ndarray]], *, overlap: int = 16, batch: int = 4,
                   device: str = "cpu", progress: bool = False, reference: Upscaler | None = None) -> Agreement:
-    """Agreement of a tile runner with the fake-quant model of ``weights`` + ``calib`` on ``images``.
+    """Agreement of a tile runner with the fake-quant model of ``weights`` + ``calib`` (None: the float model) on
+    ``images``.
 
     The reference runs the same tiles (``runner.tile``, ``overlap``, ``batch``) on ``device``; pass
     ``reference`` (:func:`reference_upscaler`) to share it with :func:`engines.noise.noise_floor`.

@@ -7,6 +7,7 @@ Examples::
     2dq-export --onnx w4a4_fp16.onnx --weights x2.pth --calib run/w4a4.safetensors --float-dtype fp16 --tile 96
     2dq-export --lint-only w4a4.onnx
     2dq-export --onnx          # the defaults: runs/dat_light_x4_w4a4.safetensors -> runs/dat_light_x4_w4a4.onnx
+    2dq-export --float --weights x2.pth --onnx x2_fp32.onnx   # the float model, the baseline of the same tiles
 
 The graph takes ``input`` (N, 3, T, T) float32 and returns ``output`` (N, 3, sT, sT) float32 for a
 fixed tile ``T`` and any batch ``N``; ``2dq-upscale`` and ``2dq-eval`` cut images into such tiles.
@@ -29,7 +30,7 @@ from toolchain.quant.config import TARGETS
 from .export_view import INT4_BLOCKS
 from .lint import lint_model
 from .metadata import ExportMetadata
-from .onnx_export import DEFAULT_OPSET, FLOAT_DTYPES, ExportOptions, export_onnx
+from .onnx_export import DEFAULT_OPSET, FLOAT_DTYPES, ExportOptions, export_float_onnx, export_onnx
 
 # chatty third-party loggers: their INFO lines narrate every folded constant
 _QUIET_LOGGERS = ("onnxscript", "onnx_ir", "torch.export", "torch._export")
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "DAT-light x4)")
     parser.add_argument("--calib", metavar="ARTIFACT", help="calibration artifact (.safetensors + .json sidecar; default: "
                         "runs/<checkpoint>_w4a4.safetensors, what 2dq-calibrate writes by default)")
+    parser.add_argument("--float", action="store_true", dest="float_model",
+                        help="export the float model of --weights (no artifact, no quantizer): the baseline of the same "
+                        "tiles, exporter and CPU graph passes, which 2dq-build-engine --verify compares with the float "
+                        "model (default --onnx: runs/<checkpoint>_<float dtype>.onnx)")
     parser.add_argument("--target", choices=TARGETS,
                         help="export target: trt-int8 (INT8 kernels), trt-int4 (weight-only INT4 blocks), ort (ONNX Runtime CPU) "
                         "(default: the artifact's target)")
@@ -74,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _lint_only(args: argparse.Namespace) -> int:
-    if args.onnx is not None or args.weights or args.calib:
-        raise UsageError("--lint-only takes a file and no --onnx/--weights/--calib")
+    if args.onnx is not None or args.weights or args.calib or args.float_model:
+        raise UsageError("--lint-only takes a file and no --onnx/--weights/--calib/--float")
     violations = lint_model(args.lint_only, args.target)
     for violation in violations:
         print(violation)
@@ -94,7 +99,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.lint_only:
         return _lint_only(args)
     args.weights = args.weights or str(defaults.DEFAULT_WEIGHTS)
-    if not args.calib:
+    if args.float_model:
+        if args.calib or args.target:
+            raise UsageError("--float exports the float model: it takes no --calib or --target")
+        args.onnx = args.onnx or str(defaults.float_onnx_path(args.weights, args.float_dtype or "fp32"))
+    elif not args.calib:
         args.calib = str(defaults.existing(defaults.artifact_path(args.weights), "--calib",
                                            "calibrate first: 2dq-calibrate"))
     args.onnx = args.onnx or str(defaults.onnx_path(args.calib))
@@ -104,9 +113,13 @@ def _main(args: argparse.Namespace) -> int:
                                 int4_block=args.int4_block, lint=not args.no_lint)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    result = export_onnx(args.weights, args.calib, args.onnx, options)
+    if args.float_model:
+        result = export_float_onnx(args.weights, args.onnx, options)
+    else:
+        result = export_onnx(args.weights, args.calib, args.onnx, options)
     meta = ExportMetadata.from_props(result.metadata, result.path)
-    print(f"wrote {result.path}: {meta.arch} x{meta.scale}, tile {meta.tile}, target {meta.target}, {meta.float_dtype}")
+    kind = f"target {meta.target}" if meta.artifact_sha256 else "float model (no quantizer)"
+    print(f"wrote {result.path}: {meta.arch} x{meta.scale}, tile {meta.tile}, {kind}, {meta.float_dtype}")
     print(f"nodes: {result.nodes_exported} from the exporter, {result.nodes} after simplification")
     print("ops: " + ", ".join(f"{op} {n}" for op, n in result.op_counts.items()))
     for violation in result.violations:

@@ -169,6 +169,18 @@ def export_onnx(weights: str | os.PathLike, artifact: str | os.PathLike, path: s
     return export_model(model, path, options, provenance)
 
 
+def export_float_onnx(weights: str | os.PathLike, path: str | os.PathLike,
+                      options: ExportOptions = ExportOptions()) -> ExportResult:
+    """Export the float model of ``weights`` (no quantizer) through the same exporter, simplification and
+    checks as the QDQ graphs: the float baseline of the same tiles. Its metadata records no artifact
+    (``artifact_sha256`` empty), which is how ``2dq-build-engine --verify`` knows to compare its engine with
+    the float model."""
+    from toolchain.loading import load_model
+
+    model = load_model(weights)
+    return export_model(model, path, options, Provenance(sha256_file(weights), "", {}))
+
+
 def export_model(model: nn.Module, path: Optional[str | os.PathLike], options: ExportOptions,
                  provenance: Provenance) -> ExportResult:
     """Export a fake-quant ``model`` (quantizers attached by ``quantize_model``, bounds set) to ``path``.

@@ -53,6 +53,15 @@ def onnx_path(artifact: PathLike) -> Path:
     return Path(artifact).with_suffix(".onnx")
 
 
+def float_onnx_path(weights: PathLike = DEFAULT_WEIGHTS, float_dtype: str = "fp32") -> Path:
+    """The float export of a checkpoint (``2dq-export --float``): ``runs/<checkpoint stem>_<float dtype>.onnx``.
+
+    >>> float_onnx_path().as_posix()
+    'runs/dat_light_x4_fp32.onnx'
+    """
+    return RUNS / f"{Path(weights).stem}_{float_dtype}.onnx"
+
+
 #: the file name an engine of each CPU backend gets beside its export (an OpenVINO IR's weights go to .ov.bin)
 ENGINE_SUFFIXES = {"ort": ".ort.onnx", "openvino": ".ov.xml"}
 
