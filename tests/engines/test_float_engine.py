@@ -27,7 +27,7 @@ def float_export(built, tmp_path_factory):
     return made, path
 
 
-def test_float_export_has_no_quantizer_and_records_no_artifact(float_export, capsys):
+def test_float_export_has_no_quantizer_and_records_no_artifact(float_export):
     made, path = float_export
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert not ops & {"QuantizeLinear", "DequantizeLinear"}
