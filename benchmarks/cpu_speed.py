@@ -100,9 +100,10 @@ class FloatOpenVino:
                                   "CPU_DENORMALS_OPTIMIZATION": denormals, "PERF_COUNT": profile}
         if precision:
             config["INFERENCE_PRECISION_HINT"] = precision
-        model = ov.Core().read_model(str(path))
+        core = ov.Core()
+        model = core.read_model(str(path))
         model.reshape({"input": [batch, 3, TILE, TILE]})
-        self.compiled = ov.Core().compile_model(model, "CPU", config)
+        self.compiled = core.compile_model(model, "CPU", config)
         self.batch, self.tile, self.scale, self.multiple = batch, TILE, scale, multiple
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -112,28 +113,27 @@ class FloatOpenVino:
         return torch.from_numpy(run_in_fixed_batches(tiles.numpy(), self.batch, run))
 
 
-class PlainOpenVino:
-    """OpenVINO on a float ONNX, compiled for batch 1 (tile timing) and ``TILES_PER_CALL`` (image timing)."""
+class OneOrMany:
+    """Two compilations of one graph: ``one`` for a single tile (tile timing), ``many`` for ``TILES_PER_CALL``
+    (image timing); a call goes to the one its tile count fits."""
 
-    def __init__(self, path: Path, threads: int, scale: int, multiple: int, hint: Optional[str]) -> None:
-        self.one, self.many = (FloatOpenVino(path, threads, batch, hint, scale=scale, multiple=multiple)
-                               for batch in (1, TILES_PER_CALL))
-        self.tile, self.scale, self.multiple = TILE, scale, multiple
-
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        return (self.one if tiles.shape[0] == 1 else self.many)(tiles)
-
-
-class OursOpenVino:
-    """Our OpenVINO engine, compiled for batch 1 (tile timing) and ``TILES_PER_CALL`` (image timing)."""
-
-    def __init__(self, path: Path, threads: int) -> None:
-        self.one = OpenVinoTileRunner(path, threads=threads, batch=1)
-        self.many = OpenVinoTileRunner(path, threads=threads, batch=TILES_PER_CALL)
-        self.tile, self.scale, self.multiple = self.one.tile, self.one.scale, self.one.multiple
+    def __init__(self, one: Any, many: Any) -> None:
+        self.one, self.many = one, many
+        self.tile, self.scale, self.multiple = one.tile, one.scale, one.multiple
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         return (self.one if tiles.shape[0] == 1 else self.many)(tiles)
+
+
+def PlainOpenVino(path: Path, threads: int, scale: int, multiple: int, hint: Optional[str]) -> OneOrMany:  # noqa: N802
+    """OpenVINO on a float ONNX (``hint``: its precision, None: the plugin's default), batch 1 and 4 tiles."""
+    return OneOrMany(*(FloatOpenVino(path, threads, batch, hint, scale=scale, multiple=multiple)
+                       for batch in (1, TILES_PER_CALL)))
+
+
+def OursOpenVino(path: Path, threads: int) -> OneOrMany:  # noqa: N802
+    """Our OpenVINO engine, batch 1 and 4 tiles."""
+    return OneOrMany(*(OpenVinoTileRunner(path, threads=threads, batch=batch) for batch in (1, TILES_PER_CALL)))
 
 
 def float_with_passes(fp32: Path) -> Path:

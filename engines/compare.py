@@ -303,9 +303,8 @@ def check_provenance(metadata: Mapping[str, Any], weights: str | os.PathLike, ca
     """
     from toolchain.files import check_sha256
 
-    if calib is None:
-        if metadata.get("artifact_sha256"):
-            raise ValueError(f"{where} is a quantized export (it records an artifact): give its --calib")
+    if calib is None and metadata.get("artifact_sha256"):
+        raise ValueError(f"{where} is a quantized export (it records an artifact): give its --calib")
     for key, path in (("checkpoint_sha256", weights), ("artifact_sha256", calib)):
         if path is None:
             continue

@@ -11,16 +11,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _worker_threads() -> int | None:
     """Compute threads of one worker of ``pytest -n N`` (None outside one): the cores shared out, so that N workers
-    and the tools they launch do not each spread over all of them (two workers of two threads on two cores ran
-    the suite slower than one process; of one thread each, 1.5x faster)."""
+    and the tools they launch do not each spread over all of them (on this project's two cores: 2148 s with two
+    workers of two threads, 1557 s in one process, 982-1190 s with two workers of one thread)."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not os.environ.get("PYTEST_XDIST_WORKER") or not workers:
         return None
     return max(1, len(os.sched_getaffinity(0)) // int(workers))
 
 
-if _worker_threads():
-    os.environ["OMP_NUM_THREADS"] = str(_worker_threads())   # the tools a worker launches inherit it
+WORKER_THREADS = _worker_threads()
+if WORKER_THREADS:
+    os.environ["OMP_NUM_THREADS"] = str(WORKER_THREADS)   # the tools a worker launches inherit it
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -28,10 +29,10 @@ def pytest_configure(config: pytest.Config) -> None:
     from toolchain.allocator import keep_freed_memory
 
     keep_freed_memory()
-    if _worker_threads():
+    if WORKER_THREADS:
         import torch
 
-        torch.set_num_threads(_worker_threads())
+        torch.set_num_threads(WORKER_THREADS)
 
 
 SHARED = Path(os.environ.get("TWODQ_SHARED", REPO.parent / "shared"))

@@ -34,7 +34,7 @@ patches, the test runs seed 0; DOBI alone 22.137 / 22.047 / 22.040 dB, float 23.
 
 Each calibrate + eval takes 10-25 s on one CPU thread (about 5 s of it starting the two processes); two run side
 by side, one thread each (the fixture: 114 s on this project's two-core machine, 173 s one at a time with two
-threads each; the held-out PSNRs above are the same either way).
+threads each; the seed-0 held-out PSNRs above are the same either way).
 Budgets are small (8 calibration patches, 3 DQC steps): the claims are directions, not the numbers of
 ``benchmarks/dat_light_ptq.md`` (where 60 DQC steps on a GPU add 0.2-2.4 dB over DOBI).
 """
