@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Iterator, Mapping, Optional
 
@@ -84,8 +85,11 @@ def quantize_model(model: nn.Module, config: QuantConfig, example: Optional[torc
     sites = _find_sites(model, config, placement)
     for selection in config.quantize:
         if not any(site.selection == selection for site in sites):
+            found = Counter(layer.selection for layer in placement.layers) + Counter(matmul=len(placement.matmuls))
+            has = ", ".join(f"{count} {kind}" for kind, count in sorted(found.items()) if count) or "none of them"
             raise ValueError(f"{config!r}: quantize={selection!r} finds no {_KIND_WORDS[selection]} in "
-                             f"{type(model).__name__}")
+                             f"{type(model).__name__}; it has {has}: select those (QuantConfig.quantize, "
+                             "2dq-calibrate --quantize)")
     keep = _filter_names([f"{site.path}.{slot.suffix}" for site in sites for slot in site.slots], config,
                          type(model).__name__)
     routed = False

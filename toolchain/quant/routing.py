@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .einsum import einsum_as_matmul
 from .placement import MATMUL_FUNCS, SITES_ATTRIBUTE
 
 ROUTER_ATTRIBUTE = "_twodq_router"
@@ -68,6 +69,9 @@ class SiteRouter(TorchFunctionMode):
 def _operands(func: Callable, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, Callable]:
     if func is torch.einsum:
         operands = args[1:] if len(args) > 2 else tuple(args[1])
+        plan = einsum_as_matmul(args[0])   # a plain batched product runs (and exports) as a MatMul
+        if plan is not None:
+            return plan.operands(operands[0], operands[1])
         return operands[0], operands[1], functools.partial(torch.einsum, args[0])
     if kwargs:
         raise RuntimeError(f"{func.__name__} with keyword arguments {sorted(kwargs)} cannot be routed")

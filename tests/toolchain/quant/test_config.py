@@ -99,8 +99,8 @@ class ConstantBias(nn.Module):
 def test_a_selection_that_matches_nothing_is_an_error_naming_the_config():
     mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
     x = torch.rand(1, 4)
-    with pytest.raises(ValueError, match="QuantConfig\\(.*matmul"):
-        quantize_model(mlp, QuantConfig(quantize=("matmul",)), x)
+    with pytest.raises(ValueError, match="QuantConfig\\(.*matmul.* in Sequential; it has 2 linear: select those"):
+        quantize_model(mlp, QuantConfig(quantize=("matmul",)), x)   # and what it does have
     with pytest.raises(ValueError, match="include pattern 'attn.\\*'"):
         quantize_model(mlp, QuantConfig(quantize=("linear",), include=("attn.*",)), x)
     with pytest.raises(ValueError, match="exclude pattern"):
