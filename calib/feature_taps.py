@@ -12,15 +12,19 @@ blocks. A pattern (fnmatch on module paths, e.g. ``'layers.0.blocks.*[05]'``) re
 from __future__ import annotations
 
 import fnmatch
+from typing import Callable, Optional
 
 from torch import nn
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
-def feature_modules(model: nn.Module, pattern: str = "") -> list[tuple[str, nn.Module]]:
+def feature_modules(model: nn.Module, pattern: str = "",
+                    holds: Optional[Callable[[nn.Module], bool]] = None) -> list[tuple[str, nn.Module]]:
     """``[(path, module), ...]`` whose outputs DQC's feature term compares, in module order.
 
+    ``holds``: only a class some of whose repeated modules pass it counts (block reconstruction asks for blocks
+    that hold quantizers: DITN repeats four convolution-only SALs beside its two attention ITLs).
     Raises ``ValueError`` when ``pattern`` matches no module or the rule finds no repeated stage.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ModuleList([_Stage(), _Stage()]), nn.Conv2d(8, 3, 3))
@@ -40,7 +44,8 @@ def feature_modules(model: nn.Module, pattern: str = "") -> list[tuple[str, nn.M
         for _, module in level:
             if not _is_builtin(module):
                 counts[type(module)] = counts.get(type(module), 0) + 1
-        repeated = [cls for cls, n in counts.items() if n >= 2]
+        repeated = [cls for cls, n in counts.items() if n >= 2
+                    and (holds is None or any(holds(m) for _, m in level if type(m) is cls))]
         if repeated:
             best = max(repeated, key=lambda cls: counts[cls])
             return [(path, m) for path, m in level if type(m) is best]

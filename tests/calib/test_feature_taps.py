@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from calib.feature_taps import feature_modules
@@ -49,3 +50,31 @@ def test_one_stage_quantized_model_asks_for_a_pattern_instead_of_tapping_its_lay
     with pytest.raises(ValueError, match="no repeated stage"):
         feature_modules(quantized)
     assert [path for path, _ in feature_modules(quantized, "stages.?")] == ["stages.0"]
+
+
+class ConvStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def test_holds_skips_a_more_frequent_class_without_what_is_asked():
+    """Three convolution-only stages beside two linear ones (DITN's SALs and ITLs): the rule alone taps the three;
+    asked for stages that hold quantizers (block reconstruction, convolutions not quantized), the two."""
+    from calib.reconstruct import ReconstructConfig, reconstruct_blocks
+    from calib.baselines import calibrate_minmax
+    from toolchain.quant import quantizers
+
+    net = Net(2)
+    net.stages.extend(ConvStage() for _ in range(3))
+    assert [path for path, _ in feature_modules(net)] == ["stages.2", "stages.3", "stages.4"]
+    quantized = quantize_model(net, QuantConfig(w_bits=4, a_bits=4, quantize=("linear",)))
+    holding = [path for path, _ in feature_modules(quantized, holds=lambda m: bool(quantizers(m)))]
+    assert holding == ["stages.0", "stages.1"]
+    lr = torch.rand(4, 3, 8, 8)
+    calibrate_minmax(quantized, lambda m: m(lr))
+    results, _ = reconstruct_blocks(quantized, lr, ReconstructConfig(iters=2, batch=2), progress=False)
+    assert [r.name for r in results] == holding
