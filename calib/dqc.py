@@ -34,7 +34,7 @@ from . import distributed
 from .feature_taps import feature_modules
 from .learned_rounding import (LearnedRounding, attach_rounding, bake_rounding, beta_at, detach_rounding,
                                hard_rounding, weight_dependent, weight_layers)
-from .trainable import TRANSFORM_PREFIX, load_trainable_state, trainable_state  # noqa: F401  (public here too)
+from .trainable import TRANSFORM_PREFIX, backward, load_trainable_state, trainable_state  # noqa: F401  (public here too)
 from .dqc_loss import FeatureTap, Teacher, Validation, distillation_loss, feature_distance
 from .dqc_state import (TrainingState, global_indices, load_checkpoint, refuse_unless_finished, run_hash,
                         save_checkpoint, tensor_digest, weights_fingerprint)
@@ -337,7 +337,7 @@ def _train(model, train_data, config, reference, tap, teacher_tap, val, state, b
                         [r.regularizer(beta) for r in roundings]).mean()
                 finite = bool(torch.isfinite(total))
                 if finite:
-                    total.backward()  # gradients of micro-batches add up in .grad
+                    backward(total, model)  # gradients of micro-batches add up in .grad
                 sums += torch.tensor([l1.item(), feature.item(), 0.0 if finite else 1.0], dtype=torch.float64)
             sums = distributed.sum_tensor(sums, context)
             l1_mean, feature_mean = (sums[0] / shards).item(), (sums[1] / shards).item()

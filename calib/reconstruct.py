@@ -43,6 +43,7 @@ from toolchain.quant.grid import order_bounds_
 from .dqc import lr_factor
 from .feature_taps import feature_modules
 from .float_affine import affine_parameters
+from .trainable import backward
 from .reconstruct_state import Progress, load_progress, reconstruct_hash, restore_progress, save_progress
 from .learned_rounding import (attach_rounding, bake_rounding, beta_at, restore_weights, weight_layers,
                                weight_snapshot)
@@ -372,7 +373,7 @@ def _reconstruct_unit(path: str, unit: nn.Module, calls: list[Call], targets: li
             if beta:
                 loss = loss + config.rounding_weight * sum(r.regularizer(beta) for r in roundings.values())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            backward(loss, unit)
             optimizer.step()
             scheduler.step()
             for quantizer in found.values():

@@ -34,3 +34,16 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     load_transforms_state(model, {k[len(TRANSFORM_PREFIX):]: v for k, v in state.items()
                                   if k.startswith(TRANSFORM_PREFIX)})
     load_rounding_state(model, {k: v for k, v in state.items() if k.startswith(ROUNDING_PREFIX)})
+
+
+def backward(loss: torch.Tensor, model: nn.Module) -> None:
+    """``loss.backward()``, with a clear error where the model's own forward writes a tensor in place that autograd
+    needs (PLKSR's eval-mode partial convolution does): gradient-based calibration cannot train through it."""
+    try:
+        loss.backward()
+    except RuntimeError as err:
+        if "modified by an inplace operation" not in str(err):
+            raise
+        raise RuntimeError(f"{type(model).__name__}'s forward writes into a tensor in place that gradients need, so "
+                           "DQC and block reconstruction cannot train through it; calibrate it without them (DOBI, "
+                           f"MinMax, percentile, GPTQ). PyTorch: {str(err).splitlines()[0][:200]}") from err
