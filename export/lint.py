@@ -24,6 +24,8 @@ Each rule returns :class:`Violation` entries naming the node, the rule and what 
 - ``layernorm-qdq``: no Q/DQ directly on a LayerNormalization: no input of it comes from a
   ``DequantizeLinear`` (normalization runs in float; TensorRT keeps it out of INT8), and its output
   does not feed a ``QuantizeLinear`` directly (our graphs clip first: ``LN -> Clip -> Q``).
+- ``topk-k`` (TensorRT targets): a ``TopK`` with a constant ``k`` takes at most 3840 elements, TensorRT's limit
+  (ATD's stable sort of a tile's tokens is a ``TopK`` over all of them: at most 3840 tokens per tile).
 
 The target (``trt-int4`` allows int4) is read from the export's metadata (:mod:`export.metadata`)
 unless given; the metadata's opset and int4 block must be the graph's (``opset`` / ``quant-type``).
@@ -67,7 +69,7 @@ MIN_OPSET, MAX_OPSET, MIN_OPSET_INT4 = 13, 25, 21
 INT4_BLOCKS = (64, 128)
 LINEAR_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 RULES = ("opset", "qdq-params", "zero-point", "quant-type", "activation-per-tensor", "weight-axis", "qdq-pair",
-         "matmul-both-inputs", "layernorm-qdq")
+         "matmul-both-inputs", "layernorm-qdq", "topk-k")
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -145,6 +147,8 @@ def lint_model(model_or_path: onnx.ModelProto | str | os.PathLike, target: Optio
             found += _check_linear(node, g)
         elif node.op_type == "LayerNormalization":
             found += _check_layernorm(node, g)
+        elif node.op_type == "TopK" and target.startswith("trt"):
+            found += _check_topk(node, g)
     return found
 
 
@@ -338,3 +342,15 @@ def _check_layernorm(node: onnx.NodeProto, g: _Graph) -> list[Violation]:
             found.append(Violation(_name(node), "layernorm-qdq", f"output feeds QuantizeLinear {_name(consumer)} "
                                    "directly"))
     return found
+
+
+#: TensorRT's ``ITopKLayer``: ``k <= 3840``
+TRT_MAX_TOPK = 3840
+
+
+def _check_topk(node: onnx.NodeProto, g: _Graph) -> list[Violation]:
+    k = g.const(node.input[1]) if len(node.input) > 1 else None
+    if k is None or int(np.max(k)) <= TRT_MAX_TOPK:
+        return []
+    return [Violation(_name(node), "topk-k", f"k = {int(np.max(k))} exceeds TensorRT's TopK limit of {TRT_MAX_TOPK} "
+                      "(a smaller tile, or --target ort)")]

@@ -54,6 +54,7 @@ from .export_view import INT4_BLOCKS, build_export_view
 from .graph_rewrite import count_ops, simplify
 from .metadata import ExportMetadata
 from .qdq_ops import translations
+from .sort_ops import sort_translations
 from toolchain.models import info_of
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def _trace(view: nn.Module, options: ExportOptions, float_dtype: torch.dtype) ->
                 program = torch.export.export(view, (torch.zeros(static, 3, options.tile, options.tile),), strict=False)
             onnx_program = torch.onnx.export(
                 program, opset_version=options.opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                optimize=False, verbose=False, custom_translation_table=translations(options.opset, float_dtype))
+                optimize=False, verbose=False, custom_translation_table={**translations(options.opset, float_dtype), **sort_translations(options.opset)})
     except Exception as err:  # the exporter raises many error types; all mean the same here
         raise RuntimeError(f"torch.onnx.export failed at tile {options.tile}: {type(err).__name__}: "
                            f"{str(err)[:2000]}") from err

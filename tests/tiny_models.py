@@ -144,6 +144,16 @@ def tiny_dctlsa(scale: int = 2, seed: int = 0) -> nn.Module:
 
 
 
+def tiny_atd(scale: int = 2, seed: int = 0) -> nn.Module:
+    """ATD groups tokens by a sort of their categories (stable in a quantized model, TopK in the graph)."""
+    from spandrel.architectures.ATD import ATD
+
+    torch.manual_seed(seed)
+    return _loaded(ATD(upscale=scale, img_size=64, window_size=8, embed_dim=12, depths=[2], num_heads=[2],
+                       mlp_ratio=2.0, num_tokens=16, reducted_dim=4, convffn_kernel_size=5,
+                       upsampler="pixelshuffledirect"), "tiny ATD")
+
+
 def tiny_safmn(scale: int = 2, seed: int = 0) -> nn.Module:
     """A model without attention or linears (convolutions only)."""
     from spandrel.architectures.SAFMN import SAFMN

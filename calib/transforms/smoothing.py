@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -176,7 +176,7 @@ def find_smoothing_groups(model: nn.Module, example: torch.Tensor, kinds: Iterab
         readers = [r for r in readers if modules[r].input_quantizer is not None]
         if source is not None and readers:
             foldable.append(SmoothingGroup("value", *source, tuple(readers)))
-    groups = [g for g in foldable if g.kind in kinds]
+    groups = [g for g in _merge_shared_values(foldable) if g.kind in kinds]
     if "input" in kinds:
         covered = {path for g in foldable for path in g.linears}
         groups += [SmoothingGroup("input", path, 0, m.in_features, (path,)) for path, m in modules.items()
@@ -189,6 +189,29 @@ def find_smoothing_groups(model: nn.Module, example: torch.Tensor, kinds: Iterab
                                                                  for k in kinds))
     return groups
 
+
+
+def _merge_shared_values(groups: list[SmoothingGroup]) -> list[SmoothingGroup]:
+    """One value group per producer: attentions that read the same v (ATD's window and category attentions share
+    its qkv) become one group whose factors every reader's linear compensates; a second, different slice of the
+    same producer is left out (its rows cannot be divided twice)."""
+    merged: dict[str, SmoothingGroup] = {}
+    out: list[SmoothingGroup] = []
+    for group in groups:
+        if group.kind != "value":
+            out.append(group)
+            continue
+        first = merged.get(group.producer)
+        if first is None:
+            merged[group.producer] = group
+            out.append(group)
+        elif (first.start, first.stop) == (group.start, group.stop):
+            joined = replace(first, linears=first.linears + tuple(p for p in group.linears if p not in first.linears))
+            out[out.index(first)] = merged[group.producer] = joined
+        else:
+            log.info("smoothing: %s channels [%d:%d] left out: [%d:%d] of it is smoothed already", group.producer,
+                     group.start, group.stop, first.start, first.stop)
+    return out
 
 
 def _random_smoothing(model: nn.Module, groups: list[SmoothingGroup]) -> Callable[[], None]:

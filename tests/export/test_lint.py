@@ -143,7 +143,7 @@ def test_no_qdq_directly_on_layernorm(model):
 
 def test_every_rule_is_tested():
     tested = {"opset", "zero-point", "quant-type", "activation-per-tensor", "weight-axis", "qdq-pair",
-              "matmul-both-inputs", "layernorm-qdq", "qdq-params"}
+              "matmul-both-inputs", "layernorm-qdq", "qdq-params", "topk-k"}
     assert tested == set(RULES)
 
 
@@ -159,3 +159,18 @@ def test_command_line_refuses_a_file_that_is_not_onnx(tmp_path, capsys):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     assert export_main(["--lint-only", str(tmp_path / "junk.onnx")]) == 1
     assert "junk.onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k, flagged", [(3840, False), (3841, True)])
+def test_topk_within_tensorrts_limit(model, k, flagged):
+    """A TopK over more than 3840 elements (ATD's token sort on a 64x64 tile: 4096) cannot build in TensorRT; ORT
+    runs it."""
+    output = model.graph.output[0].name
+    k_name = add_initializer(model, "topk_k", np.array([k], np.int64))
+    model.graph.node.append(helper.make_node("TopK", [output, k_name], ["topk_values", "topk_indices"], name="sort",
+                                             axis=-1, largest=0, sorted=1))
+    if flagged:
+        caught(model, "topk-k", "sort")
+    else:
+        assert [v for v in lint_model(model) if v.rule == "topk-k"] == []
+    assert [v for v in lint_model(model, "ort") if v.rule == "topk-k"] == []

@@ -47,6 +47,8 @@ class SiteRouter(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types_: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
+        if func in SORTS:
+            return stable_sort(func, args, kwargs)
         if func not in MATMUL_FUNCS or not self.frames:
             return func(*args, **kwargs)
         frame = self.frames[-1]
@@ -64,6 +66,23 @@ class SiteRouter(TorchFunctionMode):
             return func(*args, **kwargs)
         a, b, product = _operands(func, args, kwargs)
         return site(a, b, product=product)
+
+
+#: sorts that a quantized model runs stable (ATD groups its tokens by a sort over many equal category ids)
+SORTS = frozenset({torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort})
+
+
+def stable_sort(func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``func`` (a sort of :data:`SORTS`) with ``stable=True``: equal values keep their order, as in the exported
+    graph (ONNX ``TopK`` puts the lower index first), where PyTorch's CPU sort with ``stable=False`` orders them
+    as its algorithm happens to.
+
+    >>> x = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0] * 8)
+    >>> stable_sort(torch.sort, (x, -1), {"stable": False})[1][:4].tolist()
+    [1, 3, 5, 7]
+    """
+    x, *rest = args
+    return func(x, **{**dict(zip(("dim", "descending"), rest)), **kwargs, "stable": True})
 
 
 def _operands(func: Callable, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, Callable]:

@@ -246,3 +246,15 @@ def test_input_smoothing_bakes_into_a_multiplier_buffer_bit_for_bit():
     _smooth_calibrate_bake(model, torch.rand(2, 3, 32, 32), ("value", "input"))
     multipliers = [k for k in model.state_dict() if k.endswith("input_multiplier")]
     assert multipliers and all(not k.startswith("parametrizations") for k in multipliers)
+
+
+def test_two_attentions_reading_one_v_share_one_group():
+    """ATD's window and category attentions read the same v slice of one qkv linear: one value group per block,
+    both attentions' output linears compensating, and the fold exact (it survives the random-factor check)."""
+    from ...tiny_models import tiny_atd
+
+    model = quantize_model(tiny_atd(), QuantConfig())
+    groups = [g for g in find_smoothing_groups(model, torch.rand(1, 3, 32, 32)) if g.kind == "value"]
+    assert [g.producer for g in groups] == [f"layers.0.residual_group.layers.{i}.wqkv" for i in (0, 1)]
+    for group in groups:
+        assert sorted(path.rsplit(".", 2)[-2] for path in group.linears) == ["attn_aca", "attn_win"]
