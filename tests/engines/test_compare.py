@@ -201,3 +201,33 @@ def test_task_tolerance_widens_only_to_the_reference_own_noise():
     assert not Verdict(_pooled_with_task(0.05), 60.0, 38.6, 1.0, task_noise=(0.015, 1e-4)).task_passes
     draws = [_pooled_with_task(d) for d in (0.02, -0.01, 0.0, 0.01)]
     assert task_noise(draws)[0] == pytest.approx(math.sqrt((0.02 ** 2 + 0.01 ** 2 + 0.01 ** 2) / 4))
+
+
+def test_code_agreement_when_the_exporter_merged_two_quantizers(tmp_path):
+    """RGT's k and v linears read one tensor; calibrated alike, their input quantizers are one QuantizeLinear in the
+    graph: both rows come from that node (and a call with neither node nor twin is an error naming it)."""
+    from dataclasses import replace
+
+    import calib
+    import export
+    from engines.code_agreement import _merged_twins, reference_codes
+    from toolchain.quant import QuantConfig
+
+    from ..tiny_models import tiny_rgt
+
+    tiles = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    qmodel = calib.quantize(tiny_rgt(), QuantConfig(w_bits=8, a_bits=8), lambda m: m(tiles), method="minmax")
+    path = tmp_path / "rgt.onnx"
+    export.export_onnx(qmodel, path, tile=32)
+    expected = reference_codes(qmodel, tiles)
+    twins = _merged_twins(path, expected)
+    assert twins == {"layers.0.blocks.1.attn.v.input/QuantizeLinear": "layers.0.blocks.1.attn.k.input/QuantizeLinear"}
+    rows = code_agreement(path, qmodel, tiles)
+    assert sorted(row.node for row in rows) == sorted(expected)
+    assert all(row.identical >= ORT_MIN_IDENTICAL for row in rows)
+    by_node = {row.node: row for row in rows}
+    assert by_node["layers.0.blocks.1.attn.v.input/QuantizeLinear"] == replace(
+        by_node["layers.0.blocks.1.attn.k.input/QuantizeLinear"], node="layers.0.blocks.1.attn.v.input/QuantizeLinear")
+    expected["nowhere/QuantizeLinear"] = np.full((7,), 3, np.int8)
+    with pytest.raises(ValueError, match="no QuantizeLinear nodes named \\['nowhere/QuantizeLinear'\\]"):
+        _merged_twins(path, expected)
