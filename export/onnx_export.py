@@ -34,6 +34,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import warnings
 import dataclasses
 from dataclasses import dataclass, field
@@ -272,11 +273,26 @@ def _trace(view: nn.Module, options: ExportOptions, float_dtype: torch.dtype) ->
                 program, opset_version=options.opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 optimize=False, verbose=False, custom_translation_table={**translations(options.opset, float_dtype), **sort_translations(options.opset)})
     except Exception as err:  # the exporter raises many error types; all mean the same here
-        raise RuntimeError(f"torch.onnx.export failed at tile {options.tile}: {type(err).__name__}: "
+        raise RuntimeError(f"torch.onnx.export failed at tile {options.tile}: {_cause(err)}{type(err).__name__}: "
                            f"{str(err)[:2000]}") from err
     finally:
         log.debug("exporter output:\n%s", captured.getvalue())
     return onnx_program.model, static
+
+
+def _cause(err: Exception) -> str:
+    """The line of the exporter's long report that says what failed, first (empty when there is none):
+    an op of the model's forward with no ONNX translation, or one of our translations refusing a call.
+
+    >>> _cause(RuntimeError("... No ONNX function found for <OpOverload(op='aten.sort', overload='stable')>. ..."))
+    "no ONNX translation for aten.sort.stable (an op of the model's forward). "
+    """
+    text = "\n".join(str(e) for e in (err, err.__cause__, err.__context__) if e is not None)
+    missing = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)
+    if missing:
+        return f"no ONNX translation for {missing[1]}.{missing[2]} (an op of the model's forward). "
+    refused = re.search(r"<class 'ValueError'>: ([^\n]+)", text)
+    return f"{refused[1]}. " if refused else ""
 
 
 def _metadata(model: nn.Module, options: ExportOptions, provenance: Provenance, int4_block: int,

@@ -48,3 +48,15 @@ def test_stable_sort_exports_as_topk_with_the_same_order(descending: bool) -> No
 def test_unstable_sort_is_refused() -> None:
     with pytest.raises(Exception, match="unstable torch.sort"):
         _export(Grouping(stable=False))
+
+
+def test_float_export_of_a_sorting_model_says_why_first(tmp_path) -> None:
+    """The float ATD sorts unstably (not routed): 2dq-export --float refuses it, the reason leading the message."""
+    from export.onnx_export import ExportOptions, export_float_onnx
+
+    from ..tiny_models import save_checkpoint, tiny_atd
+
+    checkpoint = save_checkpoint(tiny_atd(), tmp_path / "atd.safetensors")
+    with pytest.raises(RuntimeError, match=r"failed at tile 32: an unstable torch.sort \(stable=False\) has no ONNX"):
+        export_float_onnx(checkpoint, tmp_path / "atd.onnx", ExportOptions(tile=32))
+    assert not (tmp_path / "atd.onnx").exists()
