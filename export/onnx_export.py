@@ -269,9 +269,10 @@ def _trace(view: nn.Module, options: ExportOptions, float_dtype: torch.dtype) ->
                                 static)
             if program is None:
                 program = torch.export.export(view, (torch.zeros(static, 3, options.tile, options.tile),), strict=False)
+            table = {**translations(options.opset, float_dtype), **sort_translations(options.opset)}
             onnx_program = torch.onnx.export(
                 program, opset_version=options.opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                optimize=False, verbose=False, custom_translation_table={**translations(options.opset, float_dtype), **sort_translations(options.opset)})
+                optimize=False, verbose=False, custom_translation_table=table)
     except Exception as err:  # the exporter raises many error types; all mean the same here
         raise RuntimeError(f"torch.onnx.export failed at tile {options.tile}: {_cause(err)}{type(err).__name__}: "
                            f"{str(err)[:2000]}") from err

@@ -33,10 +33,10 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
 
 
 def _both_inputs_dequantized(path: Path) -> int:
-    """MatMul/Gemm nodes whose two inputs are both DequantizeLinear outputs."""
+    """MatMul/Gemm/Conv nodes whose two inputs are both DequantizeLinear outputs."""
     graph = onnx.load(str(path)).graph
     dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
-    return sum(node.op_type in ("MatMul", "Gemm") and all(i in dequantized for i in node.input[:2])
+    return sum(node.op_type in ("MatMul", "Gemm", "Conv") and all(i in dequantized for i in node.input[:2])
                for node in graph.node)
 
 
@@ -117,21 +117,29 @@ def test_methods_chain_on_tiny_swinir(options: tuple, tmp_path: Path, datasets_d
 
 
 def _placed_calls(checkpoint: Path, tile: int) -> int:
-    """Calls of placed linears and matmuls in one forward of a ``tile`` x ``tile`` input: a module called
-    several times (NGswin reuses some linears) is one site but as many integer MatMuls in the graph."""
+    """Calls of placed linears and matmuls in one forward of a ``tile`` x ``tile`` input (the default placement of
+    ``checkpoint``'s model; :func:`placed_calls`)."""
+    from toolchain import load_model
+
+    return placed_calls(quantize_model(load_model(checkpoint), QuantConfig()), tile)
+
+
+def placed_calls(model, tile: int) -> int:
+    """Calls of ``model``'s placed linears, matmuls and convolutions in one forward of a ``tile`` x ``tile`` input: a
+    module called several times (NGswin reuses some linears) is one site but as many integer nodes in the graph."""
     import torch
 
-    from toolchain import load_model
-    from toolchain.quant import QuantLinear, QuantMatMul, float_mode
+    from toolchain.quant import QuantConv2d, QuantLinear, QuantMatMul, float_mode
 
-    model = quantize_model(load_model(checkpoint), QuantConfig())
     calls = []
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules()
-             if isinstance(m, (QuantLinear, QuantMatMul))]
-    with torch.no_grad(), float_mode(model):
-        model(torch.rand(1, 3, tile, tile))
-    for hook in hooks:
-        hook.remove()
+             if isinstance(m, (QuantLinear, QuantMatMul, QuantConv2d))]
+    try:
+        with torch.no_grad(), float_mode(model):
+            model(torch.rand(1, 3, tile, tile))
+    finally:
+        for hook in hooks:
+            hook.remove()
     return len(calls)
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-import torch
 
 import calib
 import export
@@ -28,10 +26,11 @@ from toolchain import load_model
 from toolchain.data.io import read_image
 from toolchain.data.patches import list_images, sample_patches
 from toolchain.defaults import DEFAULT_CALIB_IMAGES, DEFAULT_DATA
-from toolchain.quant import QuantConfig, QuantConv2d, QuantLinear, QuantMatMul, float_mode, quantizers
+from toolchain.quant import QuantConfig, quantizers
 from toolchain.tolerances import NOISE_FLOOR_MARGIN, ORT_MIN_PSNR
 
 from . import tiny_models
+from .test_chain import _both_inputs_dequantized, placed_calls
 from .tiny_models import LOUD_GAIN
 
 #: family -> (builder, tile, gain of make_loud, what to quantize); GRL pads its input by up to 32 pixels with
@@ -58,29 +57,6 @@ FAMILIES = {
 SCALE = 2
 
 
-def _dequantized_products(path: Path) -> int:
-    """MatMul/Gemm/Conv nodes whose two inputs are both DequantizeLinear outputs."""
-    graph = onnx.load(str(path)).graph
-    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
-    return sum(node.op_type in ("MatMul", "Gemm", "Conv") and all(i in dequantized for i in node.input[:2])
-               for node in graph.node)
-
-
-def _placed_calls(qmodel: torch.nn.Module, tile: int) -> int:
-    """Calls of placed linears, matmuls and convolutions in one forward of a tile (a module called twice is two
-    nodes)."""
-    calls = []
-    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in qmodel.modules()
-             if isinstance(m, (QuantLinear, QuantMatMul, QuantConv2d))]
-    try:
-        with torch.no_grad(), float_mode(qmodel):
-            qmodel(torch.rand(1, 3, tile, tile))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return len(calls)
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_engine_passes_verification(family: str, tmp_path: Path) -> None:
     build, tile, gain, selection = FAMILIES[family]
@@ -98,7 +74,7 @@ def test_family_engine_passes_verification(family: str, tmp_path: Path) -> None:
 
     onnx_path, engine = tmp_path / "q.onnx", tmp_path / "q.ort.onnx"
     export.export_onnx(qmodel, onnx_path, tile=tile)
-    assert _dequantized_products(onnx_path) == _placed_calls(qmodel, tile)
+    assert _both_inputs_dequantized(onnx_path) == placed_calls(qmodel, tile)
     build_ort_engine(onnx_path, engine)
 
     image = read_image(DEFAULT_DATA / "Set5" / "LR_bicubic" / f"X{SCALE}" / f"babyx{SCALE}.png")

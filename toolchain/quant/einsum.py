@@ -24,7 +24,8 @@ __all__ = ["EinsumAsMatMul", "einsum_as_matmul"]
 
 @dataclass(frozen=True)
 class EinsumAsMatMul:
-    """``equation``'s product as ``finish(prepare_a(a) @ prepare_b(b))``.
+    """An equation's product as ``product(prepare_a(a), prepare_b(b), sizes)``: a ``matmul``, then a reshape and
+    permute to the equation's output (:meth:`operands` binds the sizes).
 
     ``batch``, ``m``, ``n``, ``k``: the letters of the batch axes (in both operands and the output), of ``a``'s
     rows, of ``b``'s columns and of the contraction.
