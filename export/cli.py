@@ -92,8 +92,8 @@ def _lint_only(args: argparse.Namespace) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     if not is_verbose(args):
-        for name in _QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+        for name in _QUIET_LOGGERS:   # never louder than asked (-q: errors only)
+            logging.getLogger(name).setLevel(max(logging.WARNING, args.log_level))
         # "torchvision is not installed" and the like: the exporter's registry, not our business
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     if args.lint_only:

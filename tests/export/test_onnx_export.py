@@ -329,3 +329,24 @@ def test_ngswin_exports_through_the_same_path(tmp_path):
     output = torch.from_numpy(session.run(None, {"input": x.numpy()})[0]).clamp(0, 1)
     identical = (torch.round(output * 255) == torch.round(reference * 255)).float().mean().item()
     assert identical >= 0.99
+
+
+def test_quiet_export_of_atd_prints_no_third_party_warnings(tmp_path, capfd) -> None:
+    """onnx_ir warns about an empty attribute while exporting ATD's graph: ``2dq-export -q`` (errors only) shows none
+    of it, the default level still does."""
+    import calib
+    from export.cli import main as export_main
+    from toolchain import load_model
+    from toolchain.quant import QuantConfig
+
+    from ..tiny_models import save_checkpoint, tiny_atd
+
+    checkpoint = save_checkpoint(tiny_atd(), tmp_path / "atd.safetensors")
+    qmodel = calib.quantize(load_model(checkpoint), QuantConfig(), lambda m: m(torch.rand(2, 3, 32, 32)))
+    artifact = tmp_path / "q.safetensors"
+    calib.save(qmodel, artifact, checkpoint=checkpoint)
+    common = ["--onnx", str(tmp_path / "q.onnx"), "--weights", str(checkpoint), "--calib", str(artifact), "--tile", "32"]
+    assert export_main([*common, "-q"]) == 0
+    assert "WARNING" not in capfd.readouterr().err
+    assert export_main(common) == 0
+    assert "WARNING onnx_ir" in capfd.readouterr().err
