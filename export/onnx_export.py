@@ -292,6 +292,9 @@ def _cause(err: Exception) -> str:
     missing = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)
     if missing:
         return f"no ONNX translation for {missing[1]}.{missing[2]} (an op of the model's forward). "
+    if "Padding size should be less than the corresponding input dimension" in text:
+        return ("the model pads its input with reflection by at least the tile (GRL pads to a multiple of 64; its "
+                "eager code falls back to zeros, which tracing cannot): use a larger --tile. ")
     refused = re.search(r"<class 'ValueError'>: ([^\n]+)", text)
     return f"{refused[1]}. " if refused else ""
 

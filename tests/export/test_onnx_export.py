@@ -350,3 +350,18 @@ def test_quiet_export_of_atd_prints_no_third_party_warnings(tmp_path, capfd) -> 
     assert "WARNING" not in capfd.readouterr().err
     assert export_main(common) == 0
     assert "WARNING onnx_ir" in capfd.readouterr().err
+
+
+def test_a_tile_the_model_pads_beyond_says_so(tmp_path) -> None:
+    """GRL reflection-pads its input to a multiple of 64 (its eager forward falls back to zeros where the tile is
+    smaller than the padding, which tracing cannot): the export at tile 32 fails naming the cure, and writes nothing."""
+    import calib
+    from export.api import export_onnx as export_qmodel
+    from toolchain.quant import QuantConfig
+
+    from ..tiny_models import tiny_grl
+
+    qmodel = calib.quantize(tiny_grl(), QuantConfig(), lambda m: m(torch.rand(2, 3, 32, 32)))
+    with pytest.raises(RuntimeError, match="failed at tile 32: the model pads its input .* use a larger --tile"):
+        export_qmodel(qmodel, tmp_path / "grl.onnx", tile=32)
+    assert not (tmp_path / "grl.onnx").exists()
