@@ -12,7 +12,7 @@ blocks. A pattern (fnmatch on module paths, e.g. ``'layers.0.blocks.*[05]'``) re
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -20,10 +20,10 @@ _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
 def feature_modules(model: nn.Module, pattern: str = "",
-                    holds: Optional[Callable[[nn.Module], bool]] = None) -> list[tuple[str, nn.Module]]:
+                    holds: Optional[Callable[[nn.Module], Any]] = None) -> list[tuple[str, nn.Module]]:
     """``[(path, module), ...]`` whose outputs DQC's feature term compares, in module order.
 
-    ``holds``: only a class some of whose repeated modules pass it counts (block reconstruction asks for blocks
+    ``holds``: only a class some of whose repeated modules it finds truthy counts (block reconstruction asks for blocks
     that hold quantizers: DITN repeats four convolution-only SALs beside its two attention ITLs).
     Raises ``ValueError`` when ``pattern`` matches no module or the rule finds no repeated stage.
 

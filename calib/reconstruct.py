@@ -271,8 +271,7 @@ def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: Reconstr
         raise ValueError("block reconstruction starts from calibrated bounds: "
                          + (f"{len(missing)} quantizers have none (e.g. {missing[0]})" if missing else
                             f"{type(model).__name__} has no quantizers"))
-    units = [(path, m) for path, m in feature_modules(model, config.units, holds=lambda m: bool(quantizers(m)))
-             if quantizers(m)]
+    units = [(path, m) for path, m in feature_modules(model, config.units, holds=quantizers) if quantizers(m)]
     if not units:
         raise ValueError(f"block reconstruction: no block of {type(model).__name__} holds a quantizer")
     model.to(device).eval()

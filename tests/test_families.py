@@ -36,9 +36,9 @@ from .tiny_models import LOUD_GAIN
 #: family -> (builder, tile, gain of make_loud, what to quantize); GRL pads its input by up to 32 pixels with
 #: reflection, which needs tiles of 64; DCTLSA's random output grows to 1e10 with every linear x10 (x3: 478): as it
 #: is, W4A4 already moves it; ATD picks each token's category by an argmax over 4-bit attention products, and
-#: loud, 2.6% of those rows are (near) ties within float rounding (0.01% at W8A8), which the engine's integer
-#: products decide otherwise than the reference's float ones (41-59 dB on tiles against the floor of 60): as it is,
-#: 1.1%; SAFMN and PLKSR have no attention and no linear: their convolutions are quantized
+#: loud, 2.6% of those rows are (near) ties within float rounding, which the engine's integer products decide
+#: otherwise than the reference's float ones (41-59 dB on tiles against the floor of 60; benchmarks/atd_ties.py):
+#: as it is, 1.1%; SAFMN and PLKSR have no attention and no linear: their convolutions are quantized
 ATTENTION = ("linear", "matmul")
 FAMILIES = {
     "swin2sr": (tiny_models.tiny_swin2sr, 32, LOUD_GAIN, ATTENTION),

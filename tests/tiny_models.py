@@ -64,7 +64,7 @@ def _loaded(net: nn.Module, name: str) -> nn.Module:
 
 
 # The other SR transformers spandrel loads, tiny (x2, random weights from the seed), each as small as its class
-# allows: RGT's and CRAFT's position-bias MLPs are a quarter of a quarter of the width wide (embed 48 -> 3), DCTLSA
+# allows: RGT's and CRAFT's position-bias MLPs are a quarter of a quarter of the width wide (none at embed 12), DCTLSA
 # concatenates six modules and its loader assumes five heads, GRL pads its input to 64 (tiles of 64).
 def tiny_swin2sr(scale: int = 2, seed: int = 0) -> nn.Module:
     from spandrel.architectures.Swin2SR import Swin2SR
