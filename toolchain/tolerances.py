@@ -93,10 +93,10 @@ TRT_MAX_ABS_ERROR = 1e-3
 DOBI_STEP_SLACK = 1e-4
 #: DQC bounds after 4 steps, two half-batch gradients (two ranks) vs one whole-batch gradient: the float32
 #: sums differ in the last bits and Adam's first steps (about sign(grad) * lr) carry that into the bounds;
-#: measured up to 2e-5 on the project's former SwinIR copy and up to 1.05e-4 on spandrel's tiny SwinIR
-#: (one bound, attn.matmul.0.a.lower of layers.0 block 1; all others <= 5.2e-5), against steps of 1e-2:
-#: 2e-4 is 2% of one step
-WHOLE_BATCH_ATOL = 2e-4
+#: measured up to 2e-5 on the project's former SwinIR copy and up to 1.05e-4 on spandrel's tiny SwinIR on an
+#: AMD EPYC, up to 4.4e-4 on an Intel Xeon (8 of 96 bounds above 2e-4; its kernels add in another order),
+#: against steps of 1e-2: 1e-3 is 10% of one step (the ranks against the half batches stay bit for bit)
+WHOLE_BATCH_ATOL = 1e-3
 #: tests of folds: the float model with random smoothing factors (in [1/e, e]) or shift offsets vs without,
 #: max |difference| / output range
 FLOAT_FOLD_RTOL = 1e-5

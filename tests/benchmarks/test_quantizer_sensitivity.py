@@ -31,10 +31,10 @@ def test_groups_partition_the_quantizers_and_all_is_the_deployed_model():
     found = quantizers(model)
     rows = sensitivity.measure(model, lr, batch=2, progress=False)
     assert all(q.enabled for q in quantizers(model).values())  # flags restored
-    with torch.no_grad():
-        quantized = model(lr).clamp(0, 1)
+    with torch.no_grad():   # in the benchmark's batches of 2: a batch of 3 adds in another order on some CPUs
+        quantized = torch.cat([model(chunk) for chunk in lr.split(2)]).clamp(0, 1)
         with float_mode(model):
-            reference = model(lr).clamp(0, 1)
+            reference = torch.cat([model(chunk) for chunk in lr.split(2)]).clamp(0, 1)
     (all_on,) = [r for r in rows if r["mode"] == "all"]
     assert all_on["psnr"] == round(psnr(quantized, reference, data_range=1.0), 3)
     assert all_on["quantizers"] == len(found)
