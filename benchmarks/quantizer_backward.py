@@ -80,8 +80,11 @@ def use_backward(fn: Callable) -> Iterator[None]:
         _ClipRoundScale.backward = saved
 
 
-def time_unit(model: nn.Module, path: str, unit: nn.Module, lr: torch.Tensor, rounds: int, steps: int) -> dict:
-    """Seconds per reconstruction step of ``unit`` with each backward, and whether their gradients agree."""
+def unit_step(model: nn.Module, path: str, unit: nn.Module, lr: torch.Tensor) -> tuple[Callable, list, Callable]:
+    """One reconstruction step of ``unit`` on ``lr`` (forward, MSE to the block's own float output, learned-rounding
+    regularizer, backward: the trainable set of ``calib/reconstruct.py``, every activation bound and the rounding
+    logits of every weight, made trainable here), those tensors (their gradients after a step), and a cleanup that
+    detaches the roundings and freezes them again."""
     (args, kwargs), = _quantized_inputs(model, unit, [lr], torch.device("cpu"))
     layers = weight_layers(unit, path)
     roundings = attach_rounding(layers)
@@ -95,14 +98,29 @@ def time_unit(model: nn.Module, path: str, unit: nn.Module, lr: torch.Tensor, ro
     with torch.no_grad():
         target = _first_tensor(unit(*args, **kwargs))
 
-    def step(keep: bool = False) -> list[torch.Tensor]:
+    def step() -> None:
+        for p in params:
+            p.grad = None
         out = _first_tensor(unit(*args, **kwargs))
         loss = F.mse_loss(out, target) + 0.01 * sum(r.regularizer(beta_at(100, 200)) for r in roundings.values())
         loss.backward()
-        grads = [p.grad.clone() if keep else None for p in params]
+
+    def cleanup() -> None:
         for p in params:
+            p.requires_grad_(False)
             p.grad = None
-        return grads
+        for layer in layers.values():
+            layer.weight_quantizer.rounding = None
+    return step, params, cleanup
+
+
+def time_unit(model: nn.Module, path: str, unit: nn.Module, lr: torch.Tensor, rounds: int, steps: int) -> dict:
+    """Seconds per reconstruction step of ``unit`` with each backward, and whether their gradients agree."""
+    run_step, params, cleanup = unit_step(model, path, unit, lr)
+
+    def step(keep: bool = False) -> list[torch.Tensor]:
+        run_step()
+        return [p.grad.clone() if keep else None for p in params]
 
     grads = {}
     for name, fn in BACKWARDS.items():
@@ -119,8 +137,7 @@ def time_unit(model: nn.Module, path: str, unit: nn.Module, lr: torch.Tensor, ro
                 for _ in range(steps):
                     step()
                 times[name].append((time.perf_counter() - start) / steps)
-    for layer in layers.values():
-        layer.weight_quantizer.rounding = None
+    cleanup()
     best = {name: min(values) for name, values in times.items()}
     return {"unit": path, "kind": type(unit).__name__, "trainable_tensors": len(params),
             "s_per_step": best, "speedup": best["masked (before)"] / best["sign (now)"], "identical": identical}
@@ -141,34 +158,56 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_arguments(parser: argparse.ArgumentParser, threads: int, steps: int) -> None:
+    """The options of the step benchmarks (this one, ``compiled_step.py``): the model, the blocks, the timing."""
     parser.add_argument("--weights", default=str(SHARED / "models/DAT-light/DAT_light_x4.pth"),
                         help="float checkpoint the artifact was calibrated on")
     parser.add_argument("--artifact", default=str(HERE / "artifacts/dat_light_x4_w4a4.safetensors"))
     parser.add_argument("--units", default="0,1", help="comma-separated indices of the model's blocks to time")
     parser.add_argument("--batch", type=int, default=4, help="patches per step")
     parser.add_argument("--tile", type=int, default=64, help="LR patch side")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=threads)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", help="write the table here")
-    options = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+
+
+def load_blocks(parser: argparse.ArgumentParser, options: argparse.Namespace) -> tuple[nn.Module, list, list[int]]:
+    """The calibrated model of ``--weights`` / ``--artifact``, its blocks holding quantizers and the chosen indices
+    (``--units``); raises glibc's thresholds (whether it took: ``options.allocator_raised``) and sets ``--threads``."""
     for flag, value in (("--weights", options.weights), ("--artifact", options.artifact)):
         if not Path(value).is_file():
             parser.error(f"{flag}: no file at {value}")
-    raised = keep_freed_memory()
+    options.allocator_raised = keep_freed_memory()
     torch.set_num_threads(options.threads)
     model = load_quantized_model(options.weights, options.artifact).eval()
     units = [(path, module) for path, module in feature_modules(model, "") if quantizers(module)]
     try:
-        chosen = [int(i) for i in options.units.split(",")]
+        chosen = [int(i) for i in options.units.split(",") if i]
     except ValueError:
         parser.error(f"--units: expected comma-separated integers, got {options.units!r}")
     if any(not 0 <= i < len(units) for i in chosen):
         parser.error(f"--units: the model has blocks 0..{len(units) - 1}, got {options.units}")
+    return model, units, chosen
+
+
+def write_outputs(options: argparse.Namespace, result: dict, table: str) -> None:
+    """Print the table; write the JSON and the table where ``--json`` / ``--markdown`` say (atomically)."""
+    print(table, end="")
+    for target, text in ((options.json, json.dumps(result, indent=1) + "\n"), (options.markdown, table)):
+        if target:
+            with atomic_path(Path(target)) as tmp:
+                tmp.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(parser, threads=2, steps=5)
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    model, units, chosen = load_blocks(parser, options)
+    raised = options.allocator_raised
     lr = torch.rand(options.batch, 3, options.tile, options.tile, generator=torch.Generator().manual_seed(0))
     rows = []
     for i in chosen:
@@ -180,11 +219,7 @@ def main(argv: list[str] | None = None) -> int:
               "setup": {"weights": Path(options.weights).name, "artifact": Path(options.artifact).name,
                         "batch": options.batch, "tile": options.tile, "threads": options.threads,
                         "rounds": options.rounds, "steps": options.steps, "allocator_raised": raised}}
-    print(markdown(result), end="")
-    for target, text in ((options.json, json.dumps(result, indent=1) + "\n"), (options.markdown, markdown(result))):
-        if target:
-            with atomic_path(Path(target)) as tmp:
-                tmp.write_text(text)
+    write_outputs(options, result, markdown(result))
     return 0 if all(row["identical"] for row in rows) else 1
 
 

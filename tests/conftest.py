@@ -19,6 +19,11 @@ def _worker_threads() -> int | None:
     return max(1, len(os.sched_getaffinity(0)) // int(workers))
 
 
+# The quantizer's compiled kernels (toolchain/quant/compiled.py) cost seconds of compiling per kernel and process
+# and pay only on large tensors: the tests run them eagerly (the same math), except
+# tests/toolchain/quant/test_compiled.py, which turns compiling on and compares the two.
+os.environ.setdefault("TWODQ_COMPILE", "0")
+
 WORKER_THREADS = _worker_threads()
 if WORKER_THREADS:
     os.environ["OMP_NUM_THREADS"] = str(WORKER_THREADS)   # the tools a worker launches inherit it

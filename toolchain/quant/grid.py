@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .compiled import CompiledKernel
+
 MIN_BITS = 2
 MAX_BITS = 8
 #: smallest gap kept between the bounds (in the tensor's units), see :func:`order_bounds_`
@@ -89,7 +91,13 @@ def fake_quantize(
     low, high = clip_values(step, zero_point, bits)
     if torch.is_grad_enabled() and (x.requires_grad or step.requires_grad):
         return _ClipRoundScale.apply(x, step, low, high)
-    # inference: one allocation and in-place passes (evaluation spends most of its time here)
+    return _CLIP_ROUND_SCALE(x, step, low, high)
+
+
+def clip_round_scale(x: torch.Tensor, step: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``round_half_even(clamp(x, low, high) / step) * step``: the fake quantizer's values, in one allocation and
+    in-place passes; large tensors run it as one compiled loop (:data:`_CLIP_ROUND_SCALE`: true division and
+    half-to-even rounding, the same values bit for bit, ``tests/toolchain/quant/test_compiled.py``)."""
     return torch.clamp(x, low, high).div_(step).round_().mul_(step)
 
 
@@ -112,29 +120,37 @@ class _ClipRoundScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, step: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, step, low, high)
-        return torch.clamp(x, low, high).div_(step).round_().mul_(step)
+        return _CLIP_ROUND_SCALE(x, step, low, high)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, step, low, high = ctx.saved_tensors
         need_x, need_step, need_low, need_high = ctx.needs_input_grad
-        grad_x = grad_step = grad_low = grad_high = None
-        if need_x or need_low or need_high:
-            # per end: 0 past it, 1/2 on it, 1 inside (low < high always); every product and difference
-            # below is exact (factors 0, 1/2, 1), so the values are those of the masks written out, in
-            # fewer full-size passes and without bool-to-float copies (the bulk of a DQC or
-            # reconstruction step on attention probabilities)
-            inside_low = grad * (x - low).sign_().add_(1).mul_(0.5)
-            if need_low:
-                grad_low = (grad - inside_low).sum_to_size(low.shape)
-            through = inside_low * (high - x).sign_().add_(1).mul_(0.5)
-            if need_high:
-                grad_high = (inside_low - through).sum_to_size(high.shape)
-            grad_x = through if need_x else None
-        if need_step:
-            t = torch.clamp(x, low, high).div_(step)
-            grad_step = (grad * torch.round(t).sub_(t)).sum_to_size(step.shape)
-        return grad_x, grad_step, grad_low, grad_high
+        grad_x, grad_step, grad_low, grad_high = _STE_GRADIENTS(grad, x, step, low, high)
+        return (grad_x if need_x else None, grad_step if need_step else None, grad_low if need_low else None,
+                grad_high if need_high else None)
+
+
+def straight_through_gradients(grad: torch.Tensor, x: torch.Tensor, step: torch.Tensor, low: torch.Tensor,
+                               high: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four gradients of :class:`_ClipRoundScale` (to ``x``, the step, the two clip values) for ``grad``.
+
+    Per clip end a weight of 0 past it, 1/2 on it, 1 inside (``low < high`` always); every product and
+    difference is exact (factors 0, 1/2, 1), so the values are those of the masks written out. Eager, this is
+    about twenty passes over ``x``; large tensors run it as one compiled loop (:data:`_STE_GRADIENTS`).
+    """
+    inside_low = grad * (x - low).sign().add(1).mul(0.5)
+    through = inside_low * (high - x).sign().add(1).mul(0.5)
+    t = torch.clamp(x, low, high).div(step)
+    return (through, (grad * torch.round(t).sub(t)).sum_to_size(step.shape),
+            (grad - inside_low).sum_to_size(low.shape), (inside_low - through).sum_to_size(high.shape))
+
+
+#: tensors of at least this many elements run the quantizer's values and gradients compiled
+#: (:mod:`toolchain.quant.compiled`; DAT-light's attention probabilities and wide activations)
+COMPILED_MIN_NUMEL = 1 << 18
+_CLIP_ROUND_SCALE = CompiledKernel(clip_round_scale, min_numel=COMPILED_MIN_NUMEL)
+_STE_GRADIENTS = CompiledKernel(straight_through_gradients, min_numel=COMPILED_MIN_NUMEL)
 
 
 def integer_codes(
