@@ -12,14 +12,17 @@ compiling is not possible (no C++ compiler on a CPU machine, an unsupported devi
 once and the eager function is used from then on. ``TWODQ_COMPILE=0`` in the environment turns it off.
 
 The compiled function computes the same element-wise values; its sums may add in another order (last-bit
-differences in a bound's gradient, none in a tensor's). Only gradients go through it, never the forward values
-that calibration and export share.
+differences in a bound's gradient, none in a tensor's). Only training uses it (the quantizer's values and gradients
+inside DQC and block reconstruction, bit-identical values); inference, which evaluation and the engines' reference
+share, stays eager. Variants: ``torch.compile`` compiles a kernel again per rank and stride pattern of its inputs
+(DAT-light: six of each kernel) up to its limit of 8, then runs new ones eagerly with a warning.
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -35,6 +38,24 @@ ENV = "TWODQ_COMPILE"
 def compile_enabled() -> bool:
     """Whether :class:`CompiledKernel` may compile (``TWODQ_COMPILE`` is not "0")."""
     return os.environ.get(ENV, "1").strip() != "0"
+
+
+@contextmanager
+def _without_function_modes() -> Iterator[None]:
+    """No ``TorchFunctionMode`` active inside (the ones active outside are back after, in their order).
+
+    A kernel is pure arithmetic; the mode that routes a quantized model's attention products
+    (:class:`toolchain.quant.routing.SiteRouter`) passes its operations through unchanged, but ``torch.compile``
+    guards on the mode stack: called inside and outside routed modules, one kernel compiled twice per shape and hit
+    dynamo's limit of 8 variants (measured on DAT-light's block reconstruction)."""
+    popped = []
+    while torch._C._len_torch_function_stack() > 0:
+        popped.append(torch._C._pop_torch_function_stack())
+    try:
+        yield
+    finally:
+        for mode in reversed(popped):
+            torch._C._push_on_torch_function_stack(mode)
 
 
 class CompiledKernel:
@@ -61,7 +82,8 @@ class CompiledKernel:
         try:
             if self._compiled is None:
                 self._compiled = torch.compile(self.fn, dynamic=True)
-            return self._compiled(*tensors)
+            with _without_function_modes():
+                return self._compiled(*tensors)
         except Exception as err:  # noqa: BLE001 - any compiler failure: the eager function is the same math
             self.failure = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
             log.warning("compiling %s failed (%s); running it eagerly from now on (slower, same values)",

@@ -122,13 +122,15 @@ class _ClipRoundScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, step: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, step, low, high)
-        return _CLIP_ROUND_SCALE(x, step, low, high)
+        # detached: the compiled kernel would otherwise be compiled once more per requires_grad pattern
+        return _CLIP_ROUND_SCALE(x.detach(), step.detach(), low.detach(), high.detach())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, step, low, high = ctx.saved_tensors
         need_x, need_step, need_low, need_high = ctx.needs_input_grad
-        grad_x, grad_step, grad_low, grad_high = _STE_GRADIENTS(grad, x, step, low, high)
+        grad_x, grad_step, grad_low, grad_high = _STE_GRADIENTS(grad, x.detach(), step.detach(), low.detach(),
+                                                                high.detach())
         return (grad_x if need_x else None, grad_step if need_step else None, grad_low if need_low else None,
                 grad_high if need_high else None)
 
@@ -141,11 +143,12 @@ def straight_through_gradients(grad: torch.Tensor, x: torch.Tensor, step: torch.
     difference is exact (factors 0, 1/2, 1), so the values are those of the masks written out. Eager, this is
     about twenty passes over ``x``; large tensors run it as one compiled loop (:data:`_STE_GRADIENTS`).
     """
-    inside_low = grad * (x - low).sign().add(1).mul(0.5)
-    through = inside_low * (high - x).sign().add(1).mul(0.5)
-    t = torch.clamp(x, low, high).div(step)
-    return (through, (grad * torch.round(t).sub(t)).sum_to_size(step.shape),
-            (grad - inside_low).sum_to_size(low.shape), (inside_low - through).sum_to_size(high.shape))
+    inside_low = grad * (x - low).sign_().add_(1).mul_(0.5)   # in place on temporaries: fewer allocations eager
+    grad_low = (grad - inside_low).sum_to_size(low.shape)
+    through = inside_low * (high - x).sign_().add_(1).mul_(0.5)
+    grad_high = (inside_low - through).sum_to_size(high.shape)
+    t = torch.clamp(x, low, high).div_(step)
+    return through, (grad * torch.round(t).sub_(t)).sum_to_size(step.shape), grad_low, grad_high
 
 
 #: in training (DQC, block reconstruction), tensors of at least this many elements run the quantizer's values and

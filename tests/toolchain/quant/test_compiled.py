@@ -50,6 +50,40 @@ def test_a_failing_compiler_falls_back_once_and_logs_it(monkeypatch, caplog):
     assert not kernel.uses_compiled(torch.ones(2))
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["runs", "raises"])
+def test_function_modes_are_off_inside_a_kernel_and_back_after(fails, monkeypatch):
+    """A kernel runs without the router's ``TorchFunctionMode`` (torch.compile guards on the mode stack: one more
+    variant per stack) and the modes are back after it, also when the kernel raises."""
+    seen = []
+
+    class Counting(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def probe(x):
+        inside.append(torch._C._len_torch_function_stack())
+        if fails:
+            raise ValueError("kernel failed")
+        return x + 1
+
+    inside: list[int] = []
+    monkeypatch.setenv(compiled.ENV, "1")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)   # the wrapper's own logic, no compiler needed
+    kernel = compiled.CompiledKernel(probe, min_numel=1)
+    with Counting() as mode:
+        before = torch._C._len_torch_function_stack()
+        if fails:   # the compiled call raises, the eager retry (inside the mode again) raises too
+            with pytest.raises(ValueError, match="kernel failed"):
+                kernel(torch.ones(2))
+        else:
+            assert kernel(torch.ones(2)).tolist() == [2.0, 2.0]
+        assert torch._C._len_torch_function_stack() == before == 1
+        assert torch.overrides._get_current_function_mode() is mode
+    assert inside == ([0, 1] if fails else [0])
+    assert not [f for f in seen if getattr(f, "__name__", "") in ("__add__", "add")]   # the mode saw no kernel op
+
+
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                     reason="torch.compile on CPU needs a C++ compiler (none on PATH)")
 
