@@ -90,9 +90,9 @@ CONFIGS = {
                                                                    "--reconstruct", "--learned-rounding",
                                                                    "--reconstruct-drop", "0.5", "--bit-budget", "{bits}",
                                                                    "--reconstruct-iters", "200"],
-    **{f"dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget({iters})": [
+    "dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget(300)": [
         "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
-        "--bit-budget", "{bits}", "--reconstruct-iters", str(iters)] for iters in (300, 400)},
+        "--bit-budget", "{bits}", "--reconstruct-iters", "300"],
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)+affine+budget": ["--method", "dobi", *TRANSFORMS, *ROTATE,
                                                                      "--reconstruct", "--learned-rounding",
                                                                      "--reconstruct-drop", "0.5",
