@@ -37,7 +37,6 @@ import gc
 import io
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -54,6 +53,7 @@ from export.onnx_export import ExportOptions, Provenance, export_model
 from export.speed_passes import apply_speed_passes
 from ort_speed import time_rounds
 from random_models import swinir_light
+from rotation_ablation import cpu_name
 from toolchain.backends import TiledUpscaler
 from toolchain.data.patches import sample_patches
 from toolchain.defaults import DEFAULT_CALIB_IMAGES, DEFAULT_WEIGHTS
@@ -235,6 +235,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: the CPU features that decide which int8 / bf16 kernels the runtimes pick (oneDNN, MLAS)
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def int8_isa() -> list[str]:
+    """Which of :data:`INT8_FLAGS` this CPU reports (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    info = Path("/proc/cpuinfo")
+    flags = next((line.split(":", 1)[1].split() for line in info.read_text().splitlines()
+                  if line.startswith("flags")), []) if info.is_file() else []
+    return [flag for flag in INT8_FLAGS if flag in flags]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", required=True, type=Path, help="folder for exports and engines (reused)")
@@ -249,7 +261,7 @@ def main() -> None:
     import onnxruntime
     import openvino
 
-    result: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    result: dict[str, Any] = {"machine": {"cpu": cpu_name(), "int8_isa": int8_isa(), "cpus": os.cpu_count(),
                                           "load_before": os.getloadavg()},
                               "versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.get_version(),
                                            "torch": torch.__version__},

@@ -35,6 +35,8 @@ log = logging.getLogger("rotation_ablation")
 
 TRANSFORMS = ["--granularity", "per-channel", "--smooth", "all", "--shifts"]
 ROTATE = ["--rotate", "inputs"]
+#: the deployed W4A4 recipe at 200 steps per block (best_rows.py), base of the DQC refinements in REFINED
+BASE_W4 = "dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget(200)"
 #: configuration name -> 2dq-calibrate options
 CONFIGS = {
     "dobi": ["--method", "dobi"],
@@ -110,6 +112,14 @@ CONFIGS = {
 }
 
 
+#: configuration name -> (base configuration, options of a second ``2dq-calibrate --method 2dquant --init``): DQC of
+#: the bounds from the base cell's artifact (run first when ``--work`` does not hold it), e.g. after block
+#: reconstruction; the cell's calibration seconds are the second run's, the base cell's are in ``base_calibrate_s``
+REFINED = {
+    f"{BASE_W4}+dqc({lr})": (BASE_W4, ["--dqc-lr", lr]) for lr in ("1e-3", "2e-4", "3e-3")
+}
+
+
 def _tool(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
@@ -138,21 +148,35 @@ def evaluate(artifact: Path | None, data: Path | None, sets: str, report: Path, 
     return row, seconds
 
 
+def _artifact(args: argparse.Namespace, config: str, bits: int, patches: int, seed: int) -> Path:
+    name = f"{config}/w{bits}a{bits}/p{patches}/s{seed}"
+    return args.work / "artifacts" / (re.sub(r"[^A-Za-z0-9_.-]", "-", name) + ".safetensors")
+
+
 def cell(args: argparse.Namespace, calib: Path, heldout: Path, config: str, bits: int, patches: int,
          seed: int) -> dict:
-    name = f"{config}/w{bits}a{bits}/p{patches}/s{seed}"
-    artifact = args.work / "artifacts" / (re.sub(r"[^A-Za-z0-9_.-]", "-", name) + ".safetensors")
+    artifact = _artifact(args, config, bits, patches, seed)
     artifact.parent.mkdir(parents=True, exist_ok=True)
-    options = [option.replace("{bits}", str(bits)) for option in CONFIGS[config]]  # e.g. --bit-budget {bits}
-    calibrate_s = _run([_tool("2dq-calibrate"), "--calib-images", str(calib), "--bits", str(bits), "--patches",
-                        str(patches), "--seed", str(seed), "--threads", str(args.threads), "--no-progress", "-q",
-                        "--out", str(artifact), *options])
+    common = ["--calib-images", str(calib), "--seed", str(seed), "--threads", str(args.threads), "--no-progress", "-q",
+              "--out", str(artifact)]
+    extra = {}
+    if config in REFINED:
+        base, options = REFINED[config]
+        source = _artifact(args, base, bits, patches, seed)
+        if not source.is_file():
+            extra["base_calibrate_s"] = cell(args, calib, heldout, base, bits, patches, seed)["calibrate_s"]
+        extra["base_artifact"] = str(source)
+        options = ["--method", "2dquant", "--init", str(source), *options]
+        calibrate_s = _run([_tool("2dq-calibrate"), *common, *options])
+    else:
+        options = [option.replace("{bits}", str(bits)) for option in CONFIGS[config]]  # e.g. --bit-budget {bits}
+        calibrate_s = _run([_tool("2dq-calibrate"), *common, "--bits", str(bits), "--patches", str(patches), *options])
     row, eval_s = evaluate(artifact, heldout, "Heldout", artifact.with_suffix(".eval.json"), args.threads)
     meta = json.loads(artifact.with_suffix(".json").read_text())
     return {"config": config, "options": options, "bits": bits, "patches": patches, "seed": seed,
             "heldout_psnr": row["psnr"], "heldout_ssim": row["ssim"], "calibrate_s": round(calibrate_s, 1),
             "eval_s": round(eval_s, 1), "artifact": str(artifact),
-            "transforms": meta["method_options"].get("transforms", {})}
+            "transforms": meta["method_options"].get("transforms", {}), **extra}
 
 
 def cpu_name() -> str:
@@ -193,7 +217,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="results JSON (appended cell by cell)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rotation_ablation"),
                         help="split and artifacts (default: %(default)s)")
-    parser.add_argument("--configs", default="dobi,dobi+rotate", help=f"comma-separated, from {', '.join(CONFIGS)}")
+    parser.add_argument("--configs", default="dobi,dobi+rotate",
+                        help=f"comma-separated, from {', '.join([*CONFIGS, *REFINED])}")
     parser.add_argument("--bits", default="4", help="comma-separated bit widths (weights = activations)")
     parser.add_argument("--patches", default="8,16,32", help="comma-separated calibration patch counts")
     parser.add_argument("--seeds", default="0", help="comma-separated patch-sampling seeds")
@@ -224,8 +249,8 @@ def main() -> None:
     if args.set5:
         return
     for config in args.configs.split(","):
-        if config not in CONFIGS:
-            parser.error(f"--configs: unknown {config!r}; choose from {', '.join(CONFIGS)}")
+        if config not in CONFIGS and config not in REFINED:
+            parser.error(f"--configs: unknown {config!r}; choose from {', '.join([*CONFIGS, *REFINED])}")
         for bits in map(int, args.bits.split(",")):
             for patches in map(int, args.patches.split(",")):
                 for seed in map(int, args.seeds.split(",")):

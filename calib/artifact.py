@@ -146,10 +146,8 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
     ['w4a4.json', 'w4a4.safetensors', 'x2.pth']
     >>> folder.cleanup()
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
-    sidecar = sidecar_path(path)
+    sidecar_path(path)   # a usage error before any work
     bounds = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in bounds_state(model).items()}
     quantizer_count = len(bounds) // 2
     spec, state = transforms_spec(model), transforms_state(model)
@@ -174,16 +172,52 @@ def save_artifact(path: PathLike, model: nn.Module, *, checkpoint: PathLike, qua
         meta["transforms"] = spec
     if weights:
         meta["refined_weights"] = len(weights)
+    return _write(path, bounds, meta)
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write the bounds file and its sidecar (``bounds_sha256`` added to ``meta``), both atomically."""
+    from safetensors.torch import save_file
+
+    sidecar = sidecar_path(path)
     with contextlib.ExitStack() as stack:
         bounds_tmp = stack.enter_context(atomic_path(path))
         sidecar_tmp = stack.enter_context(atomic_path(sidecar))
         # one metadata entry: safetensors writes its metadata map in no fixed order, and equal bounds
         # should make byte-identical files (and so equal bounds_sha256)
-        save_file(bounds, str(bounds_tmp), metadata={"format": f"2dq-bounds/{FORMAT_VERSION}"})
+        save_file(tensors, str(bounds_tmp), metadata={"format": f"2dq-bounds/{FORMAT_VERSION}"})
         meta["bounds_sha256"] = sha256_file(bounds_tmp)
         sidecar_tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     log.info("wrote %s and %s (%d quantizers)", path, sidecar, meta["quantizers"])
     return path
+
+
+def save_rebounded(path: PathLike, source: Artifact, bounds: Mapping[str, torch.Tensor], *, method: str,
+                   method_options: Mapping[str, Any]) -> Path:
+    """Write ``source`` again at ``path`` with new quantizer ``bounds`` (the same names and shapes): the
+    artifact of a run that trained only the bounds of a model loaded from ``source`` (``2dq-calibrate --init``).
+
+    Folds, refined weights, quantization config, calibration record and transforms are ``source``'s, unchanged;
+    the sidecar gets ``method``, ``method_options`` and ``init`` (``source``'s file name and bounds hash).
+    ``ValueError`` naming the first bound that does not match.
+    """
+    path = Path(path)
+    old = {k: v for k, v in source.bounds.items() if not k.startswith((TRANSFORMS_PREFIX, WEIGHTS_PREFIX))}
+    if set(bounds) != set(old):
+        extra, missing = sorted(set(bounds) - set(old)), sorted(set(old) - set(bounds))
+        raise ValueError(f"new bounds do not match {source.path}'s quantizers: "
+                         f"{'unknown ' + extra[0] if extra else 'missing ' + missing[0]}")
+    tensors = dict(source.bounds)
+    for name, tensor in bounds.items():
+        if tensor.shape != old[name].shape:
+            raise ValueError(f"bound {name}: shape {tuple(tensor.shape)}, {source.path} has {tuple(old[name].shape)}")
+        tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+    meta = {key: value for key, value in source.meta.items() if key != "bounds_sha256"}
+    meta.update(method=method, method_options=dict(method_options), versions=package_versions(),
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                init={"artifact": source.path.name, "bounds_sha256": source.meta["bounds_sha256"]})
+    meta.setdefault("quantizers", len(old) // 2)
+    return _write(path, tensors, meta)
 
 
 def load_artifact(path: PathLike) -> Artifact:
@@ -225,11 +259,13 @@ def load_artifact(path: PathLike) -> Artifact:
 
 
 def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
-                         device: Union[str, torch.device] = "cpu") -> nn.Module:
+                         device: Union[str, torch.device] = "cpu", *, bake: bool = True) -> nn.Module:
     """The fake-quant model: float checkpoint + calibration artifact, verified, in eval mode.
 
     Checks that ``weights_path`` has the SHA-256 the artifact was calibrated on, rebuilds the
-    artifact's :class:`QuantConfig`, attaches the quantizers and loads the bounds strictly.
+    artifact's :class:`QuantConfig`, attaches the quantizers and loads the bounds strictly. ``bake=False``
+    leaves the folds live (parametrized, as calibration left them: what ``2dq-calibrate --init`` trains
+    from; the outputs are the same) instead of writing them into plain weights.
 
     Raises:
         ArtifactError: another checkpoint (hash mismatch, both files and hashes named), another
@@ -281,7 +317,7 @@ def load_quantized_model(weights_path: PathLike, artifact_path: PathLike,
         load_bounds(model, bounds)
     except ValueError as err:
         raise ArtifactError(f"{artifact_path}: its bounds do not fit the quantizers of {config}: {err}") from err
-    if spec or folds:
+    if (spec or folds) and bake:
         bake_transforms(model)
     # what an export of this model records as its origin (export.api)
     model.__dict__[PROVENANCE_ATTRIBUTE] = {"checkpoint_sha256": meta["checkpoint_sha256"],

@@ -35,6 +35,7 @@ from .baselines import DEFAULT_PERCENTILE, calibrate_minmax, calibrate_percentil
 from .bit_budget import add_bit_budget_arguments, allocate_bits, bit_budget_from_args
 from .dobi import DEFAULT_CANDIDATES, MODES, calibrate_dobi
 from .gptq import DEFAULT_DAMP
+from .init_cli import add_init_argument, check_init_args, run_init
 from .observers import DEFAULT_BINS, batch_forward_loop
 from .reconstruct_cli import add_reconstruct_arguments, check_reconstruct_args, run_reconstruct
 from .reconstruct_cli import checkpoint_path as reconstruct_checkpoint
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs/<checkpoint>_w<W>a<A>[_<method>].safetensors, e.g. runs/dat_light_x4_w4a4.safetensors)")
     parser.add_argument("--method", choices=sorted(METHODS), default="dobi",
                         help="; ".join(f"{name}: {m.help}" for name, m in METHODS.items()) + " (default: %(default)s)")
+    add_init_argument(parser)
     quant = parser.add_argument_group("quantization")
     quant.add_argument("--bits", type=int, default=4, help="bits of weights and activations (default: %(default)s)")
     quant.add_argument("--w-bits", type=int, help="weight bits (default: --bits)")
@@ -279,6 +281,12 @@ def _main(args: argparse.Namespace) -> int:
     from toolchain import load_model
     from toolchain.data.patches import list_images, sample_patches
 
+    if args.init is not None:  # DQC from an artifact: no bounds search, the artifact's model
+        check_init_args(args, build_parser())
+        summary = run_init(args)
+        if args.json and summary["seconds"] is not None:
+            args.json.write(summary)
+        return 0
     config = quant_config_from_args(args)
     _check_args(args, config)
     try:

@@ -73,6 +73,8 @@ class DQCConfig:
       learning rate of the logits, ``rounding_weight`` the weight of the regularizer that decides every
       rounding (annealed as in block reconstruction). The weights end on their grids, baked
       (:attr:`DQCResult.refined`).
+    - ``train_folds``: the fold parameters (smoothing scales, shift offsets) train with the bounds; ``False``
+      keeps them (``2dq-calibrate --init``: the folds and the weights written through them stay the artifact's).
     """
 
     iters: int = 40
@@ -91,6 +93,7 @@ class DQCConfig:
     rounding: bool = False
     rounding_lr: float = 3e-2
     rounding_weight: float = 0.01
+    train_folds: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -217,7 +220,8 @@ def distill(
     model.to(device).eval()
     if teacher is not None:
         teacher.to(device).eval()
-    bounds = bound_parameters(model) + transform_parameters(model)  # folds (calib.transforms) train too
+    # folds (calib.transforms) train too, unless the config keeps them
+    bounds = bound_parameters(model) + (transform_parameters(model) if config.train_folds else [])
     frozen = [p for m in (model, teacher) if m is not None for p in m.parameters()]
     flags = [p.requires_grad for p in frozen]
     layers = weight_layers(model) if config.rounding else {}
