@@ -1,0 +1,80 @@
+"""A larger held-out check for the ablation cells: 100 training images the cells never calibrated on.
+
+``rotation_ablation.py`` calibrates on the first 24 of the 28 shipped training images and checks on the last 4
+(centred 128x128 crops): four crops decide between recipes whose differences are a tenth of a dB. This script
+builds a second held-out set from ``../shared/datasets/train``, fixed before any result was read: the 72
+``DIV2K_valid_256`` images that are not among the shipped 28 (0829-0900) and the first 28 ``BSD200`` images by
+name, each as its centred 128x128 HR crop and its MATLAB-bicubic x4 LR (the layout of ``toolchain.data.heldout``),
+and evaluates the given artifacts' fake-quant models on it with ``2dq-eval`` (never a test set)::
+
+    python benchmarks/heldout_large.py --work /tmp/heldout_large --json /tmp/heldout_large.json \\
+        --threads 1 ARTIFACT [ARTIFACT ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from toolchain.data.imresize import imresize
+from toolchain.data.io import read_image, to_uint8, write_image
+from toolchain.defaults import DEFAULT_CALIB_IMAGES
+from toolchain.files import atomic_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rotation_ablation import cpu_name, evaluate  # noqa: E402
+
+SHARED_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "train"
+SET_NAME = "HeldoutLarge"
+CROP, SCALE = 128, 4
+
+
+def images(train: Path) -> list[Path]:
+    shipped = {p.name for p in DEFAULT_CALIB_IMAGES.glob("*.png")}
+    div2k = [p for p in sorted((train / "DIV2K_valid_256").glob("*.png")) if p.name not in shipped]
+    return div2k + sorted((train / "BSD200").glob("*.png"))[:28]
+
+
+def build(train: Path, root: Path) -> Path:
+    """``root`` holding the set :data:`SET_NAME` (made once)."""
+    lr_dir = root / SET_NAME / "LR_bicubic" / f"X{SCALE}"
+    if lr_dir.is_dir():
+        return root
+    for folder in (root / SET_NAME / "HR", root / ".lr"):
+        folder.mkdir(parents=True, exist_ok=True)
+    for path in images(train):
+        hr = to_uint8(read_image(path))
+        top, left = (hr.shape[0] - CROP) // 2, (hr.shape[1] - CROP) // 2
+        hr = hr[top:top + CROP, left:left + CROP]
+        name = f"{path.parent.name}_{path.stem}"
+        write_image(root / SET_NAME / "HR" / f"{name}.png", hr)
+        write_image(root / ".lr" / f"{name}x{SCALE}.png", imresize(hr, 1 / SCALE))
+    lr_dir.parent.mkdir(parents=True, exist_ok=True)
+    (root / ".lr").rename(lr_dir)   # complete or absent
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("artifacts", nargs="+", type=Path)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/heldout_large"))
+    parser.add_argument("--train", type=Path, default=SHARED_TRAIN)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, required=True, help="results (merged with an existing file)")
+    args = parser.parse_args()
+    root = build(args.train, args.work / "set")
+    data = json.loads(args.json.read_text()) if args.json.is_file() else {"cells": {}}
+    data["set"] = {"images": len(images(args.train)), "crop": CROP, "scale": SCALE, "machine": cpu_name()}
+    for artifact in args.artifacts:
+        report = args.work / f"{artifact.stem}.eval.json"
+        row, seconds = evaluate(artifact, root, SET_NAME, report, args.threads)
+        data["cells"][artifact.stem] = {"psnr": row["psnr"], "ssim": row["ssim"], "eval_s": round(seconds, 1),
+                                        "artifact": str(artifact)}
+        print(f"{artifact.stem}: {row['psnr']:.3f} dB", flush=True)
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
