@@ -54,9 +54,11 @@ RECIPES = {
     2: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--reconstruct-affine",
         "--reconstruct-iters", "200"],
 }
-#: bits -> options of a second 2dq-calibrate run, ``--method 2dquant --init`` the recipe's artifact: DQC of the
-#: bounds end to end after the block reconstruction (held-out W4A4 on three seeds, rotation_ablation.md)
-REFINE = {4: ["--dqc-lr", "3e-3"]}
+#: bits -> options of a second 2dq-calibrate run, ``--method 2dquant --init`` the recipe's artifact (DQC of the
+#: bounds end to end after the block reconstruction). Empty: at W4A4 ``--dqc-lr 3e-3`` gained +0.06-0.10 dB on
+#: held-out 128x128 crops but nothing on held-out 256x256 ones, the engines' tile size (reconstruct.md, session 44);
+#: its deployed rows are in results/best_rows.json as x<s>w4a4_dqc, not adopted
+REFINE: dict[int, list[str]] = {}
 #: FP PSNR / SSIM of our evaluator (benchmarks/dat_light_ptq.md, results/dat_light_ptq_*.json; equal to the
 #: published figures within 0.01 dB)
 FP = {4: {"Set5": 32.571, "Set14": 28.869, "B100": 27.749}, 2: {"Set5": 38.236, "Set14": 34.013, "B100": 32.350}}

@@ -4,7 +4,7 @@
 (centred 128x128 crops): four crops decide between recipes whose differences are a tenth of a dB. This script
 builds a second held-out set from ``../shared/datasets/train``, fixed before any result was read: the 72
 ``DIV2K_valid_256`` images that are not among the shipped 28 (0829-0900) and the first 28 ``BSD200`` images by
-name, each as its centred 128x128 HR crop and its MATLAB-bicubic x4 LR (the layout of ``toolchain.data.heldout``),
+name, each as its centred 128x128 HR crop (``--crop``) and its MATLAB-bicubic x4 LR (the layout of ``toolchain.data.heldout``),
 and evaluates the given artifacts' fake-quant models on it with ``2dq-eval`` (never a test set)::
 
     python benchmarks/heldout_large.py --work /tmp/heldout_large --json /tmp/heldout_large.json \\
@@ -36,8 +36,8 @@ def images(train: Path) -> list[Path]:
     return div2k + sorted((train / "BSD200").glob("*.png"))[:28]
 
 
-def build(train: Path, root: Path) -> Path:
-    """``root`` holding the set :data:`SET_NAME` (made once)."""
+def build(train: Path, root: Path, crop: int = CROP) -> Path:
+    """``root`` holding the set :data:`SET_NAME` of ``crop`` x ``crop`` HR crops (made once)."""
     lr_dir = root / SET_NAME / "LR_bicubic" / f"X{SCALE}"
     if lr_dir.is_dir():
         return root
@@ -45,8 +45,8 @@ def build(train: Path, root: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     for path in images(train):
         hr = to_uint8(read_image(path))
-        top, left = (hr.shape[0] - CROP) // 2, (hr.shape[1] - CROP) // 2
-        hr = hr[top:top + CROP, left:left + CROP]
+        top, left = (hr.shape[0] - crop) // 2, (hr.shape[1] - crop) // 2
+        hr = hr[top:top + crop, left:left + crop]
         name = f"{path.parent.name}_{path.stem}"
         write_image(root / SET_NAME / "HR" / f"{name}.png", hr)
         write_image(root / ".lr" / f"{name}x{SCALE}.png", imresize(hr, 1 / SCALE))
@@ -61,11 +61,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/heldout_large"))
     parser.add_argument("--train", type=Path, default=SHARED_TRAIN)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--crop", type=int, default=CROP, help="HR crop side, a multiple of 4 (default: %(default)s; "
+                        "256: the whole DIV2K images, 64x64 LR like the engines' tiles)")
     parser.add_argument("--json", type=Path, required=True, help="results (merged with an existing file)")
     args = parser.parse_args()
-    root = build(args.train, args.work / "set")
+    if args.crop % SCALE or args.crop < SCALE:
+        parser.error(f"--crop {args.crop}: a positive multiple of {SCALE}")
+    root = build(args.train, args.work / f"set{args.crop}", args.crop)
     data = json.loads(args.json.read_text()) if args.json.is_file() else {"cells": {}}
-    data["set"] = {"images": len(images(args.train)), "crop": CROP, "scale": SCALE, "machine": cpu_name()}
+    data["set"] = {"images": len(images(args.train)), "crop": args.crop, "scale": SCALE, "machine": cpu_name()}
     for artifact in args.artifacts:
         report = args.work / f"{artifact.stem}.eval.json"
         row, seconds = evaluate(artifact, root, SET_NAME, report, args.threads)
