@@ -54,11 +54,6 @@ RECIPES = {
     2: [*TRANSFORMS, "--rotate", "inputs", "--reconstruct", "--learned-rounding", "--reconstruct-affine",
         "--reconstruct-iters", "200"],
 }
-#: bits -> options of a second 2dq-calibrate run, ``--method 2dquant --init`` the recipe's artifact (DQC of the
-#: bounds end to end after the block reconstruction). Empty: at W4A4 ``--dqc-lr 3e-3`` gained +0.06-0.10 dB on
-#: held-out 128x128 crops but nothing on held-out 256x256 ones, the engines' tile size (reconstruct.md, session 44);
-#: its deployed rows are in results/best_rows.json as x<s>w4a4_dqc, not adopted
-REFINE: dict[int, list[str]] = {}
 #: FP PSNR / SSIM of our evaluator (benchmarks/dat_light_ptq.md, results/dat_light_ptq_*.json; equal to the
 #: published figures within 0.01 dB)
 FP = {4: {"Set5": 32.571, "Set14": 28.869, "B100": 27.749}, 2: {"Set5": 38.236, "Set14": 34.013, "B100": 32.350}}
@@ -86,35 +81,28 @@ def parse_row(text: str) -> tuple[int, int]:
 
 def run_row(scale: int, bits: int, args: argparse.Namespace, data: dict) -> None:
     key = f"x{scale}w{bits}a{bits}"
-    recipe = RECIPES[bits] + (["+", "--method", "2dquant", "--init", *REFINE[bits]] if bits in REFINE else [])
-    row = data["rows"].setdefault(key, {"scale": scale, "bits": bits, "recipe": recipe, "seconds": {},
+    row = data["rows"].setdefault(key, {"scale": scale, "bits": bits, "recipe": RECIPES[bits], "seconds": {},
                                         "commands": {}})
     work = args.work / key
     work.mkdir(parents=True, exist_ok=True)
     weights = args.shared / "models" / WEIGHTS.format(scale=scale)
     artifact, onnx_file, engine = work / "artifact.safetensors", work / "model.onnx", work / "engine.ort.onnx"
-    final = work / "artifact_dqc.safetensors" if bits in REFINE else artifact
     t = str(args.threads)
     steps = {
         "calibrate": [_tool("2dq-calibrate"), "--weights", str(weights), "--calib-images", str(args.calib_images),
                       "--bits", str(bits), "--patches", str(args.patches), "--seed", "0", "--threads", t,
                       "--no-progress", "--out", str(artifact), *RECIPES[bits]],
-        "refine": [_tool("2dq-calibrate"), "--weights", str(weights), "--calib-images", str(args.calib_images),
-                   "--seed", "0", "--threads", t, "--no-progress", "--out", str(final), "--method", "2dquant",
-                   "--init", str(artifact), *REFINE.get(bits, [])],
-        "export": [_tool("2dq-export"), "--onnx", str(onnx_file), "--weights", str(weights), "--calib", str(final),
+        "export": [_tool("2dq-export"), "--onnx", str(onnx_file), "--weights", str(weights), "--calib", str(artifact),
                    "--tile", str(TILE)],
         "build": [_tool("2dq-build-engine"), "--backend", "ort", "--onnx", str(onnx_file), "--out", str(engine),
-                  "--threads", t, "--verify", "--weights", str(weights), "--calib", str(final),
+                  "--threads", t, "--verify", "--weights", str(weights), "--calib", str(artifact),
                   "--data", str(args.shared / "datasets"), "--sets", "Set5"],
         "eval": [_tool("2dq-eval"), "--backend", "ort", "--engine", str(engine), "--data",
                  str(args.shared / "datasets"), "--sets", SETS, "--threads", t, "--no-progress"],
         # the fake-quant model on whole Set5 images (no tiles): what tests/benchmarks/test_best_artifacts.py re-checks
-        "fakequant": [_tool("2dq-eval"), "--weights", str(weights), "--calib", str(final), "--data",
+        "fakequant": [_tool("2dq-eval"), "--weights", str(weights), "--calib", str(artifact), "--data",
                       str(args.shared / "datasets"), "--sets", "Set5", "--threads", t, "--no-progress"],
     }
-    if bits not in REFINE:
-        del steps["refine"]
     for step, cmd in steps.items():
         if step in row["seconds"]:
             continue
@@ -129,9 +117,6 @@ def run_row(scale: int, bits: int, args: argparse.Namespace, data: dict) -> None
         row["seconds"][step] = round(time.perf_counter() - started, 1)
         row["threads"] = args.threads
         summary = json.loads(report.read_text())
-        if step == "refine":  # the row's calibration is both runs
-            row["refine_s"] = summary.get("seconds")
-            row["calibrate_s"] = round(row["calibrate_s"] + row["refine_s"], 3)
         if step == "calibrate":
             row["calibrate_s"] = summary.get("seconds")
             meta = json.loads(artifact.with_suffix(".json").read_text())
@@ -150,8 +135,8 @@ def run_row(scale: int, bits: int, args: argparse.Namespace, data: dict) -> None
         save(args.out, data)
     args.artifacts.mkdir(parents=True, exist_ok=True)
     target = args.artifacts / f"dat_light_x{scale}_w{bits}a{bits}"
-    shutil.copyfile(final, target.with_suffix(".safetensors"))
-    shutil.copyfile(final.with_suffix(".json"), target.with_suffix(".json"))
+    shutil.copyfile(artifact, target.with_suffix(".safetensors"))
+    shutil.copyfile(artifact.with_suffix(".json"), target.with_suffix(".json"))
     row["artifact"] = str(target.with_suffix(".safetensors").relative_to(args.artifacts.parent.parent))
     save(args.out, data)
 

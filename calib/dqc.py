@@ -73,8 +73,7 @@ class DQCConfig:
       learning rate of the logits, ``rounding_weight`` the weight of the regularizer that decides every
       rounding (annealed as in block reconstruction). The weights end on their grids, baked
       (:attr:`DQCResult.refined`).
-    - ``train_folds``: the fold parameters (smoothing scales, shift offsets) train with the bounds; ``False``
-      keeps them (``2dq-calibrate --init``: the folds and the weights written through them stay the artifact's).
+    - ``train_folds``: the folds (smoothing, shifts) train with the bounds; ``False`` keeps them (``--init``).
     """
 
     iters: int = 40
@@ -220,7 +219,6 @@ def distill(
     model.to(device).eval()
     if teacher is not None:
         teacher.to(device).eval()
-    # folds (calib.transforms) train too, unless the config keeps them
     bounds = bound_parameters(model) + (transform_parameters(model) if config.train_folds else [])
     frozen = [p for m in (model, teacher) if m is not None for p in m.parameters()]
     flags = [p.requires_grad for p in frozen]
