@@ -116,7 +116,9 @@ CONFIGS = {
 #: the bounds from the base cell's artifact (run first when ``--work`` does not hold it), e.g. after block
 #: reconstruction; the cell's calibration seconds are the second run's, the base cell's are in ``base_calibrate_s``
 REFINED = {
-    f"{BASE_W4}+dqc({lr})": (BASE_W4, ["--dqc-lr", lr]) for lr in ("1e-3", "3e-3")
+    **{f"{BASE_W4}+dqc({lr})": (BASE_W4, ["--dqc-lr", lr]) for lr in ("1e-3", "3e-3")},
+    # DQC's patches (training and validation) at the engines' 64x64 LR tile instead of its default 48x48
+    f"{BASE_W4}+dqc64(3e-3)": (BASE_W4, ["--dqc-lr", "3e-3", "--dqc-patch-size", "64"]),
 }
 
 

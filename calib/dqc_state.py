@@ -175,7 +175,7 @@ def load_checkpoint(path: str | os.PathLike, expected_hash: Optional[str] = None
         raise ValueError(f"{path}: not a DQC checkpoint (expected format {FORMAT!r})")
     if expected_hash is not None and meta["run_hash"] != expected_hash:
         raise CheckpointMismatchError(
-            f"{path} was written by a different DQC run (configuration, data, model weights or "
+            f"{path} was written by a different DQC run (configuration, data, model weights, starting bounds or "
             f"quantizers differ: hash {meta['run_hash'][:12]} != {expected_hash[:12]}); resume with the "
             f"same options or start afresh with another checkpoint path"
         )

@@ -106,3 +106,27 @@ def test_a_missing_init_artifact_fails_naming_it(tmp_path, capsys, tiny_checkpoi
     assert code == 1
     assert f"artifact file {init} does not exist" in err.splitlines()[-1]
     assert not out.exists()
+
+
+def test_resuming_from_another_init_artifact_is_refused(tmp_path, capsys, tiny_checkpoint, calib_images, source):
+    """The DQC checkpoint's run hash covers the starting bounds and folds: a resume that names a different
+    ``--init`` than the interrupted run fails instead of mixing two runs; the same ``--init`` resumes."""
+    checkpoint = tmp_path / "run.dqc-checkpoint.safetensors"
+    dqc = [*DQC[:-4], "--checkpoint-every", "1", "--dqc-lr", "0.003", "--dqc-checkpoint", str(checkpoint)]
+    first = tmp_path / "first.safetensors"
+    code, _, err = run(capsys, *common(tiny_checkpoint, calib_images, first), "--method", "2dquant", "--init",
+                       str(source), *dqc)
+    assert code == 0, err
+    assert checkpoint.is_file()
+    other = tmp_path / "other.safetensors"   # another artifact of the same model: the first run's output
+    code, _, err = run(capsys, *common(tiny_checkpoint, calib_images, other), "--method", "2dquant", "--init",
+                       str(first), *dqc, "--resume")
+    assert code != 0
+    assert "different DQC run" in err.splitlines()[-1] and "starting bounds" in err.splitlines()[-1], err
+    assert not other.exists()
+    again = tmp_path / "again.safetensors"   # negative control: the same --init resumes the finished run
+    code, _, err = run(capsys, *common(tiny_checkpoint, calib_images, again), "--method", "2dquant", "--init",
+                       str(source), *dqc, "--resume")
+    assert code == 0, err
+    assert load_artifact(again).bounds.keys() == load_artifact(first).bounds.keys()
+    assert all(torch.equal(load_artifact(again).bounds[k], v) for k, v in load_artifact(first).bounds.items())
