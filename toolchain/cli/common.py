@@ -120,6 +120,9 @@ def parse_int_list(text: str, option: str) -> list[int]:
 
 
 _FOREIGN_WARNINGS = (r"torch\.meshgrid: in an upcoming release", r"`torch\.jit\.script` is deprecated")
+#: loggers of other packages silenced below ERROR unless ``-v``: torch's compiler says "No CUDA runtime is found"
+#: the first time it compiles a quantizer kernel on a CPU-only machine
+_FOREIGN_LOGGERS = ("torch.utils.cpp_extension",)
 
 
 def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -141,6 +144,10 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
             # said by torch about the architecture code spandrel ships, once per run: nothing a user can act on
             for message in _FOREIGN_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
+            for name in () if is_verbose(args) else _FOREIGN_LOGGERS:
+                foreign = logging.getLogger(name)
+                stack.callback(foreign.setLevel, foreign.level)   # as it was, after the run
+                foreign.setLevel(max(foreign.level, logging.ERROR))
             return main(args)
     except UsageError as err:
         parser.print_usage(sys.stderr)

@@ -285,3 +285,25 @@ def test_a_reintroduced_clash_is_caught(parsers: dict[str, argparse.ArgumentPars
 def test_an_out_that_is_a_folder_is_caught(parsers: dict[str, argparse.ArgumentParser]) -> None:
     clash = _with(argparse.ArgumentParser(prog="2dq-new"), "--out", metavar="DIR", help="report folder to write")
     assert "2dq-new --out names a folder: call it --out-dir" in clashes({**parsers, "2dq-new": clash})
+
+
+def test_foreign_compiler_warnings_are_silenced_unless_verbose(capsys: pytest.CaptureFixture) -> None:
+    """torch's "No CUDA runtime is found" (logger ``torch.utils.cpp_extension``) is not shown by a tool's run,
+    our own warnings are, ``-v`` shows both, and the foreign logger's level is restored after the run."""
+    import logging
+
+    foreign = logging.getLogger("torch.utils.cpp_extension")
+    before = foreign.level
+
+    def main(args: argparse.Namespace) -> int:
+        foreign.warning("No CUDA runtime is found")
+        logging.getLogger("toy").warning("our own warning")
+        return 0
+
+    assert run_cli(main, _toy_tool(), []) == 0
+    err = capsys.readouterr().err
+    assert "our own warning" in err and "No CUDA runtime" not in err
+    assert foreign.level == before
+    assert run_cli(main, _toy_tool(), ["-v"]) == 0
+    err = capsys.readouterr().err
+    assert "our own warning" in err and "No CUDA runtime" in err   # negative control: the message does reach stderr
