@@ -67,13 +67,14 @@ def reference_codes(model: nn.Module, tiles: torch.Tensor) -> dict[str, np.ndarr
 
 
 def engine_codes(engine_path: str | os.PathLike, nodes: list[str], tiles: torch.Tensor,
-                 threads: int | None = None) -> dict[str, np.ndarray]:
+                 threads: int | None = None, graph: onnx.ModelProto | None = None) -> dict[str, np.ndarray]:
     """Codes (int16, zero point removed) of the named ``QuantizeLinear`` nodes of an ORT engine run on
     ``tiles``. ORT may have rewritten an int8 ``QuantizeLinear`` as uint8 with zero point 128 (its
-    preferred activation type on x86); subtracting the node's zero point gives the codes back."""
+    preferred activation type on x86); subtracting the node's zero point gives the codes back. ``graph``: the
+    engine file already loaded (its outputs are extended in place)."""
     import onnxruntime as ort
 
-    model = onnx.load(str(engine_path))
+    model = onnx.load(str(engine_path)) if graph is None else graph
     by_name = {node.name: node for node in model.graph.node}
     missing = [name for name in nodes if name not in by_name]
     if missing:
@@ -122,8 +123,9 @@ def code_agreement(engine_path: str | os.PathLike, model: nn.Module, tiles: torc
     >>> folder.cleanup()
     """
     expected = reference_codes(model, tiles)
-    twins = _merged_twins(engine_path, expected)
-    got = engine_codes(engine_path, [node for node in expected if node not in twins], tiles, threads)
+    graph = onnx.load(str(engine_path))
+    twins = _merged_twins(engine_path, expected, graph)
+    got = engine_codes(engine_path, [node for node in expected if node not in twins], tiles, threads, graph)
     rows = []
     for node, ref in expected.items():
         value = got[twins.get(node, node)]
@@ -134,12 +136,13 @@ def code_agreement(engine_path: str | os.PathLike, model: nn.Module, tiles: torc
     return rows
 
 
-def _merged_twins(engine_path: str | os.PathLike, expected: dict[str, np.ndarray]) -> dict[str, str]:
+def _merged_twins(engine_path: str | os.PathLike, expected: dict[str, np.ndarray],
+                  graph: onnx.ModelProto | None = None) -> dict[str, str]:
     """Quantizer calls the graph has no node for -> the node that computes their codes. Two quantizers of one tensor
     with the same grid (RGT's k and v linears read one input; calibrated alike, their bounds are equal) are one
     ``QuantizeLinear`` once the exporter merges common subexpressions: the node left has the same codes in the
-    reference. A call with no such twin is an error naming it."""
-    present = {node.name for node in onnx.load(str(engine_path)).graph.node}
+    reference. A call with no such twin is an error naming it. ``graph``: the engine file already loaded."""
+    present = {node.name for node in (onnx.load(str(engine_path)) if graph is None else graph).graph.node}
     twins, missing = {}, []
     for node, codes in expected.items():
         if node in present:
