@@ -37,6 +37,8 @@ TRANSFORMS = ["--granularity", "per-channel", "--smooth", "all", "--shifts"]
 ROTATE = ["--rotate", "inputs"]
 #: the deployed W4A4 recipe at 200 steps per block (best_rows.py), base of the DQC refinements in REFINED
 BASE_W4 = "dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget(200)"
+#: the deployed W2A2 recipe (best_rows.py), base of the W2A2 DQC refinements in REFINED
+BASE_W2 = "dobi+pc+smooth+shifts+rotate+recon+round+affine(200)"
 #: configuration name -> 2dq-calibrate options
 CONFIGS = {
     "dobi": ["--method", "dobi"],
@@ -119,6 +121,7 @@ REFINED = {
     **{f"{BASE_W4}+dqc({lr})": (BASE_W4, ["--dqc-lr", lr]) for lr in ("1e-3", "3e-3")},
     # DQC's patches (training and validation) at the engines' 64x64 LR tile instead of its default 48x48
     f"{BASE_W4}+dqc64(3e-3)": (BASE_W4, ["--dqc-lr", "3e-3", "--dqc-patch-size", "64"]),
+    **{f"{BASE_W2}+dqc({lr})": (BASE_W2, ["--dqc-lr", lr]) for lr in ("1e-3", "3e-3")},
 }
 
 
