@@ -121,7 +121,7 @@ REFINED = {
     **{f"{BASE_W4}+dqc({lr})": (BASE_W4, ["--dqc-lr", lr]) for lr in ("1e-3", "3e-3")},
     # DQC's patches (training and validation) at the engines' 64x64 LR tile instead of its default 48x48
     f"{BASE_W4}+dqc64(3e-3)": (BASE_W4, ["--dqc-lr", "3e-3", "--dqc-patch-size", "64"]),
-    **{f"{BASE_W2}+dqc({lr})": (BASE_W2, ["--dqc-lr", lr]) for lr in ("1e-3", "3e-3")},
+    f"{BASE_W2}+dqc64(3e-3)": (BASE_W2, ["--dqc-lr", "3e-3", "--dqc-patch-size", "64"]),
 }
 
 
