@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
-from toolchain.data.imresize import imresize
-from toolchain.data.io import read_image, to_uint8, write_image
+from toolchain.data.heldout import write_crop_pair
 from toolchain.defaults import DEFAULT_CALIB_IMAGES
 from toolchain.files import atomic_path
 
@@ -38,20 +38,14 @@ def images(train: Path) -> list[Path]:
 
 def build(train: Path, root: Path, crop: int = CROP) -> Path:
     """``root`` holding the set :data:`SET_NAME` of ``crop`` x ``crop`` HR crops (made once)."""
-    lr_dir = root / SET_NAME / "LR_bicubic" / f"X{SCALE}"
-    if lr_dir.is_dir():
+    if (root / SET_NAME / "LR_bicubic" / f"X{SCALE}").is_dir():
         return root
-    for folder in (root / SET_NAME / "HR", root / ".lr"):
-        folder.mkdir(parents=True, exist_ok=True)
+    staging = root / f".{SET_NAME}.partial"
+    shutil.rmtree(staging, ignore_errors=True)   # an interrupted run's
     for path in images(train):
-        hr = to_uint8(read_image(path))
-        top, left = (hr.shape[0] - crop) // 2, (hr.shape[1] - crop) // 2
-        hr = hr[top:top + crop, left:left + crop]
-        name = f"{path.parent.name}_{path.stem}"
-        write_image(root / SET_NAME / "HR" / f"{name}.png", hr)
-        write_image(root / ".lr" / f"{name}x{SCALE}.png", imresize(hr, 1 / SCALE))
-    lr_dir.parent.mkdir(parents=True, exist_ok=True)
-    (root / ".lr").rename(lr_dir)   # complete or absent
+        write_crop_pair(path, staging, f"{path.parent.name}_{path.stem}", crop=crop, scale=SCALE)
+    shutil.rmtree(root / SET_NAME, ignore_errors=True)
+    staging.rename(root / SET_NAME)   # complete or absent
     return root
 
 

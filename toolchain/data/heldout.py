@@ -22,6 +22,19 @@ HR_CROP = 128
 SET_NAME = "Heldout"
 
 
+def write_crop_pair(image: Path, folder: Path, name: str, *, crop: int, scale: int) -> None:
+    """``image``'s centred ``crop`` x ``crop`` HR crop and its MATLAB-bicubic LR at ``scale``, as
+    ``folder/HR/<name>.png`` and ``folder/LR_bicubic/X<scale>/<name>x<scale>.png`` (the benchmark layout
+    ``2dq-eval`` reads). ``ValueError`` naming the image if it is smaller than ``crop``."""
+    hr = to_uint8(read_image(image))
+    if min(hr.shape[:2]) < crop:
+        raise ValueError(f"{image}: {hr.shape[1]}x{hr.shape[0]} is smaller than the held-out crop {crop}")
+    top, left = (hr.shape[0] - crop) // 2, (hr.shape[1] - crop) // 2
+    hr = hr[top:top + crop, left:left + crop]
+    write_image(folder / "HR" / f"{name}.png", hr)
+    write_image(folder / "LR_bicubic" / f"X{scale}" / f"{name}x{scale}.png", imresize(hr, 1 / scale))
+
+
 def make_heldout_split(images: Path, work: Path, *, held_out: int = HELD_OUT, crop: int = HR_CROP,
                        scale: int = 4) -> tuple[Path, Path]:
     """(calibration folder, benchmark root holding the set ``Heldout``) under ``work``; made once (an existing
@@ -46,13 +59,7 @@ def make_heldout_split(images: Path, work: Path, *, held_out: int = HELD_OUT, cr
     staging = Path(tempfile.mkdtemp(prefix=f".{SET_NAME}.", suffix=".partial", dir=root))  # this process's own
     try:
         for path in paths[-held_out:]:
-            hr = to_uint8(read_image(path))
-            if min(hr.shape[:2]) < crop:
-                raise ValueError(f"{path}: {hr.shape[1]}x{hr.shape[0]} is smaller than the held-out crop {crop}")
-            top, left = (hr.shape[0] - crop) // 2, (hr.shape[1] - crop) // 2
-            hr = hr[top:top + crop, left:left + crop]
-            write_image(staging / "HR" / path.name, hr)
-            write_image(staging / "LR_bicubic" / f"X{scale}" / f"{path.stem}x{scale}.png", imresize(hr, 1 / scale))
+            write_crop_pair(path, staging, path.stem, crop=crop, scale=scale)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
