@@ -97,6 +97,9 @@ CONFIGS = {
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget(300)": [
         "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
         "--bit-budget", "{bits}", "--reconstruct-iters", "300"],
+    "dobi+pc+smooth+shifts+rotate+recon+round(drop)+affine+budget(200)": [
+        "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
+        "--reconstruct-affine", "--bit-budget", "{bits}", "--reconstruct-iters", "200"],
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)+affine+budget": ["--method", "dobi", *TRANSFORMS, *ROTATE,
                                                                      "--reconstruct", "--learned-rounding",
                                                                      "--reconstruct-drop", "0.5",
