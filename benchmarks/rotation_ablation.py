@@ -7,7 +7,9 @@ named cells on the shipped Set5 once, after the choice was made on the held-out 
 
 Every cell (configuration x bits x patches x patch-sampling seed) runs ``2dq-calibrate`` then ``2dq-eval`` on
 the fake-quant model and is appended to ``--out`` (JSON, written atomically after every cell; a rerun skips
-the cells already there)::
+the cells already there). Every new cell is also evaluated on ``heldout_large.py``'s 100 training images that no
+cell calibrates on, as centred 256x256 crops (``--large-crop``; 64x64 LR, the engines' tile): the four 128x128
+crops alone rewarded DQC refinements that lose at the deployed size (``reconstruct.md``, sessions 44-45)::
 
     python benchmarks/rotation_ablation.py --out benchmarks/results/rotation_ablation.json \\
         --configs dobi,dobi+rotate --bits 4 --patches 8,16,32 --seeds 0,1,2
@@ -32,6 +34,7 @@ from toolchain.data.heldout import make_heldout_split
 from toolchain.files import atomic_path
 
 log = logging.getLogger("rotation_ablation")
+LARGE_SET = "HeldoutLarge"   # heldout_large.SET_NAME
 
 TRANSFORMS = ["--granularity", "per-channel", "--smooth", "all", "--shifts"]
 ROTATE = ["--rotate", "inputs"]
@@ -180,6 +183,11 @@ def cell(args: argparse.Namespace, calib: Path, heldout: Path, config: str, bits
         options = [option.replace("{bits}", str(bits)) for option in CONFIGS[config]]  # e.g. --bit-budget {bits}
         calibrate_s = _run([_tool("2dq-calibrate"), *common, "--bits", str(bits), "--patches", str(patches), *options])
     row, eval_s = evaluate(artifact, heldout, "Heldout", artifact.with_suffix(".eval.json"), args.threads)
+    if args.large_root is not None:   # the 100-image check at --large-crop (heldout_large.py)
+        large, _ = evaluate(artifact, args.large_root, LARGE_SET, artifact.with_suffix(".large.eval.json"),
+                            args.threads)
+        extra.update(heldout_large_psnr=large["psnr"], heldout_large_ssim=large["ssim"],
+                     heldout_large_crop=args.large_crop)
     meta = json.loads(artifact.with_suffix(".json").read_text())
     return {"config": config, "options": options, "bits": bits, "patches": patches, "seed": seed,
             "heldout_psnr": row["psnr"], "heldout_ssim": row["ssim"], "calibrate_s": round(calibrate_s, 1),
@@ -194,20 +202,30 @@ def cpu_name() -> str:
     return f"{names[0] if names else platform.machine()}, {len(names) or '?'} cores"
 
 
+def _summary(values: list[float]) -> str:
+    spread = f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.3f}{spread} ({', '.join(f'{v:.3f}' for v in values)})"
+
+
 def table(data: dict, only: frozenset[str] = frozenset()) -> str:
     """Markdown: held-out PSNR per configuration, bits and patches, mean +- sample sd over the seeds run
-    (the configurations in ``only``, or all)."""
-    rows: dict[tuple, list[float]] = {}
+    (the configurations in ``only``, or all), and on the 100 larger crops where the cells have them."""
+    rows: dict[tuple, list[dict]] = {}
     for entry in data["cells"].values():
-        if only and entry["config"] not in only:
-            continue
-        rows.setdefault((entry["config"], entry["bits"], entry["patches"]), []).append(entry["heldout_psnr"])
-    lines = ["| W/A | patches | configuration | held-out PSNR (dB) | seeds | from FP (dB) |", "|---|---|---|---|---|---|"]
-    for (config, bits, patches), values in sorted(rows.items(), key=lambda kv: (-kv[0][1], kv[0][2], kv[0][0])):
-        mean = statistics.fmean(values)
-        spread = f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-        lines.append(f"| W{bits}A{bits} | {patches} | {config} | {mean:.3f}{spread} | "
-                     f"{', '.join(f'{v:.3f}' for v in values)} | {data['fp']['heldout_psnr'] - mean:.2f} |")
+        if not only or entry["config"] in only:
+            rows.setdefault((entry["config"], entry["bits"], entry["patches"]), []).append(entry)
+    lines = ["| W/A | patches | configuration | held-out PSNR (dB), 4 crops: mean (seeds) | from FP (dB) | "
+             "100 larger crops (dB): mean (seeds) |", "|---|---|---|---|---|---|"]
+    for (config, bits, patches), entries in sorted(rows.items(), key=lambda kv: (-kv[0][1], kv[0][2], kv[0][0])):
+        values = [e["heldout_psnr"] for e in entries]
+        large = [e["heldout_large_psnr"] for e in entries if "heldout_large_psnr" in e]
+        crops = {e["heldout_large_crop"] for e in entries if "heldout_large_crop" in e}
+        fp_large = [data.get("fp_large", {}).get(str(crop), {}).get("psnr") for crop in crops]
+        behind = (f", {fp_large[0] - statistics.fmean(large):.2f} from FP" if len(crops) == 1 and fp_large[0]
+                  else "")
+        lines.append(f"| W{bits}A{bits} | {patches} | {config} | {_summary(values)} | "
+                     f"{data['fp']['heldout_psnr'] - statistics.fmean(values):.2f} | "
+                     f"{f'{_summary(large)} at {sorted(crops)[0]}x{sorted(crops)[0]}{behind}' if large else '-'} |")
     return "\n".join(lines)
 
 
@@ -233,6 +251,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every tool (default: %(default)s)")
     parser.add_argument("--set5", default="", help="comma-separated cell names to evaluate on the shipped Set5 "
                         "(after the held-out choice), plus 'fp' for the float model")
+    parser.add_argument("--large-crop", type=int, default=256,
+                        help="also evaluate every new cell on heldout_large.py's 100 training images (never "
+                        "calibrated on) as centred crops of this side, a multiple of 4; 0: off (default: "
+                        "%(default)s, 64x64 LR, the engines' tile: the 4 small crops alone favoured levers that "
+                        "do not hold at that size, reconstruct.md)")
+    parser.add_argument("--train", type=Path, default=None,
+                        help="with --large-crop: the training images folder (default: ../shared/datasets/train)")
     parser.add_argument("--markdown", action="store_true", help="print the table of --out and exit")
     parser.add_argument("--only", default="", help="with --markdown: comma-separated configurations to show")
     args = parser.parse_args()
@@ -244,6 +269,21 @@ def main() -> None:
     data["machine"] = {"cpu": cpu_name(), "python": platform.python_version(),
                        "note": "shared 2-core CPU machine, other jobs running: seconds are indicative"}
     calib, heldout = make_split(args.work)
+    args.large_root = None
+    if args.large_crop:
+        from heldout_large import SHARED_TRAIN, build, images
+
+        train = args.train or SHARED_TRAIN
+        if args.large_crop % 4 or not images(train):
+            parser.error(f"--large-crop {args.large_crop}: needs a positive multiple of 4 and the training images "
+                         f"of {train} (--train; 0 turns the larger check off)")
+        args.large_root = build(train, args.work / f"large{args.large_crop}", args.large_crop)
+        fp_large = data.setdefault("fp_large", {})
+        if str(args.large_crop) not in fp_large:
+            row, seconds = evaluate(None, args.large_root, LARGE_SET, args.work / f"fp.large{args.large_crop}.eval.json",
+                                    args.threads)
+            fp_large[str(args.large_crop)] = {"psnr": row["psnr"], "ssim": row["ssim"], "eval_s": round(seconds, 1)}
+            save(args.out, data)
     if "fp" not in data:
         row, seconds = evaluate(None, heldout, "Heldout", args.work / "fp.eval.json", args.threads)
         data["fp"] = {"heldout_psnr": row["psnr"], "heldout_ssim": row["ssim"], "eval_s": round(seconds, 1)}
