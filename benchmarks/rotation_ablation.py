@@ -270,7 +270,7 @@ def main() -> None:
                        "note": "shared 2-core CPU machine, other jobs running: seconds are indicative"}
     calib, heldout = make_split(args.work)
     args.large_root = None
-    if args.large_crop:
+    if args.large_crop and not args.set5:   # --set5 evaluates cells already run
         from heldout_large import SHARED_TRAIN, build, images
 
         train = args.train or SHARED_TRAIN
