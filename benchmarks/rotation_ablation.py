@@ -34,7 +34,6 @@ from toolchain.data.heldout import make_heldout_split
 from toolchain.files import atomic_path
 
 log = logging.getLogger("rotation_ablation")
-LARGE_SET = "HeldoutLarge"   # heldout_large.SET_NAME
 
 TRANSFORMS = ["--granularity", "per-channel", "--smooth", "all", "--shifts"]
 ROTATE = ["--rotate", "inputs"]
@@ -184,7 +183,7 @@ def cell(args: argparse.Namespace, calib: Path, heldout: Path, config: str, bits
         calibrate_s = _run([_tool("2dq-calibrate"), *common, "--bits", str(bits), "--patches", str(patches), *options])
     row, eval_s = evaluate(artifact, heldout, "Heldout", artifact.with_suffix(".eval.json"), args.threads)
     if args.large_root is not None:   # the 100-image check at --large-crop (heldout_large.py)
-        large, _ = evaluate(artifact, args.large_root, LARGE_SET, artifact.with_suffix(".large.eval.json"),
+        large, _ = evaluate(artifact, args.large_root, args.large_set, artifact.with_suffix(".large.eval.json"),
                             args.threads)
         extra.update(heldout_large_psnr=large["psnr"], heldout_large_ssim=large["ssim"],
                      heldout_large_crop=args.large_crop)
@@ -218,14 +217,15 @@ def table(data: dict, only: frozenset[str] = frozenset()) -> str:
              "100 larger crops (dB): mean (seeds) |", "|---|---|---|---|---|---|"]
     for (config, bits, patches), entries in sorted(rows.items(), key=lambda kv: (-kv[0][1], kv[0][2], kv[0][0])):
         values = [e["heldout_psnr"] for e in entries]
-        large = [e["heldout_large_psnr"] for e in entries if "heldout_large_psnr" in e]
-        crops = {e["heldout_large_crop"] for e in entries if "heldout_large_crop" in e}
-        fp_large = [data.get("fp_large", {}).get(str(crop), {}).get("psnr") for crop in crops]
-        behind = (f", {fp_large[0] - statistics.fmean(large):.2f} from FP" if len(crops) == 1 and fp_large[0]
-                  else "")
+        crops = {e["heldout_large_crop"] for e in entries if "heldout_large_psnr" in e}
+        large = "-" if not crops else "mixed crop sizes" if len(crops) > 1 else None
+        if large is None:   # one crop size: mean over the seeds, and how far from the float model on the same crops
+            (crop,), psnr = crops, [e["heldout_large_psnr"] for e in entries if "heldout_large_psnr" in e]
+            fp = data.get("fp_large", {}).get(str(crop), {}).get("psnr")
+            behind = f", {fp - statistics.fmean(psnr):.2f} from FP" if fp else ""
+            large = f"{_summary(psnr)} at {crop}x{crop}{behind}"
         lines.append(f"| W{bits}A{bits} | {patches} | {config} | {_summary(values)} | "
-                     f"{data['fp']['heldout_psnr'] - statistics.fmean(values):.2f} | "
-                     f"{f'{_summary(large)} at {sorted(crops)[0]}x{sorted(crops)[0]}{behind}' if large else '-'} |")
+                     f"{data['fp']['heldout_psnr'] - statistics.fmean(values):.2f} | {large} |")
     return "\n".join(lines)
 
 
@@ -271,16 +271,16 @@ def main() -> None:
     calib, heldout = make_split(args.work)
     args.large_root = None
     if args.large_crop and not args.set5:   # --set5 evaluates cells already run
-        from heldout_large import SHARED_TRAIN, build, images
+        from heldout_large import SCALE, SET_NAME, SHARED_TRAIN, build, images
 
-        train = args.train or SHARED_TRAIN
-        if args.large_crop % 4 or not images(train):
+        train, args.large_set = args.train or SHARED_TRAIN, SET_NAME
+        if args.large_crop % SCALE or args.large_crop < 0 or not images(train):
             parser.error(f"--large-crop {args.large_crop}: needs a positive multiple of 4 and the training images "
                          f"of {train} (--train; 0 turns the larger check off)")
         args.large_root = build(train, args.work / f"large{args.large_crop}", args.large_crop)
         fp_large = data.setdefault("fp_large", {})
         if str(args.large_crop) not in fp_large:
-            row, seconds = evaluate(None, args.large_root, LARGE_SET, args.work / f"fp.large{args.large_crop}.eval.json",
+            row, seconds = evaluate(None, args.large_root, SET_NAME, args.work / f"fp.large{args.large_crop}.eval.json",
                                     args.threads)
             fp_large[str(args.large_crop)] = {"psnr": row["psnr"], "ssim": row["ssim"], "eval_s": round(seconds, 1)}
             save(args.out, data)
