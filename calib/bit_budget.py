@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: widths the allocation may choose by default (7 bits buys little over 6 and 8; 8 is INT8's symmetric grid)
 DEFAULT_WIDTHS = (2, 3, 4, 5, 6, 8)
+#: what ``--bit-budget-on`` may name: the model the sensitivities are measured on
+MEASURED_ON = ("plain", "transformed")
 #: calibration patches the output errors are measured on (one forward per quantizer each)
 DEFAULT_PATCHES = 4
 KINDS = ("weight", "activation")
@@ -279,6 +281,10 @@ def add_bit_budget_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--bit-budget-patches", type=int, default=DEFAULT_PATCHES,
                        help="--bit-budget: calibration patches the output errors are measured on, one forward per "
                        "quantizer (default: %(default)s)")
+    group.add_argument("--bit-budget-on", choices=MEASURED_ON, default="plain",
+                       help="--bit-budget: measure the sensitivities on the plain quantized model, or on the model "
+                       "with the transforms this run asks for (--smooth, --rotate, --shifts, ...) attached, the "
+                       "tensors the quantizers will see (default: %(default)s)")
 
 
 def bit_budget_from_args(args: argparse.Namespace) -> Optional[BitBudget]:

@@ -319,6 +319,13 @@ def _main(args: argparse.Namespace) -> int:
              args.patch_size, len(images), args.calib_images, args.seed)
     allocation = None
     if budget is not None:  # choose the widths on this model, then calibrate a model built with them
+        if args.bit_budget_on == "transformed":  # the transforms do not depend on the widths: attached again below
+            transforms_config = transforms_config_from_args(args)
+            if not transforms_config.enabled:
+                raise UsageError("--bit-budget-on transformed: this run attaches no transform (--smooth, --rotate, "
+                                 "--shifts, --input-shifts); leave it at plain")
+            attach_transforms(model, lr, batch_forward_loop(lr, args.batch, args.device, not args.no_progress,
+                                                            "smoothing statistics"), transforms_config)
         allocation = allocate_bits(model, lr, budget, patches=args.bit_budget_patches, batch=args.batch,
                                    candidates=args.candidates, bins=args.bins, device=args.device,
                                    progress=not args.no_progress)
@@ -338,7 +345,7 @@ def _main(args: argparse.Namespace) -> int:
     if ctx.gptq_facts is not None:
         options["gptq"] = ctx.gptq_facts
     if allocation is not None:
-        options["bit_budget"] = allocation.to_dict()
+        options["bit_budget"] = {**allocation.to_dict(), "measured_on": args.bit_budget_on}
     calibration = {"data": str(Path(args.calib_images).resolve()), **describe_images(args.calib_images, images),
                    "patches": args.patches, "patch_size": args.patch_size, "scale": info_of(model).scale,
                    "seed": args.seed, "augment": True, "batch_size": args.batch}

@@ -228,6 +228,7 @@ def test_the_mixed_export_lints_clean_and_ort_matches(budget_artifact, loud_chec
     (["--bit-budget", "4", "--bit-budget-patches", "0"], "--bit-budget-patches must be positive"),
     (["--bit-budget", "4", "--bits-override", "layers.1.*=8"], "--bit-budget .* --bits-override"),
     (["--bit-budget", "4", "--target", "trt-int4"], "--bit-budget: not with --target trt-int4"),
+    (["--bit-budget", "4", "--bit-budget-on", "transformed"], "--bit-budget-on transformed: .*no transform"),
 ])
 def test_bad_options_are_usage_errors(capsys, tmp_path, loud_checkpoint, calib_images, extra, message):
     code, err = _cli(capsys, "--weights", str(loud_checkpoint), "--calib-images", str(calib_images),
@@ -262,3 +263,23 @@ def test_a_budget_at_the_narrowest_width_is_the_uniform_model_without_its_pass(l
     assert budget.quant_config == QuantConfig(w_bits=2, a_bits=2)
     assert budget.bounds.keys() == uniform.bounds.keys()
     assert all(torch.equal(budget.bounds[k], uniform.bounds[k]) for k in uniform.bounds)
+
+
+def test_the_sensitivities_can_be_measured_on_the_transformed_model(loud_checkpoint, calib_images, tmp_path, capsys):
+    """``--bit-budget-on transformed``: the sensitivities see the smoothed and rotated tensors the calibrated model
+    quantizes, so another allocation comes out than ``plain``'s (the default: the model without them); the sidecar
+    says which, and each artifact restores the widths chosen for it."""
+    common = ["--weights", str(loud_checkpoint), "--calib-images", str(calib_images), "--patches", "4",
+              "--patch-size", "16", "--batch", "2", "--bits", "4", "--bit-budget", "3.5", "--bit-budget-patches", "2",
+              "--bins", "1024", "--smooth", "all", "--rotate", "inputs", "--no-progress", "-q"]
+    records = {}
+    for on in ("plain", "transformed"):
+        out = tmp_path / f"{on}.safetensors"
+        assert _cli(capsys, *common, "--bit-budget-on", on, "--out", str(out))[0] == 0
+        records[on] = load_artifact(out).meta["method_options"]["bit_budget"]
+        assert records[on]["measured_on"] == on
+        model = load_quantized_model(loud_checkpoint, out)
+        assert {name: q.bits for name, q in quantizers(model).items()} == records[on]["widths"]
+    assert records["plain"]["widths"] != records["transformed"]["widths"]
+    plain, transformed = (records[on]["predicted_output_mse"]["base"] for on in ("plain", "transformed"))
+    assert plain != transformed
