@@ -10,8 +10,10 @@ measures the PSNR of the quantized output against the float output for:
 - everything **but** each group: that group float, the rest on (what making it lossless would give).
 
 Groups are the quantizer role (``weight``, ``linear_input``, ``mlp_hidden``, ``attn_q``, ...), the
-site kind (the layer and slot, e.g. ``qkv.input``, ``fc2.weight``, ``matmul.0.a``) and the stage
-(the top-level module, e.g. NGswin's ``encoder_layer1`` or SwinIR's ``layers.0``).
+site kind (the layer and slot, e.g. ``qkv.input``, ``fc2.weight``, ``attn.matmul.0.a``; a product is
+named by its owner, so DAT's spatial ``attns`` and channel ``attn`` products are told apart), the stage
+(the top-level module, e.g. NGswin's ``encoder_layer1`` or SwinIR's ``layers.0``) and the block (the
+path through ``blocks.<i>``).
 
     python benchmarks/quantizer_sensitivity.py --weights ../shared/models/NGswin/NGswin_x2.pth \\
         --artifact all240=runs/all240.safetensors --threads 1 \\
@@ -39,7 +41,7 @@ from toolchain.quant import quantizers
 log = logging.getLogger("quantizer_sensitivity")
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
-GROUPINGS = ("role", "site", "stage")
+GROUPINGS = ("role", "site", "stage", "block")
 
 
 def group_of(name: str, role: str, grouping: str) -> str:
@@ -48,14 +50,26 @@ def group_of(name: str, role: str, grouping: str) -> str:
     >>> group_of("encoder_layer1.blocks.0.mlp.fc1.input", "linear_input", "site")
     'fc1.input'
     >>> group_of("layers.0.residual_group.blocks.1.attn.matmul.0.a", "attn_q", "site")
-    'matmul.0.a'
+    'attn.matmul.0.a'
+    >>> group_of("layers.0.blocks.2.attn.attns.1.matmul.1.a", "attn_probs", "site")
+    'attns.matmul.1.a'
+    >>> group_of("layers.0.blocks.2.attn.attns.1.matmul.1.a", "attn_probs", "block")
+    'layers.0.blocks.2'
     """
     if grouping == "role":
         return role
     parts = name.split(".")
     if grouping == "site":
-        # a matmul site is named by its owner's call order: ``<owner>.matmul.<i>.a``
-        return ".".join(parts[-3:] if len(parts) > 2 and parts[-3] == "matmul" else parts[-2:])
+        if len(parts) > 3 and parts[-3] == "matmul":
+            # a product is named by its owner (``<owner>[.<i>].matmul.<call>.a``) and its call order
+            owner = parts[-5] if parts[-4].isdigit() and len(parts) > 4 else parts[-4]
+            return ".".join([owner, *parts[-3:]])
+        return ".".join(parts[-2:])
+    if grouping == "block":
+        if "blocks" in parts[:-1]:
+            at = parts.index("blocks")
+            return ".".join(parts[:at + 2])
+        grouping = "stage"  # outside any block: its stage
     # the top-level module, with its index when it is a ModuleList (SwinIR's ``layers.0``)
     return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
 

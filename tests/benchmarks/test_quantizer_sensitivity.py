@@ -50,12 +50,19 @@ def test_groups_partition_the_quantizers_and_all_is_the_deployed_model():
     assert stage["group"] == "layers.0" and stage["psnr"] == all_on["psnr"]
     (empty,) = [r for r in rows if r["grouping"] == "stage" and r["mode"] == "all but"]
     assert empty["psnr"] == float("inf")
+    blocks = {r["group"] for r in rows if r["grouping"] == "block" and r["mode"] == "alone"}
+    assert blocks == {"layers.0.residual_group.blocks.0", "layers.0.residual_group.blocks.1"}
     assert "| role | weight |" in sensitivity.markdown({"artifacts": {"tiny": {"artifact": "x", "rows": rows}}})
 
 
 def test_group_of_names():
     assert sensitivity.group_of("layers.0.residual_group.blocks.1.attn.qkv.input", "linear_input", "site") == "qkv.input"
     assert sensitivity.group_of("layers.0.residual_group.blocks.1.attn.matmul.0.a", "attn_q", "stage") == "layers.0"
-    assert sensitivity.group_of("layers.0.residual_group.blocks.1.attn.matmul.0.a", "attn_q", "site") == "matmul.0.a"
+    assert sensitivity.group_of("layers.0.residual_group.blocks.1.attn.matmul.0.a", "attn_q", "site") == "attn.matmul.0.a"
     assert sensitivity.group_of("encoder_layer1.blocks.0.mlp.fc1.input", "linear_input", "stage") == "encoder_layer1"
     assert sensitivity.group_of("x.fc2.weight", "weight", "role") == "weight"
+    # DAT's spatial products (two halves of the heads) and its channel products are different sites
+    assert sensitivity.group_of("layers.0.blocks.0.attn.attns.1.matmul.1.a", "attn_probs", "site") == "attns.matmul.1.a"
+    assert sensitivity.group_of("layers.0.blocks.1.attn.matmul.1.a", "attn_probs", "site") == "attn.matmul.1.a"
+    assert sensitivity.group_of("layers.0.blocks.1.attn.matmul.1.a", "attn_probs", "block") == "layers.0.blocks.1"
+    assert sensitivity.group_of("conv_first.weight", "weight", "block") == "conv_first"
