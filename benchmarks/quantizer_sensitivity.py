@@ -27,6 +27,7 @@ import logging
 import platform
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -34,6 +35,7 @@ from tqdm import tqdm
 from calib.artifact import load_quantized_model
 from calib.dqc_run import validation_batch
 from toolchain.data.patches import list_images, split_train_val
+from toolchain.loading import load_model
 from toolchain.metrics import psnr
 from toolchain.models import info_of
 from toolchain.quant import quantizers
@@ -81,8 +83,12 @@ def held_out_patches(images: Path, val_fraction: float, seed: int, n: int, patch
 
 
 @torch.no_grad()
-def measure(model: torch.nn.Module, lr: torch.Tensor, batch: int, progress: bool) -> list[dict]:
-    """One row per (grouping, group, mode) with the PSNR (dB) of the output against the float output."""
+def measure(model: torch.nn.Module, lr: torch.Tensor, batch: int, progress: bool,
+            reference: Optional[torch.Tensor] = None) -> list[dict]:
+    """One row per (grouping, group, mode) with the PSNR (dB) of the output against ``reference``: the float
+    model's output on ``lr`` (clamped to [0, 1]); by default ``model`` with every quantizer off. An artifact of
+    learned rounding stores its weights rounded, so there every quantizer off is not the float model: pass the
+    float checkpoint's output, and the row ``none`` says what the stored weights cost."""
     found = quantizers(model)
     enabled = {name: q.enabled for name, q in found.items()}
 
@@ -100,8 +106,10 @@ def measure(model: torch.nn.Module, lr: torch.Tensor, batch: int, progress: bool
             jobs.append((grouping, group, "alone", names, len(names)))
             jobs.append((grouping, group, "all but", set(found) - names, len(names)))
     try:
-        reference = run(set())
-        rows = []
+        none = run(set())
+        reference = none if reference is None else reference
+        rows = [{"grouping": "none", "group": "none", "mode": "none", "quantizers": 0,
+                 "psnr": round(psnr(none, reference, data_range=1.0), 3)}]
         for grouping, group, mode, on, count in tqdm(jobs, desc="groups", disable=not progress):
             rows.append({"grouping": grouping, "group": group, "mode": mode, "quantizers": count,
                          "psnr": round(psnr(run(on), reference, data_range=1.0), 3)})
@@ -117,7 +125,10 @@ def markdown(data: dict) -> str:
     for name, entry in data["artifacts"].items():
         rows = entry["rows"]
         (total,) = [r["psnr"] for r in rows if r["mode"] == "all"]
-        out += [f"### {name} (`{entry['artifact']}`): all quantizers on {total:.2f} dB", "",
+        off = [r["psnr"] for r in rows if r["mode"] == "none"]   # absent in results from before it was measured
+        stored = f"; every quantizer off {off[0]:.2f} dB (the weights as stored)" if off and off[0] != float("inf") \
+            else ""
+        out += [f"### {name} (`{entry['artifact']}`): all quantizers on {total:.2f} dB{stored}", "",
                 "| grouping | group | quantizers | alone (dB) | all but this group (dB) | gain if lossless (dB) |",
                 "|---|---|---|---|---|---|"]
         alone = {(r["grouping"], r["group"]): r for r in rows if r["mode"] == "alone"}
@@ -169,13 +180,16 @@ def main() -> None:
         lr = held_out_patches(args.calib_images, args.val_fraction, args.seed, args.patches, args.patch_size,
                               info_of(model).scale)
         start = time.perf_counter()
-        rows = measure(model, lr, args.batch, progress=not args.no_progress)
+        with torch.no_grad():   # the float checkpoint: an artifact of learned rounding stores rounded weights
+            float_model = load_model(args.weights).eval()
+            reference = torch.cat([float_model(chunk) for chunk in lr.split(args.batch)]).clamp(0, 1)
+        rows = measure(model, lr, args.batch, progress=not args.no_progress, reference=reference)
         data["artifacts"][name] = {
             "artifact": path, "weights": args.weights, "patches": list(lr.shape), "rows": rows,
             "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(),
             "machine": {"platform": platform.platform(), "processor": platform.processor()}}
         save(args.out, data)
-        log.info("%s: all quantizers on %.2f dB", name, rows[0]["psnr"])
+        log.info("%s: all quantizers on %.2f dB", name, next(r["psnr"] for r in rows if r["mode"] == "all"))
     if args.markdown:
         args.markdown.write_text(markdown(data))
 

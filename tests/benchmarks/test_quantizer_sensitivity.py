@@ -66,3 +66,27 @@ def test_group_of_names():
     assert sensitivity.group_of("layers.0.blocks.1.attn.matmul.1.a", "attn_probs", "site") == "attn.matmul.1.a"
     assert sensitivity.group_of("layers.0.blocks.1.attn.matmul.1.a", "attn_probs", "block") == "layers.0.blocks.1"
     assert sensitivity.group_of("conv_first.weight", "weight", "block") == "conv_first"
+
+
+def test_rows_are_against_the_given_float_output_when_the_weights_are_stored_rounded():
+    """An artifact of learned rounding stores its weights rounded: every quantizer off is then not the float model.
+    Against the float checkpoint's output the row ``none`` says what the stored weights cost, and ``all`` is the
+    deployed model against float; without a reference, ``none`` is the reference itself."""
+    model, lr = _model()
+    with torch.no_grad():
+        with float_mode(model):
+            float_out = torch.cat([model(chunk) for chunk in lr.split(2)]).clamp(0, 1)
+        for name, q in quantizers(model).items():   # store the weights on their grids, as learned rounding does
+            if q.kind == "weight":
+                weight = model.get_submodule(name.rpartition(".")[0]).weight
+                weight.copy_(q(weight))
+        quantized = torch.cat([model(chunk) for chunk in lr.split(2)]).clamp(0, 1)
+        with float_mode(model):
+            stored = torch.cat([model(chunk) for chunk in lr.split(2)]).clamp(0, 1)
+    rows = sensitivity.measure(model, lr, batch=2, progress=False, reference=float_out)
+    by_mode = {r["mode"]: r["psnr"] for r in rows if r["mode"] in ("none", "all")}
+    assert by_mode["none"] == round(psnr(stored, float_out, data_range=1.0), 3) < float("inf")
+    assert by_mode["all"] == round(psnr(quantized, float_out, data_range=1.0), 3)
+    default = sensitivity.measure(model, lr, batch=2, progress=False)
+    assert [r["psnr"] for r in default if r["mode"] == "none"] == [float("inf")]
+    assert "every quantizer off" in sensitivity.markdown({"artifacts": {"t": {"artifact": "x", "rows": rows}}})
