@@ -169,6 +169,13 @@ def main() -> None:
     if not Path(args.weights).is_file():
         parser.error(f"--weights: no file {args.weights}")
     data = json.loads(args.out.read_text()) if args.out.exists() else {"artifacts": {}}
+    # every artifact is measured on the same patches against the float checkpoint's output (an artifact of learned
+    # rounding stores rounded weights, so its model with every quantizer off is not the float model)
+    float_model = load_model(args.weights).eval()
+    lr = held_out_patches(args.calib_images, args.val_fraction, args.seed, args.patches, args.patch_size,
+                          info_of(float_model).scale)
+    with torch.no_grad():
+        reference = torch.cat([float_model(chunk) for chunk in lr.split(args.batch)]).clamp(0, 1)
     for spec in args.artifact:
         name, sep, path = spec.partition("=")
         if not sep or not Path(path).is_file():
@@ -177,12 +184,7 @@ def main() -> None:
             log.info("%s: already in %s, skipped", name, args.out)
             continue
         model = load_quantized_model(args.weights, path)
-        lr = held_out_patches(args.calib_images, args.val_fraction, args.seed, args.patches, args.patch_size,
-                              info_of(model).scale)
         start = time.perf_counter()
-        with torch.no_grad():   # the float checkpoint: an artifact of learned rounding stores rounded weights
-            float_model = load_model(args.weights).eval()
-            reference = torch.cat([float_model(chunk) for chunk in lr.split(args.batch)]).clamp(0, 1)
         rows = measure(model, lr, args.batch, progress=not args.no_progress, reference=reference)
         data["artifacts"][name] = {
             "artifact": path, "weights": args.weights, "patches": list(lr.shape), "rows": rows,

@@ -100,9 +100,6 @@ CONFIGS = {
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget(transformed)(200)": [
         "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
         "--bit-budget", "{bits}", "--bit-budget-on", "transformed", "--reconstruct-iters", "200"],
-    "dobi+pc+smooth+shifts+rotate+gptq+budget(transformed)": ["--method", "dobi", *TRANSFORMS, *ROTATE, "--gptq",
-                                                              "--bit-budget", "{bits}", "--bit-budget-on",
-                                                              "transformed"],
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget(300)": [
         "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
         "--bit-budget", "{bits}", "--reconstruct-iters", "300"],
