@@ -100,6 +100,13 @@ CONFIGS = {
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget(transformed)(200)": [
         "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
         "--bit-budget", "{bits}", "--bit-budget-on", "transformed", "--reconstruct-iters", "200"],
+    # the weights' grids trained with their rounding (--rounding-grids), at the default and a 10x grid learning rate
+    "dobi+pc+smooth+shifts+rotate+recon+round(drop)+grids+budget(200)": [
+        "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
+        "--rounding-grids", "--bit-budget", "{bits}", "--reconstruct-iters", "200"],
+    "dobi+pc+smooth+shifts+rotate+recon+round(drop)+grids(1e-2)+budget(200)": [
+        "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
+        "--rounding-grids", "--grid-lr", "1e-2", "--bit-budget", "{bits}", "--reconstruct-iters", "200"],
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget(300)": [
         "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
         "--bit-budget", "{bits}", "--reconstruct-iters", "300"],

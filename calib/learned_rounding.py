@@ -7,7 +7,9 @@ goes down or up: the code is ``floor(w / s) + r`` with ``r = h(v)`` a stretched 
 rounding is made hard (``v >= 0``) and the weight is replaced by its grid value, so the deployed graph,
 the grids and the export are unchanged: only which grid point each weight takes differs, as with GPTQ
 (:mod:`calib.gptq`, which this replaces when chosen). The grid of the weight (its bounds) stays fixed
-while its rounding is learned.
+while its rounding is learned, unless block reconstruction trains it too (``ReconstructConfig.rounding_grids``):
+then the integer part ``floor(w / s0)`` is taken once on the starting grid (``fixed_base``) and the weight is
+``(floor(w / s0) + r) * s`` on the moving step ``s``.
 
 Weights under folds (:mod:`calib.transforms`) are written back through the folds' inverses, like GPTQ's.
 Block reconstruction (:mod:`calib.reconstruct`) learns the roundings one block at a time; DQC
@@ -37,14 +39,21 @@ WeightLayer = Union[QuantLinear, QuantConv2d]
 class LearnedRounding:
     """The rounding logits ``v`` of one weight quantizer (not a module: never part of the model's state)."""
 
-    def __init__(self, quantizer: Quantizer, weight: torch.Tensor) -> None:
-        self.v = nn.Parameter(grid.rounding_logits(weight.detach(), quantizer.lower.detach(),
-                                                   quantizer.upper.detach(), quantizer.bits, quantizer.symmetric))
+    def __init__(self, quantizer: Quantizer, weight: torch.Tensor, fixed_base: bool = False) -> None:
+        lower, upper = quantizer.lower.detach(), quantizer.upper.detach()
+        self.v = nn.Parameter(grid.rounding_logits(weight.detach(), lower, upper, quantizer.bits, quantizer.symmetric))
         self.hard = False
+        self.base = None
+        if fixed_base:  # floor(w / s0): the codes stay continuous in the bounds while they train
+            step, _ = grid.step_and_zero_point(lower, upper, quantizer.bits, quantizer.symmetric)
+            self.base = torch.floor(weight.detach() / step)
 
     def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
+        if self.base is not None and self.base.shape != x.shape:
+            raise ValueError(f"learned rounding made for a weight of shape {tuple(self.base.shape)} got one of "
+                             f"shape {tuple(x.shape)}")
         return grid.fake_quantize_rounded(x, quantizer.lower, quantizer.upper, quantizer.bits, quantizer.symmetric,
-                                          self.v, self.hard)
+                                          self.v, self.hard, self.base)
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """Mean of ``1 - |2h - 1|^beta`` over the weights: 0 when every rounding is decided."""
@@ -76,15 +85,16 @@ def weight_layers(module: nn.Module, prefix: str = "") -> dict[str, WeightLayer]
     return found
 
 
-def attach_rounding(layers: dict[str, WeightLayer]) -> dict[str, LearnedRounding]:
-    """Give every layer's weight quantizer a :class:`LearnedRounding` (starting at the identity)."""
+def attach_rounding(layers: dict[str, WeightLayer], fixed_base: bool = False) -> dict[str, LearnedRounding]:
+    """Give every layer's weight quantizer a :class:`LearnedRounding` (starting at the identity; ``fixed_base``:
+    for bounds that train with it)."""
     roundings = {}
     for name, layer in layers.items():
         quantizer = layer.weight_quantizer
         if quantizer.rounding is not None:
             raise ValueError(f"{name}: its weight quantizer already has a learned rounding attached")
         with torch.no_grad():
-            rounding = LearnedRounding(quantizer, layer.weight)
+            rounding = LearnedRounding(quantizer, layer.weight, fixed_base)
         quantizer.rounding = roundings[name] = rounding
     return roundings
 

@@ -13,8 +13,8 @@ costs one block's forward and backward, so many more steps fit a CPU budget than
 - the bounds of the block's activation quantizers (and of its weight quantizers, unless their rounding
   is learned);
 - with ``rounding`` (:mod:`calib.learned_rounding`, AdaRound), each weight's rounding direction on its
-  fixed grid, made hard at the end of the block and written into the weights (the artifact stores
-  them, as GPTQ's);
+  grid, made hard at the end of the block and written into the weights (the artifact stores them, as
+  GPTQ's); the grid stays DOBI's unless ``rounding_grids`` trains its bounds with the rounding;
 - with ``affine`` (:mod:`calib.float_affine`), the block's biases and normalization affines, which the
   deployed graph keeps in float (the artifact stores them too).
 
@@ -61,6 +61,7 @@ class ReconstructConfig:
     - ``lr``: Adam's learning rate (cosine decay to 0 over the steps) on the bounds, relative to each quantizer's range (``upper - lower``, its
       mean over channels); ``rounding_lr``: on the rounding logits.
     - ``rounding``: learn the weights' rounding (AdaRound) instead of training their bounds.
+    - ``rounding_grids``: with ``rounding``, train the weights' bounds too, at ``grid_lr`` (relative, as ``lr``).
     - ``rounding_weight``: weight of the regularizer that decides every rounding (relative to the
       normalized reconstruction loss, which starts at 1).
     - ``units``: fnmatch pattern of the blocks (module paths); "" = the repeated stages.
@@ -78,6 +79,8 @@ class ReconstructConfig:
     rounding: bool = False
     rounding_lr: float = 3e-2
     rounding_weight: float = 0.01
+    rounding_grids: bool = False
+    grid_lr: float = 1e-3
     units: str = ""
     seed: int = 0
     drop: float = 0.0
@@ -89,7 +92,7 @@ class ReconstructConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ReconstructConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("lr", "rounding_lr", "affine_lr"):
+        for name in ("lr", "rounding_lr", "affine_lr", "grid_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"ReconstructConfig.{name} must be a positive number, got {value!r}")
@@ -97,6 +100,8 @@ class ReconstructConfig:
             raise ValueError(f"ReconstructConfig.drop must be in [0, 1), got {self.drop!r}")
         if not (self.rounding_weight >= 0 and math.isfinite(self.rounding_weight)):
             raise ValueError(f"ReconstructConfig.rounding_weight must be >= 0, got {self.rounding_weight!r}")
+        if self.rounding_grids and not self.rounding:
+            raise ValueError("ReconstructConfig.rounding_grids trains the grids of learned roundings: it needs rounding")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,8 +109,7 @@ class ReconstructConfig:
 
 @dataclass(frozen=True)
 class UnitResult:
-    """One block: its reconstruction MSE on the calibration data at the start and the end, and whether the
-    result was kept (``False``: the block was restored to its start)."""
+    """One block: its reconstruction MSE on the calibration data at the start and the end; ``kept``: else restored."""
 
     name: str
     quantizers: int
@@ -125,10 +129,6 @@ def _first_tensor(output: Any) -> torch.Tensor:
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"block returned {type(output).__name__}; block reconstruction needs a tensor output")
     return output
-
-
-def _cpu_all(value: Any) -> Any:
-    return _to(value, "cpu")
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
@@ -159,9 +159,9 @@ def _float_targets(model: nn.Module, units: list[tuple[str, nn.Module]], chunks:
 
     def record_float(i: int):
         def hook(_module, args, output) -> None:
-            targets[i].append(_cpu_all(_first_tensor(output)))
+            targets[i].append(_to(_first_tensor(output), "cpu"))
             kept = keep_inputs and args and isinstance(args[0], torch.Tensor)
-            inputs[i].append(_cpu_all(args[0]) if kept else None)
+            inputs[i].append(_to(args[0], "cpu") if kept else None)
         return hook
 
     hooks = [module.register_forward_hook(record_float(i)) for i, (_, module) in enumerate(units)]
@@ -209,7 +209,7 @@ def _quantized_inputs(model: nn.Module, unit: nn.Module, chunks: list[torch.Tens
     calls: list[Call] = []
 
     def capture(_module, args, kwargs):
-        calls.append((_cpu_all(args), _cpu_all(kwargs)))
+        calls.append((_to(args, "cpu"), _to(kwargs, "cpu")))
         raise _Stop
 
     hook = unit.register_forward_pre_hook(capture, with_kwargs=True)
@@ -240,7 +240,7 @@ def _next_calls(unit: nn.Module, calls: list[Call], template: Call, device: torc
     with torch.no_grad():
         for a, kw in calls:
             y = _first_tensor(unit(*_to(a, device), **_to(kw, device)))
-            out.append(((_cpu_all(y), *_cpu_all(tuple(args[1:]))), _cpu_all(kwargs)))
+            out.append(((_to(y, "cpu"), *_to(tuple(args[1:]), "cpu")), _to(kwargs, "cpu")))
     return out
 
 
@@ -322,9 +322,8 @@ def reconstruct_blocks(model: nn.Module, patches: torch.Tensor, config: Reconstr
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
-    kept = sum(r.kept for r in results)
-    log.info("block reconstruction: %d of %d blocks improved; MSE sum %.4g -> %.4g", kept, len(results),
-             sum(r.start_mse for r in results), sum(r.end_mse for r in results))
+    log.info("block reconstruction: %d of %d blocks improved; MSE sum %.4g -> %.4g", sum(r.kept for r in results),
+             len(results), sum(r.start_mse for r in results), sum(r.end_mse for r in results))
     return results, refined
 
 
@@ -340,10 +339,11 @@ def _reconstruct_unit(path: str, unit: nn.Module, calls: list[Call], targets: li
     affine = affine_parameters(unit, path) if config.affine else {}
     affine_start = {name: p.detach().clone() for name, p in affine.items()}
     start = _unit_mse(unit, calls, targets, device)
-    roundings = attach_rounding(layers)
+    roundings = attach_rounding(layers, fixed_base=config.rounding_grids)
     # each quantizer's bounds move at a rate relative to its range (weights span ~0.1, activations ~10)
-    groups = [{"params": [q.lower, q.upper], "lr": config.lr * float((q.upper - q.lower).mean())}
-              for q in found.values() if id(q) not in rounded]
+    groups = [{"params": [q.lower, q.upper], "lr": (config.grid_lr if id(q) in rounded else config.lr)
+               * float((q.upper - q.lower).mean())}
+              for q in found.values() if id(q) not in rounded or config.rounding_grids]
     if roundings:
         groups.append({"params": [r.v for r in roundings.values()], "lr": config.rounding_lr})
     if affine:

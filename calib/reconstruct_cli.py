@@ -46,24 +46,35 @@ def add_reconstruct_arguments(group: argparse._ArgumentGroup) -> None:
                        help="Adam learning rate of the rounding logits (default: %(default)s)")
     group.add_argument("--rounding-weight", type=float, default=DEFAULTS.rounding_weight,
                        help="weight of the regularizer that makes every rounding 0 or 1 (default: %(default)s)")
+    group.add_argument("--rounding-grids", action="store_true",
+                       help="with --reconstruct --learned-rounding: train the weights' grids (their bounds) together "
+                       "with the rounding instead of keeping the calibrated ones")
+    group.add_argument("--grid-lr", type=float, default=DEFAULTS.grid_lr,
+                       help="Adam learning rate of --rounding-grids' weight bounds, relative to each one's range "
+                       "(default: %(default)s)")
 
 
 def reconstruct_config_from_args(args: argparse.Namespace) -> ReconstructConfig:
     try:
         return ReconstructConfig(iters=args.reconstruct_iters, batch=args.reconstruct_batch, lr=args.reconstruct_lr,
                                  rounding=args.learned_rounding, rounding_lr=args.rounding_lr,
-                                 rounding_weight=args.rounding_weight, units=args.reconstruct_units, seed=args.seed,
+                                 rounding_weight=args.rounding_weight, rounding_grids=args.rounding_grids,
+                                 grid_lr=args.grid_lr, units=args.reconstruct_units, seed=args.seed,
                                  drop=args.reconstruct_drop, affine=args.reconstruct_affine, affine_lr=args.affine_lr)
     except ValueError as err:
         option = str(err).split(".", 1)[1].split(" ", 1)[0] if "ReconstructConfig." in str(err) else ""
         flag = {"iters": "--reconstruct-iters", "batch": "--reconstruct-batch", "lr": "--reconstruct-lr",
                 "rounding_lr": "--rounding-lr", "rounding_weight": "--rounding-weight", "drop": "--reconstruct-drop",
-                "affine_lr": "--affine-lr"}.get(option, "--reconstruct")
+                "affine_lr": "--affine-lr", "grid_lr": "--grid-lr", "rounding_grids": "--rounding-grids",
+                }.get(option, "--reconstruct")
         raise UsageError(f"{flag}: {err}") from None
 
 
 def check_reconstruct_args(args: argparse.Namespace) -> None:
     """Usage errors of the options, before anything runs."""
+    if args.rounding_grids and not (args.reconstruct and args.learned_rounding):
+        raise UsageError("--rounding-grids trains the grids of the weights' learned rounding block by block: it needs "
+                         "--reconstruct and --learned-rounding")
     reconstruct_config_from_args(args)
     if args.learned_rounding and not (args.reconstruct or args.method == "2dquant"):
         raise UsageError("--learned-rounding learns the weights' rounding block by block (--reconstruct) or end to "

@@ -104,6 +104,9 @@ def test_bits_overrides_give_a_mixed_precision_artifact(tmp_path, capsys, tiny_c
     (["--reconstruct", "--reconstruct-drop", "1"], "--reconstruct-drop"),
     (["--reconstruct-affine"], "it needs --reconstruct"),
     (["--reconstruct", "--reconstruct-affine", "--affine-lr", "0"], "--affine-lr"),
+    (["--reconstruct", "--rounding-grids"], "needs --reconstruct and --learned-rounding"),
+    (["--method", "2dquant", "--learned-rounding", "--rounding-grids"], "needs --reconstruct and --learned-rounding"),
+    (["--reconstruct", "--learned-rounding", "--rounding-grids", "--grid-lr", "0"], "--grid-lr"),
 ])
 def test_usage_errors_exit_2(tmp_path, capsys, tiny_checkpoint, calib_images, extra, message):
     args = base_args(tiny_checkpoint, calib_images, tmp_path / "a.safetensors") + extra

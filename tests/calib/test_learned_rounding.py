@@ -41,6 +41,32 @@ def test_hard_rounding_lies_on_the_grid_and_deploys_with_its_codes():
         assert torch.equal(codes, torch.clamp(expected, -zero_point, grid.levels(bits) - zero_point))
 
 
+def test_a_fixed_base_keeps_the_codes_while_the_bounds_move_and_still_deploys_exactly():
+    """``fixed_base``: the integer part is taken on the starting grid, so moving the bounds rescales the values
+    (gradient to the bounds) instead of making codes jump; the hard result lies on the new grid."""
+    w, lower, upper = _bounds(3)
+    quantizer = Quantizer("w", "weight", 4, "weight", bounds_shape=(6, 1))
+    quantizer.set_bounds(lower, upper)
+    fixed, free = LearnedRounding(quantizer, w, fixed_base=True), LearnedRounding(quantizer, w)
+    fixed.hard = free.hard = True
+    assert torch.equal(fixed(quantizer, w), free(quantizer, w))  # on the starting grid: the same
+    start_codes = grid.integer_codes(fixed(quantizer, w), quantizer.lower, quantizer.upper, 4)
+    with torch.no_grad():
+        quantizer.lower.mul_(1.03)
+        quantizer.upper.mul_(1.03)  # 3% wider: zero points unchanged, every step 3% longer
+    moved = fixed(quantizer, w)
+    assert torch.equal(grid.integer_codes(moved, quantizer.lower, quantizer.upper, 4), start_codes)
+    assert torch.equal(grid.fake_quantize(moved, quantizer.lower, quantizer.upper, 4), moved)
+    assert not torch.equal(grid.integer_codes(free(quantizer, w), quantizer.lower, quantizer.upper, 4), start_codes)
+    fixed.hard = False
+    quantizer.lower.requires_grad_(True)
+    quantizer.upper.requires_grad_(True)
+    fixed(quantizer, w).sum().backward()
+    assert quantizer.upper.grad.abs().sum() > 0 and fixed.v.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="shape"):
+        fixed(quantizer, w[:, :10])
+
+
 def test_hard_logits_of_round_to_nearest_give_round_to_nearest():
     w, lower, upper = _bounds(2)
     step, _ = grid.step_and_zero_point(lower, upper, 3)

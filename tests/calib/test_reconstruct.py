@@ -9,7 +9,7 @@ import calib.reconstruct as reconstruct
 from calib.artifact import load_quantized_model, save_artifact
 from calib.baselines import calibrate_minmax
 from calib.reconstruct import ReconstructConfig, reconstruct_blocks
-from toolchain.quant import QuantConfig, bounds_state, float_mode, quantize_model, quantizers
+from toolchain.quant import QuantConfig, bounds_state, float_mode, grid, quantize_model, quantizers
 
 from ..tiny_models import tiny_swinir
 
@@ -87,12 +87,39 @@ def test_learned_rounding_survives_the_artifact(tmp_path, calib_lr, save_checkpo
         assert torch.equal(loaded(calib_lr), model(calib_lr))
 
 
+def test_rounding_grids_train_the_weight_bounds_and_the_weights_stay_on_them(tmp_path, calib_lr, save_checkpoint):
+    """``rounding_grids``: the rounded weights' bounds train too; every stored weight lies on its new grid (the
+    deployed codes), and the artifact gives the model back exactly."""
+    fixed, model = _model(calib_lr), _model(calib_lr)
+    reconstruct_blocks(fixed, calib_lr, ReconstructConfig(iters=20, batch=2, rounding=True), progress=False)
+    start = bounds_state(model)
+    results, refined = reconstruct_blocks(model, calib_lr, ReconstructConfig(iters=20, batch=2, rounding=True,
+                                                                             rounding_grids=True, grid_lr=1e-2),
+                                          progress=False)
+    assert all(r.kept and r.end_mse < r.start_mse for r in results)
+    weights = {name: q for name, q in quantizers(model).items() if q.role == "weight"}
+    after, kept_grid = bounds_state(model), bounds_state(fixed)
+    moved = [name for name in weights if not torch.equal(after[f"{name}.upper"], start[f"{name}.upper"])]
+    assert len(moved) == len(weights) == len(refined) == 16  # every grid trained; without the option none moves:
+    assert all(torch.equal(kept_grid[f"{name}.upper"], start[f"{name}.upper"]) for name in weights)
+    layers = dict(model.named_modules())
+    for name, weight in refined.items():
+        q = layers[name.removesuffix(".weight")].weight_quantizer
+        assert torch.equal(grid.fake_quantize(weight, q.lower, q.upper, q.bits, q.symmetric), weight)
+    checkpoint = save_checkpoint(tiny_swinir(scale=4, seed=0), tmp_path / "tiny.safetensors")
+    path = save_artifact(tmp_path / "g.safetensors", model, checkpoint=checkpoint, quant_config=CONFIG,
+                         method="minmax", weights=refined)
+    with torch.no_grad():
+        assert torch.equal(load_quantized_model(checkpoint, path)(calib_lr), model(calib_lr))
+
+
 def test_bad_inputs_are_refused(calib_lr):
     with pytest.raises(ValueError, match="calibrated bounds"):
         reconstruct_blocks(quantize_model(tiny_swinir(scale=4), CONFIG), calib_lr, progress=False)
     with pytest.raises(ValueError, match="matches no module"):
         reconstruct_blocks(_model(calib_lr), calib_lr, ReconstructConfig(units="nothing.*"), progress=False)
-    for field, value in (("iters", 0), ("batch", -1), ("lr", 0.0), ("rounding_weight", -1.0), ("drop", 1.0)):
+    for field, value in (("iters", 0), ("batch", -1), ("lr", 0.0), ("rounding_weight", -1.0), ("drop", 1.0),
+                         ("grid_lr", 0.0), ("rounding_grids", True)):
         with pytest.raises(ValueError, match=field):
             ReconstructConfig(**{field: value})
 

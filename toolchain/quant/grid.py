@@ -20,6 +20,8 @@ broadcast against ``x`` (a scalar per tensor, or e.g. ``(C_out, 1)`` per output 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .compiled import CompiledKernel
@@ -196,9 +198,13 @@ def rounding_logits(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, b
 
 
 def fake_quantize_rounded(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int, symmetric: bool,
-                          v: torch.Tensor, hard: bool) -> torch.Tensor:
+                          v: torch.Tensor, hard: bool, base: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x`` on the grid of ``[lower, upper]`` with learned rounding: code ``floor(x / s) + r`` clamped to the
     grid, ``r`` the soft rounding of ``v`` (training, differentiable in ``v``) or ``v >= 0`` (``hard``).
+
+    ``base``: the integer part ``floor(x / s0)`` taken once on a starting grid ``s0`` instead of on the current
+    one, so that the code moves continuously while the bounds train with the rounding (the values are then
+    ``clamp(base + r) * s``, differentiable in the bounds); with the bounds at ``s0`` the same as ``None``.
 
     A hard result ``w`` lies on the grid: :func:`fake_quantize` and :func:`integer_codes` of ``w`` give it
     back exactly, so a weight replaced by it deploys with the codes learned here.
@@ -209,7 +215,7 @@ def fake_quantize_rounded(x: torch.Tensor, lower: torch.Tensor, upper: torch.Ten
     """
     step, zero_point = step_and_zero_point(lower, upper, bits, symmetric)
     up = (v >= 0).to(x.dtype) if hard else rounding_fraction(v)
-    codes = torch.floor(x.detach() / step).add(up)
+    codes = (torch.floor(x.detach() / step) if base is None else base).add(up)
     return torch.maximum(torch.minimum(codes, levels(bits) - zero_point), -zero_point) * step
 
 
