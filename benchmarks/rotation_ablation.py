@@ -107,6 +107,9 @@ CONFIGS = {
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)+grids(1e-2)+budget(200)": [
         "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
         "--rounding-grids", "--grid-lr", "1e-2", "--bit-budget", "{bits}", "--reconstruct-iters", "200"],
+    "dobi+pc+smooth+shifts+rotate+recon+round+grids(1e-2)+affine(200)": [   # on the W2A2 recipe (BASE_W2)
+        "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--rounding-grids",
+        "--grid-lr", "1e-2", "--reconstruct-affine", "--reconstruct-iters", "200"],
     "dobi+pc+smooth+shifts+rotate+recon+round(drop)+budget(300)": [
         "--method", "dobi", *TRANSFORMS, *ROTATE, "--reconstruct", "--learned-rounding", "--reconstruct-drop", "0.5",
         "--bit-budget", "{bits}", "--reconstruct-iters", "300"],
