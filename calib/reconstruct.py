@@ -101,7 +101,7 @@ class ReconstructConfig:
         if not (self.rounding_weight >= 0 and math.isfinite(self.rounding_weight)):
             raise ValueError(f"ReconstructConfig.rounding_weight must be >= 0, got {self.rounding_weight!r}")
         if self.rounding_grids and not self.rounding:
-            raise ValueError("ReconstructConfig.rounding_grids trains the grids of learned roundings: it needs rounding")
+            raise ValueError("ReconstructConfig.rounding_grids trains the learned roundings' grids: it needs rounding")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,7 +109,7 @@ class ReconstructConfig:
 
 @dataclass(frozen=True)
 class UnitResult:
-    """One block: its reconstruction MSE on the calibration data at the start and the end; ``kept``: else restored."""
+    """One block: its reconstruction MSE on the calibration data at the start and the end (``kept`` False: restored)."""
 
     name: str
     quantizers: int
