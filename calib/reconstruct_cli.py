@@ -40,8 +40,8 @@ def add_reconstruct_arguments(group: argparse._ArgumentGroup) -> None:
                        help="Adam learning rate of --reconstruct-affine's biases and affines (default: %(default)s)")
     group.add_argument("--learned-rounding", action="store_true",
                        help="with --reconstruct or --method 2dquant (DQC): learn each weight's rounding (AdaRound) "
-                       "on its fixed grid instead of training the weight bounds; the weights are stored in the "
-                       "artifact (not with --gptq)")
+                       "on its grid (fixed, unless --rounding-grids) instead of training the weight bounds; the "
+                       "weights are stored in the artifact (not with --gptq)")
     group.add_argument("--rounding-lr", type=float, default=DEFAULTS.rounding_lr,
                        help="Adam learning rate of the rounding logits (default: %(default)s)")
     group.add_argument("--rounding-weight", type=float, default=DEFAULTS.rounding_weight,
