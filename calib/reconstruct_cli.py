@@ -65,8 +65,7 @@ def reconstruct_config_from_args(args: argparse.Namespace) -> ReconstructConfig:
         option = str(err).split(".", 1)[1].split(" ", 1)[0] if "ReconstructConfig." in str(err) else ""
         flag = {"iters": "--reconstruct-iters", "batch": "--reconstruct-batch", "lr": "--reconstruct-lr",
                 "rounding_lr": "--rounding-lr", "rounding_weight": "--rounding-weight", "drop": "--reconstruct-drop",
-                "affine_lr": "--affine-lr", "grid_lr": "--grid-lr", "rounding_grids": "--rounding-grids",
-                }.get(option, "--reconstruct")
+                "affine_lr": "--affine-lr", "grid_lr": "--grid-lr"}.get(option, "--reconstruct")
         raise UsageError(f"{flag}: {err}") from None
 
 
